@@ -1,0 +1,112 @@
+//! The command line: one file per subcommand, each with its own `Args` and `run`.
+//! Every flag a systemd drop-in or a DaemonSet may set also reads an environment variable.
+
+pub mod cleanup;
+pub mod forward;
+pub mod status;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cpha",
+    version,
+    about = "A highly available Kubernetes control-plane endpoint with HAProxy, from the first boot",
+    long_about = "cpha makes the control-plane endpoint (LB address:port) answer before any apiserver or \
+load balancer exists, by forwarding it to an apiserver (nftables, iptables or a userspace proxy), \
+so `kubeadm init --control-plane-endpoint` and `kubeadm join` can use it at once."
+)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or EnvFilter directives).
+    #[arg(long, global = true, env = "CPHA_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Forward the control-plane endpoint to apiservers (installs kernel rules and exits, or runs a userspace proxy).
+    Forward(forward::Args),
+    /// Remove every forward cpha installed in the kernel, letting open connections finish.
+    Cleanup(cleanup::Args),
+    /// Show the forward installed in the kernel, read back from nftables/iptables.
+    Status(status::Args),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Forward(args) => forward::run(args),
+            Command::Cleanup(args) => cleanup::run(args),
+            Command::Status(args) => status::run(args),
+        }
+    }
+}
+
+/// Parses durations such as `30s`, `500ms`, `2m`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 500ms or 2m: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cpha").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn forward_arguments() {
+        let cli = parse(&[
+            "forward",
+            "--listen",
+            "10.0.0.10:6443",
+            "--to",
+            "10.0.0.11:6443",
+            "--to",
+            "[fd00::12]:6443",
+            "--mode",
+            "userspace",
+        ])
+        .unwrap();
+        let Command::Forward(args) = cli.command else { panic!("not forward") };
+        assert_eq!(args.listen.0, "10.0.0.10:6443".parse().unwrap());
+        assert_eq!(args.to.len(), 2);
+        assert_eq!(args.mode, crate::forward::Mode::Userspace);
+        assert_eq!(args.drain_timeout, Duration::from_secs(30));
+
+        let cli = parse(&["forward", "--listen", "0.0.0.0:8443", "--to", "10.0.0.11:6443,10.0.0.12:6443"]).unwrap();
+        let Command::Forward(args) = cli.command else { panic!("not forward") };
+        assert_eq!(args.to.len(), 2, "comma-separated targets, as CPHA_TO sets them");
+        assert_eq!(args.mode, crate::forward::Mode::Auto);
+    }
+
+    #[test]
+    fn bad_arguments_say_what_is_wrong() {
+        let err = parse(&["forward", "--listen", "10.0.0.10", "--to", "10.0.0.11:6443"]).unwrap_err().to_string();
+        assert!(err.contains("has no port"), "{err}");
+        let err = parse(&["forward", "--listen", "10.0.0.10:6443"]).unwrap_err().to_string();
+        assert!(err.contains("--to"), "{err}");
+        let err = parse(&["forward", "--listen", "10.0.0.10:6443", "--to", "10.0.0.11:6443", "--mode", "ebpf"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nftables"), "{err}");
+        let err = parse(&["cleanup", "--drain-timeout", "soon"]).unwrap_err().to_string();
+        assert!(err.contains("not a duration"), "{err}");
+    }
+
+    #[test]
+    fn cleanup_and_status_arguments() {
+        let cli = parse(&["cleanup", "--now"]).unwrap();
+        let Command::Cleanup(args) = cli.command else { panic!("not cleanup") };
+        assert!(args.now);
+        let cli = parse(&["status", "--json"]).unwrap();
+        let Command::Status(args) = cli.command else { panic!("not status") };
+        assert!(args.json);
+    }
+}

@@ -1,0 +1,19 @@
+//! Logging: `tracing` to stderr, filtered by `--log-level` or `CPHA_LOG` (EnvFilter syntax).
+//! Under systemd (JOURNAL_STREAM set) there are no colours and no timestamps: journald adds its own.
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init(level: Option<&str>) {
+    let filter = level
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_env("CPHA_LOG").ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    // try_init: tests may initialise logging more than once in one process.
+    let _ = if journal {
+        builder.with_ansi(false).without_time().try_init()
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+    };
+}
