@@ -1,0 +1,51 @@
+//! The shared state every request handler sees.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::faults::Faults;
+use crate::store::Store;
+
+/// Serving behaviour fixed at start.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub bookmark_interval: Duration,
+    /// Watches without `timeoutSeconds` end after a random time in [this, 2 × this).
+    pub min_request_timeout: Duration,
+    /// Whether `sendInitialEvents` watches are served (the WatchList feature gate).
+    pub watch_list: bool,
+    /// `v1.31.4` and the like.
+    pub git_version: String,
+    /// What `/api` reports in `serverAddressByClientCIDRs`.
+    pub advertise: String,
+    /// Namespaces that exist besides the built-in ones and those holding objects.
+    pub namespaces: Vec<String>,
+    /// Start time (Unix seconds): the creation time of the namespaces.
+    pub started: i64,
+}
+
+impl ServeConfig {
+    pub fn random_request_timeout(&self) -> Duration {
+        let base = self.min_request_timeout.as_secs().max(1);
+        Duration::from_secs(base + crate::ids::below(base))
+    }
+}
+
+pub struct App {
+    pub store: Store,
+    pub auth: Authenticator,
+    pub faults: Faults,
+    pub cfg: ServeConfig,
+    pub shutdown: CancellationToken,
+    /// Set at SIGTERM: `/readyz` fails while requests are still served for the shutdown
+    /// delay, as kube-apiserver does with `--shutdown-delay-duration`.
+    pub draining: std::sync::atomic::AtomicBool,
+}
+
+impl App {
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
