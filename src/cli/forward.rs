@@ -83,7 +83,7 @@ fn run_userspace(args: &Args, spec: ForwardSpec) -> anyhow::Result<()> {
         tokio::spawn(signals(shutdown.clone(), aborted.clone()));
         let status = format!("forwarding {listening} to {} (userspace)", join(&spec.targets));
         tracing::info!("{status}");
-        // The line tests and scripts wait for when they pass port 0.
+        // The line tests and scripts wait for before connecting.
         println!("listening {listening}");
         notify::ready(&status);
         let summary = tokio::select! {
@@ -93,14 +93,8 @@ fn run_userspace(args: &Args, spec: ForwardSpec) -> anyhow::Result<()> {
                 anyhow::bail!("stopped by a second signal before open connections finished");
             }
         };
-        notify::stopping("userspace forward stopped");
-        tracing::info!(
-            accepted = summary.accepted,
-            drained = summary.drained,
-            aborted = summary.aborted,
-            target_failures = summary.target_failures,
-            "userspace forward stopped"
-        );
+        // The proxy logged its summary; systemd learns that the drain is over.
+        notify::stopping(&format!("stopped: {} connections drained, {} aborted", summary.drained, summary.aborted));
         Ok(())
     })
 }
