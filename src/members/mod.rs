@@ -18,6 +18,7 @@
 mod member;
 mod parse;
 mod set;
+pub mod source;
 
 #[cfg(test)]
 mod proptests;
