@@ -26,3 +26,16 @@ pub fn status(status: &str) {
 pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
+
+/// WATCHDOG=1, when systemd asked for it (WatchdogSec= in the unit).
+pub fn watchdog() {
+    if std::env::var_os("WATCHDOG_USEC").is_some() {
+        send(&[NotifyState::Watchdog]);
+    }
+}
+
+/// The watchdog interval systemd asked for, if any.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| std::time::Duration::from_micros(usec))
+}

@@ -1,8 +1,12 @@
 //! The command line: one file per subcommand, each with its own `Args` and `run`.
 //! Every flag a systemd drop-in or a DaemonSet may set also reads an environment variable.
 
+pub mod check_config;
 pub mod cleanup;
 pub mod forward;
+pub mod members;
+pub mod render;
+pub mod run;
 pub mod status;
 
 use std::time::Duration;
@@ -35,6 +39,14 @@ pub enum Command {
     Cleanup(cleanup::Args),
     /// Show the forward installed in the kernel, read back from nftables/iptables.
     Status(status::Args),
+    /// Print the control-plane member set resolved from the configured source (--watch: every update).
+    Members(Box<members::Args>),
+    /// Run the agent: forward, keep HAProxy in step with the members, hand over (see `cpha run --help`).
+    Run(run::Args),
+    /// Print the haproxy.cfg cpha would write for a member set.
+    Render(render::Args),
+    /// Validate a configuration and the haproxy.cfg it renders (haproxy -c), touching nothing.
+    CheckConfig(check_config::Args),
 }
 
 impl Cli {
@@ -43,6 +55,10 @@ impl Cli {
             Command::Forward(args) => forward::run(args),
             Command::Cleanup(args) => cleanup::run(args),
             Command::Status(args) => status::run(args),
+            Command::Members(args) => members::run(*args),
+            Command::Run(args) => run::run(args),
+            Command::Render(args) => render::run(args),
+            Command::CheckConfig(args) => check_config::run(args),
         }
     }
 }

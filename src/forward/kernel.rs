@@ -10,7 +10,7 @@ use super::conntrack;
 use super::spec::ForwardSpec;
 
 /// A kernel backend: owns one table (nftables) or one set of chains (iptables).
-pub trait KernelBackend {
+pub trait KernelBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether the backend can be used on this host (tools present, kernel answers).
     fn probe(&self) -> anyhow::Result<()>;

@@ -7,9 +7,24 @@ use std::net::{IpAddr, SocketAddr};
 /// Most targets a forward accepts: a control plane has a handful of members.
 pub const MAX_TARGETS: usize = 16;
 
-/// A TCP endpoint given on the command line: an IP address and a port, IPv6 in brackets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A TCP endpoint given on the command line or in the configuration: an IP address and a port,
+/// IPv6 in brackets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Endpoint(pub SocketAddr);
+
+impl TryFrom<String> for Endpoint {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Endpoint> for String {
+    fn from(e: Endpoint) -> String {
+        e.0.to_string()
+    }
+}
 
 impl std::str::FromStr for Endpoint {
     type Err = String;

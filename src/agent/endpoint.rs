@@ -1,0 +1,258 @@
+//! Who carries the control-plane endpoint: the forward (to members) or HAProxy. This module
+//! performs the moves the state machine asks for, in one of two topologies:
+//!
+//! - **retarget**: HAProxy listens on a private address; the forward stays and is retargeted
+//!   between members and HAProxy in one step (one nftables/iptables transaction, or a live
+//!   target change in the userspace proxy). Established connections keep their path.
+//! - **release**: HAProxy binds the endpoint itself. A kernel forward's DNAT rules take the
+//!   traffic before HAProxy's socket sees it; handing over withdraws them and keeps the
+//!   rule-less table until forwarded flows drain (or the drain bound passes). A userspace
+//!   forward shares the port with HAProxy through SO_REUSEPORT; handing over closes its listener
+//!   (with `net.ipv4.tcp_migrate_req=1` so queued connections move to HAProxy's socket) and its
+//!   open connections drain within the bound.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::{self, conntrack, userspace, ForwardSpec, InstalledState, KernelBackend};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    #[default]
+    Retarget,
+    Release,
+}
+
+/// Where new connections to the endpoint go now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "to", content = "targets")]
+pub enum Carrier {
+    /// The forward, to these members.
+    Forward(Vec<SocketAddr>),
+    /// HAProxy.
+    Haproxy,
+}
+
+pub struct Endpoint {
+    listen: SocketAddr,
+    topology: Topology,
+    /// Retarget: HAProxy's private frontend address, the forward's target after a handover.
+    haproxy: SocketAddr,
+    kind: Kind,
+    drain_bound: Duration,
+    carrier: Option<Carrier>,
+    /// Release topology, kernel forward: when the forwarding rules were withdrawn.
+    draining_since: Option<Instant>,
+}
+
+enum Kind {
+    Kernel(&'static dyn KernelBackend),
+    Userspace { proxy: Option<Running>, old: Vec<Running>, connect_timeout: Duration },
+}
+
+struct Running {
+    targets: userspace::Targets,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<userspace::Summary>>,
+}
+
+pub struct EndpointConfig {
+    pub listen: SocketAddr,
+    pub topology: Topology,
+    pub haproxy: SocketAddr,
+    pub mode: forward::Mode,
+    pub drain_bound: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Endpoint {
+    /// Chooses the forward's backend for this host (logged) without installing anything.
+    pub fn new(cfg: &EndpointConfig, seed: &[SocketAddr]) -> anyhow::Result<Self> {
+        let probe_targets = if seed.is_empty() { vec![cfg.haproxy] } else { seed.to_vec() };
+        let spec = ForwardSpec::new(cfg.listen, probe_targets).map_err(|e| crate::exit::Coded::config(e.to_string()))?;
+        let kind = match forward::choose(cfg.mode, &spec)? {
+            forward::Chosen::Kernel(backend) => Kind::Kernel(backend),
+            forward::Chosen::Userspace => {
+                if cfg.topology == Topology::Release {
+                    enable_migrate_req();
+                }
+                Kind::Userspace { proxy: None, old: Vec::new(), connect_timeout: cfg.connect_timeout }
+            }
+        };
+        Ok(Self {
+            listen: cfg.listen,
+            topology: cfg.topology,
+            haproxy: cfg.haproxy,
+            kind,
+            drain_bound: cfg.drain_bound,
+            carrier: None,
+            draining_since: None,
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match &self.kind {
+            Kind::Kernel(b) => b.name(),
+            Kind::Userspace { .. } => "userspace",
+        }
+    }
+
+    pub fn carrier(&self) -> Option<&Carrier> {
+        self.carrier.as_ref()
+    }
+
+    /// Whether the forward carries new connections now.
+    pub fn forwarding(&self) -> bool {
+        matches!(self.carrier, Some(Carrier::Forward(_)))
+    }
+
+    /// Reads what an earlier run left in the kernel, so a restarted agent continues instead of
+    /// stacking a second forward. Returns the carrier found, if any.
+    pub async fn adopt(&mut self) -> anyhow::Result<Option<Carrier>> {
+        let Kind::Kernel(backend) = self.kind else { return Ok(None) };
+        let installed = blocking(move || backend.read()).await?;
+        let found = match installed {
+            Some(i) if i.listen != self.listen => {
+                tracing::warn!(found = %i.listen, configured = %self.listen, "a forward for another listen address is installed; it will be replaced");
+                None
+            }
+            Some(i) if i.state == InstalledState::Draining => {
+                self.draining_since = Some(Instant::now());
+                (self.topology == Topology::Release).then_some(Carrier::Haproxy)
+            }
+            Some(i) if self.topology == Topology::Retarget && i.targets == [self.haproxy] => Some(Carrier::Haproxy),
+            Some(i) => Some(Carrier::Forward(i.targets)),
+            None => None,
+        };
+        if let Some(c) = &found {
+            tracing::info!(carrier = ?c, backend = backend.name(), "adopted the forward an earlier run installed");
+        }
+        self.carrier = found.clone();
+        Ok(found)
+    }
+
+    /// Sends new connections to `targets` through the forward (install, retarget, or bring the
+    /// forward back after a release).
+    pub async fn forward_to(&mut self, targets: Vec<SocketAddr>) -> anyhow::Result<()> {
+        let spec = ForwardSpec::new(self.listen, targets.clone())?;
+        match &mut self.kind {
+            Kind::Kernel(backend) => {
+                let backend = *backend;
+                blocking(move || forward::install_kernel(backend, &spec)).await?;
+                self.draining_since = None;
+            }
+            Kind::Userspace { proxy: Some(p), .. } => p.targets.set(targets.clone()),
+            Kind::Userspace { proxy, connect_timeout, .. } => {
+                *proxy = Some(start_proxy(self.listen, targets.clone(), self.topology == Topology::Release, *connect_timeout, self.drain_bound)?);
+            }
+        }
+        self.carrier = Some(Carrier::Forward(targets));
+        Ok(())
+    }
+
+    /// Moves new connections to HAProxy.
+    pub async fn hand_to_haproxy(&mut self) -> anyhow::Result<()> {
+        match (self.topology, &mut self.kind) {
+            (Topology::Retarget, _) => {
+                let haproxy = self.haproxy;
+                self.forward_to(vec![haproxy]).await?;
+            }
+            (Topology::Release, Kind::Kernel(backend)) => {
+                let backend = *backend;
+                blocking(move || backend.withdraw()).await?;
+                self.draining_since = Some(Instant::now());
+            }
+            (Topology::Release, Kind::Userspace { proxy, old, .. }) => {
+                if let Some(p) = proxy.take() {
+                    p.stop.cancel();
+                    old.push(p);
+                }
+            }
+        }
+        self.carrier = Some(Carrier::Haproxy);
+        Ok(())
+    }
+
+    /// Periodic housekeeping: removes a drained release-topology table, reaps stopped proxies.
+    pub async fn tick(&mut self) -> anyhow::Result<()> {
+        if let (Some(since), Kind::Kernel(backend)) = (self.draining_since, &self.kind) {
+            let backend = *backend;
+            let open = conntrack::count_forwarded(self.listen);
+            if open == Some(0) || since.elapsed() >= self.drain_bound {
+                let installed = blocking(move || backend.read()).await?;
+                if installed.is_some_and(|i| i.state == InstalledState::Draining) {
+                    blocking(move || backend.remove()).await?;
+                    tracing::info!(open_at_removal = open.unwrap_or(0), "drained forward removed");
+                }
+                self.draining_since = None;
+            }
+        }
+        if let Kind::Userspace { old, .. } = &mut self.kind {
+            old.retain(|p| !p.task.is_finished());
+        }
+        Ok(())
+    }
+
+    /// Ends the agent's hold on the endpoint. `keep` leaves a kernel forward in place (the
+    /// endpoint keeps answering while the agent restarts); otherwise it is withdrawn, drained
+    /// within the bound, and removed. A userspace proxy drains within the bound either way.
+    pub async fn shutdown(&mut self, keep: bool) -> anyhow::Result<()> {
+        match &mut self.kind {
+            Kind::Kernel(backend) if !keep => {
+                let backend = *backend;
+                let drain = forward::Drain { timeout: self.drain_bound, poll: Duration::from_millis(200) };
+                blocking(move || forward::kernel::withdraw_and_remove(backend, drain).map(|_| ())).await?;
+            }
+            Kind::Kernel(_) => {}
+            Kind::Userspace { proxy, old, .. } => {
+                old.extend(proxy.take());
+                for p in old.iter() {
+                    p.stop.cancel();
+                }
+                for p in old.drain(..) {
+                    match p.task.await {
+                        Ok(Ok(summary)) => tracing::info!(?summary, "userspace forward stopped"),
+                        Ok(Err(err)) => tracing::warn!("userspace forward ended with an error: {err:#}"),
+                        Err(err) => tracing::warn!("userspace forward task failed: {err}"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn start_proxy(
+    listen: SocketAddr,
+    targets: Vec<SocketAddr>,
+    reuse_port: bool,
+    connect_timeout: Duration,
+    drain_timeout: Duration,
+) -> anyhow::Result<Running> {
+    let proxy = userspace::Proxy::bind(userspace::Config { listen, targets, reuse_port, connect_timeout, drain_timeout })?;
+    let targets = proxy.targets();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(proxy.run(stop.clone()));
+    Ok(Running { targets, stop, task })
+}
+
+/// SO_REUSEPORT handovers lose the connections queued on a closing listener unless the kernel
+/// migrates them (FIELD-NOTES lesson 11). Setting it affects only this network namespace's
+/// listeners that close, and only moves connections to a sibling socket.
+fn enable_migrate_req() {
+    const KEY: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::write(KEY, "1") {
+        Ok(()) => tracing::info!("net.ipv4.tcp_migrate_req=1: queued connections move to HAProxy's socket when the forward's listener closes"),
+        Err(err) => tracing::warn!("cannot set net.ipv4.tcp_migrate_req=1 ({err}); a release handover may reset connections queued at that instant"),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.context("kernel rule task panicked")?
+}

@@ -1,0 +1,79 @@
+//! The running agent's state as `/status` serves it and `cpha status` prints it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// A snapshot the agent loop keeps current.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// forwarding, handing-over, balanced or fallback.
+    pub phase: String,
+    /// Unix seconds of the last phase change.
+    pub phase_since: u64,
+    /// Whether the endpoint answers (forward in place or handed over): what READY=1 means.
+    pub endpoint_carried: bool,
+    pub endpoint: String,
+    pub topology: String,
+    /// nftables, iptables or userspace.
+    pub forward_backend: String,
+    /// Where new connections go: "haproxy" or the forward's targets.
+    pub carrier: String,
+    pub members: Vec<String>,
+    /// cache, or the live source that gave the current set.
+    pub members_origin: String,
+    pub last_rejected_update: Option<String>,
+    pub source_problem: Option<String>,
+    pub haproxy_answers: bool,
+    pub haproxy_servers_up: usize,
+    pub haproxy_servers_total: usize,
+    pub last_apply: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl AgentStatus {
+    pub fn render_text(&self) -> String {
+        let mut s = format!(
+            "phase       {}\nendpoint    {} ({} topology, {} forward)\ncarrier     {}\nmembers     {} ({})\nhaproxy     {}\n",
+            self.phase,
+            self.endpoint,
+            self.topology,
+            self.forward_backend,
+            self.carrier,
+            if self.members.is_empty() { "none".to_string() } else { self.members.join(", ") },
+            self.members_origin,
+            if self.haproxy_answers {
+                format!("answers, {}/{} servers UP", self.haproxy_servers_up, self.haproxy_servers_total)
+            } else {
+                "not answering".to_string()
+            },
+        );
+        for (label, value) in [
+            ("last apply", &self.last_apply),
+            ("rejected", &self.last_rejected_update),
+            ("source", &self.source_problem),
+            ("last error", &self.last_error),
+        ] {
+            if let Some(v) = value {
+                s.push_str(&format!("{label:<11} {v}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// Reads `/status` from a running agent's local port.
+pub fn fetch(addr: SocketAddr, timeout: Duration) -> anyhow::Result<AgentStatus> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("no agent answers on {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response from the agent")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "the agent answered: {}", head.lines().next().unwrap_or(""));
+    serde_json::from_str(body).context("the agent's /status is not the expected JSON")
+}

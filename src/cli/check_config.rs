@@ -1,0 +1,50 @@
+//! `cpha check-config`: validate a configuration and the haproxy.cfg it would render
+//! (`haproxy -c` on a temporary copy), touching nothing else.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::exit::Coded;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The agent's configuration file (YAML).
+    #[arg(long, env = "CPHA_CONFIG", default_value = "/etc/cpha/config.yaml")]
+    pub config: PathBuf,
+
+    /// Members to render for the check (default: the configuration's static members, else a
+    /// sample set of three).
+    #[arg(long, value_name = "LIST")]
+    pub members: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    config.validate()?;
+    let members = match super::render::members_for(&config, args.members.as_deref()) {
+        Ok(set) => set,
+        Err(_) if args.members.is_none() => crate::members::parse("192.0.2.11, 192.0.2.12, 192.0.2.13", &config.members.parse)
+            .expect("the sample member set parses"),
+        Err(err) => return Err(err),
+    };
+    let text = super::render::render(&config, &members)?;
+    let dir = std::env::temp_dir().join(format!("cpha-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("haproxy.cfg");
+    let result = std::fs::write(&path, &text)
+        .context("writing the candidate haproxy.cfg")
+        .and_then(|()| crate::haproxy::check::check(&config.haproxy, &path).map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")).into()));
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    println!(
+        "{}: valid ({} members source, {} topology, endpoint {}, HAProxy frontend {}; haproxy -c accepts the rendered file)",
+        args.config.display(),
+        config.members.source_name(),
+        format!("{:?}", config.endpoint.topology).to_lowercase(),
+        config.endpoint.listen,
+        config.haproxy_bind()
+    );
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! `cpha render`: print the haproxy.cfg cpha would write, for a given member set.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::exit::Coded;
+use crate::haproxy::{Haproxy, RenderInput};
+use crate::members::source::SourceSettings;
+use crate::members::{self, MemberSet};
+use crate::metrics::Metrics;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The agent's configuration file (YAML).
+    #[arg(long, env = "CPHA_CONFIG", default_value = "/etc/cpha/config.yaml")]
+    pub config: PathBuf,
+
+    /// Members to render, written as in the ConfigMap (`10.0.0.11:6443, cp2=10.0.0.12`). Default: the
+    /// configuration's static members, else the last good set in the state file.
+    #[arg(long, value_name = "LIST")]
+    pub members: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    config.validate()?;
+    let members = members_for(&config, args.members.as_deref())?;
+    print!("{}", render(&config, &members)?);
+    Ok(())
+}
+
+/// The member set to render: given on the command line, or known from the configuration.
+pub fn members_for(config: &Config, given: Option<&str>) -> anyhow::Result<MemberSet> {
+    if let Some(text) = given {
+        return members::parse(text, &config.members.parse).map_err(|e| Coded::usage(format!("--members: {e}")).into());
+    }
+    if let SourceSettings::Static(set) = &config.members.source {
+        return Ok(set.clone());
+    }
+    if let Some(seed) = &config.members.seed {
+        return Ok(seed.clone());
+    }
+    if let Some(path) = &config.members.state_file {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+        if let Ok(Some(set)) = runtime.block_on(crate::members::source::state::load(path, &config.members.parse)) {
+            return Ok(set);
+        }
+    }
+    Err(Coded::usage("no members to render: give --members, or members.static in the configuration").into())
+}
+
+/// Renders haproxy.cfg for `members` with the configuration's HAProxy settings.
+pub fn render(config: &Config, members: &MemberSet) -> anyhow::Result<String> {
+    let haproxy = Haproxy::new(config.haproxy.clone(), Arc::new(Metrics::default()))
+        .map_err(|e| Coded::config(format!("haproxy: {e}")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    let input = RenderInput { members, bind: config.haproxy_bind() };
+    let rendered = runtime.block_on(haproxy.render(&input)).map_err(|e| Coded::config(format!("haproxy.cfg: {e}")))?;
+    Ok(rendered.text)
+}

@@ -1,0 +1,176 @@
+//! The agent's configuration: one YAML file (`/etc/cpha/config.yaml`), camelCase keys, unknown
+//! keys refused, defaults for everything but the endpoint. Each domain owns its section type
+//! (`members`, `kubernetes`, `haproxy`); this module composes them, parses (`parse`, pure),
+//! loads (`load`), applies command-line/environment overrides, and validates once.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Deserializer};
+
+use crate::agent::endpoint::Topology;
+use crate::exit::Coded;
+use crate::forward::{Endpoint, Mode};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    pub endpoint: EndpointSection,
+    #[serde(default)]
+    pub forward: ForwardSection,
+    #[serde(default)]
+    pub handover: HandoverSection,
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub members: crate::members::source::MembersSettings,
+    #[serde(default)]
+    pub kubernetes: crate::kube::KubeSettings,
+    #[serde(default)]
+    pub haproxy: crate::haproxy::HaproxySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSection {
+    /// The control-plane endpoint, `LB_ADDRESS:PORT` as given to `kubeadm --control-plane-endpoint`.
+    pub listen: Endpoint,
+    #[serde(default)]
+    pub topology: Topology,
+    /// Retarget topology: HAProxy's private frontend address (a local, non-loopback address for
+    /// kernel forwards). Default: the listen address with port 9445.
+    #[serde(default)]
+    pub haproxy_bind: Option<Endpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// Leave a kernel forward in place: the endpoint keeps answering while cpha restarts.
+    #[default]
+    Keep,
+    /// Withdraw the forward, drain within `forward.drainTimeout`, remove it.
+    Remove,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ForwardSection {
+    pub mode: Mode,
+    /// Bootstrap targets used until a member answers /readyz. Default: the members' addresses.
+    pub targets: Vec<Endpoint>,
+    /// Longest time connections on the old path (long watches) get after a move.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    pub on_shutdown: OnShutdown,
+}
+
+impl Default for ForwardSection {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Auto,
+            targets: Vec::new(),
+            drain_timeout: Duration::from_secs(900),
+            connect_timeout: Duration::from_secs(3),
+            on_shutdown: OnShutdown::Keep,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HandoverSection {
+    /// Consecutive healthy checks of HAProxy before handing over.
+    pub rise: u32,
+    /// Consecutive unhealthy checks before falling back.
+    pub fall: u32,
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    pub fallback: bool,
+    /// Timeout of one /readyz probe of a member.
+    #[serde(deserialize_with = "duration")]
+    pub probe_timeout: Duration,
+}
+
+impl Default for HandoverSection {
+    fn default() -> Self {
+        Self { rise: 2, fall: 10, interval: Duration::from_secs(1), fallback: true, probe_timeout: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// Local HTTP port for /metrics, /healthz, /readyz and /status.
+    pub status_listen: SocketAddr,
+    /// Post Kubernetes Events on handover state changes when the credentials allow it.
+    pub events: bool,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self { status_listen: SocketAddr::from(([127, 0, 0, 1], 9966)), events: true }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 15m: {e}")))
+}
+
+impl Config {
+    /// Parses YAML text, with no I/O.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        crate::yaml::from_str(text).map_err(|e| Coded::config(format!("invalid configuration: {e}")).into())
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| Coded::config(format!("cannot read the configuration {}", path.display())))?;
+        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// HAProxy's frontend address: the endpoint itself (release) or a private one (retarget).
+    pub fn haproxy_bind(&self) -> SocketAddr {
+        match self.endpoint.topology {
+            Topology::Release => self.endpoint.listen.0,
+            Topology::Retarget => self
+                .endpoint
+                .haproxy_bind
+                .map(|e| e.0)
+                .unwrap_or_else(|| SocketAddr::new(self.endpoint.listen.0.ip(), 9445)),
+        }
+    }
+
+    /// Checks what no single section can check alone.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let bad = |m: String| -> anyhow::Result<()> { Err(Coded::config(m).into()) };
+        let listen = self.endpoint.listen.0;
+        if self.handover.rise == 0 || self.handover.fall == 0 {
+            return bad("handover.rise and handover.fall must be at least 1".into());
+        }
+        if self.handover.interval < Duration::from_millis(100) {
+            return bad("handover.interval must be at least 100ms".into());
+        }
+        if self.endpoint.topology == Topology::Retarget {
+            if listen.ip().is_unspecified() && self.endpoint.haproxy_bind.is_none() {
+                return bad(format!(
+                    "endpoint.listen {listen} is a wildcard: set endpoint.haproxyBind to the local address:port HAProxy listens on (retarget topology)"
+                ));
+            }
+            let hb = self.haproxy_bind();
+            if hb == listen {
+                return bad(format!("endpoint.haproxyBind {hb} equals endpoint.listen: in the retarget topology HAProxy needs its own port (or use topology: release)"));
+            }
+            if hb.ip().is_unspecified() {
+                return bad(format!("endpoint.haproxyBind {hb} must be a concrete address the forward can send connections to"));
+            }
+        }
+        Ok(())
+    }
+}
