@@ -1,0 +1,1099 @@
+//! The deployment files checked by the programs that consume them: `systemd-analyze verify` and
+//! `security` for the units, HAProxy itself for the drop-in's master socket, `cloud-init schema`
+//! for the user-data (and the Cluster API template's embedded cloud-config), the
+//! kubernetes-validate schemas for the manifests, `vagrant validate` for the test environment,
+//! shellcheck and real runs for the provisioning script, and `cpha check-config` for every
+//! configuration. Each validator is also shown a deliberately broken copy once, so a check that
+//! stopped checking fails here instead of passing silently.
+//!
+//! The validators come from Debian packages and one PyPI package that `hack/test` installs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize as _;
+use serde_yaml::Value;
+
+/// `systemd-analyze security` exposure of cpha.service, in tenths (1.8 "OK"): what the unit
+/// achieves. Loosening the sandbox fails this test; tightening it should lower the number.
+const MAX_EXPOSURE_TENTHS: u32 = 18;
+
+/// kubernetes-validate as `hack/test` installs it, unless `CPHA_KUBERNETES_VALIDATE` names one.
+const KUBERNETES_VALIDATE: &str = "/opt/cpha-test-tools/kubernetes-validate-1.37.0/bin/kubernetes-validate";
+
+/// The oldest Kubernetes the manifests promise to work with (super-admin.conf appeared in 1.29)
+/// and the newest the validator knows.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
+
+// ---------------------------------------------------------------------------------------------
+// Plumbing
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "cpha-deploy-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let path = self.0.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A program the tests need, by name on PATH; missing means the machine was not prepared.
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed: run hack/test, which installs every validator"))
+}
+
+fn kubernetes_validate() -> PathBuf {
+    let path =
+        std::env::var_os("CPHA_KUBERNETES_VALIDATE").map(PathBuf::from).unwrap_or_else(|| KUBERNETES_VALIDATE.into());
+    assert!(
+        path.is_file(),
+        "{} is missing: run hack/test, which installs kubernetes-validate (tests/deploy/requirements.txt)",
+        path.display()
+    );
+    path
+}
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn ok(&self) -> bool {
+        self.code == 0
+    }
+    fn both(&self) -> String {
+        format!("exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+fn run(cmd: &mut Command) -> Ran {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("invalid YAML: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn doc(text: &str) -> Value {
+    let mut all = docs(text);
+    assert_eq!(all.len(), 1, "expected one YAML document");
+    all.remove(0)
+}
+
+/// `a.b.0.c` inside a YAML value; panics naming the path when something is missing.
+fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    let mut cur = v;
+    for part in path.split('.') {
+        cur = match part.parse::<usize>() {
+            Ok(i) => cur.get(i),
+            Err(_) => cur.get(part),
+        }
+        .unwrap_or_else(|| panic!("no {path} (stopped at {part}) in {v:?}"));
+    }
+    cur
+}
+
+fn s<'a>(v: &'a Value, path: &str) -> &'a str {
+    at(v, path).as_str().unwrap_or_else(|| panic!("{path} is not a string"))
+}
+
+fn strings(v: &Value, path: &str) -> Vec<String> {
+    at(v, path)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{path} is not a list"))
+        .iter()
+        .map(|x| x.as_str().unwrap_or_else(|| panic!("{path} has a non-string")).to_string())
+        .collect()
+}
+
+fn kind<'a>(all: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    all.iter().filter(|d| d.get("kind").and_then(Value::as_str) == Some(kind)).collect()
+}
+
+fn one<'a>(all: &'a [Value], k: &str) -> &'a Value {
+    let found = kind(all, k);
+    assert_eq!(found.len(), 1, "expected one {k}");
+    found[0]
+}
+
+fn position(list: &[String], needle: &str) -> usize {
+    list.iter().position(|c| c.trim() == needle).unwrap_or_else(|| panic!("no command {needle:?} in {list:#?}"))
+}
+
+/// The embedded copies each deployment file must carry: installed path -> repository file.
+fn embedded(file: &str) -> BTreeMap<&'static str, &'static str> {
+    let mut m = BTreeMap::from([
+        ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
+        ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
+        ("/usr/local/sbin/cpha-bootstrap", "cloud-init/cpha-bootstrap"),
+    ]);
+    match file {
+        "cloud-init/init.yaml" => {
+            m.insert("/etc/cpha/config.yaml", "examples/config-host.yaml");
+            m.insert("/etc/cpha/members-configmap.yaml", "deploy/members-configmap.yaml");
+        }
+        "cloud-init/join.yaml" => {
+            m.insert("/etc/cpha/config.yaml", "examples/config-host.yaml");
+        }
+        "cloud-init/lb.yaml" => {
+            m.insert("/etc/cpha/config.yaml", "examples/config-external-lb.yaml");
+        }
+        _ => {}
+    }
+    m
+}
+
+/// The text a `write_files`/`files` item installs, decoded.
+fn file_content(item: &Value) -> String {
+    let content = s(item, "content");
+    match item.get("encoding").and_then(Value::as_str) {
+        None | Some("text/plain") => content.to_string(),
+        Some("base64") | Some("b64") => {
+            let clean: String = content.split_whitespace().collect();
+            String::from_utf8(base64_decode(&clean)).expect("base64 content is UTF-8")
+        }
+        Some(other) => panic!("unexpected encoding {other}"),
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {:?}", c as char),
+        }
+    };
+    let bytes = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= value(c) << (18 - 6 * i);
+        }
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+/// The file items of a cloud-config or KubeadmConfigSpec, by installed path.
+fn files_by_path(list: &Value) -> BTreeMap<String, &Value> {
+    list.as_sequence().expect("a list of files").iter().map(|item| (s(item, "path").to_string(), item)).collect()
+}
+
+fn check_embedded_copies(file: &str, files: &BTreeMap<String, &Value>) {
+    for (path, source) in embedded(file) {
+        let item = files.get(path).unwrap_or_else(|| panic!("{file}: no file {path}"));
+        assert!(
+            file_content(item) == read(source),
+            "{file}: the copy of {source} at {path} differs from the repository's file: run tests/deploy/sync-embedded"
+        );
+    }
+    let bootstrap = files.get("/usr/local/sbin/cpha-bootstrap").unwrap();
+    assert_eq!(s(bootstrap, "permissions"), "0755", "{file}: cpha-bootstrap must be executable");
+}
+
+/// `KEY=value` lines of an environment file.
+fn env_file(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn cloud_init_schema(file: &Path) -> Ran {
+    run(Command::new(tool("cloud-init")).arg("schema").arg("--config-file").arg(file))
+}
+
+fn assert_cloud_config_valid(file: &Path) {
+    let ran = cloud_init_schema(file);
+    assert!(
+        ran.ok() && ran.stdout.contains("Valid cloud-config"),
+        "cloud-init schema {}:\n{}",
+        file.display(),
+        ran.both()
+    );
+}
+
+fn check_config(file: &Path) -> Ran {
+    run(Command::new(env!("CARGO_BIN_EXE_cpha")).arg("check-config").arg("--config").arg(file))
+}
+
+fn assert_config_valid(file: &Path) {
+    let ran = check_config(file);
+    assert!(
+        !(ran.code == 64 || ran.code == 2) || !ran.stderr.contains("check-config"),
+        "`cpha check-config` is missing from the cpha binary: it validates every example configuration here\n{}",
+        ran.both()
+    );
+    assert!(ran.ok(), "cpha check-config --config {}:\n{}", file.display(), ran.both());
+}
+
+/// A copy of a unit whose ExecStart runs the binary under test, so `verify` can check it.
+fn unit_copy(dir: &TempDir, name: &str, text: &str) -> PathBuf {
+    dir.write(name, &text.replace("/usr/local/bin/cpha ", &format!("{} ", env!("CARGO_BIN_EXE_cpha"))))
+}
+
+/// Problems `systemd-analyze verify` reports about our files. It exits 0 on unknown keys and
+/// unparsable values (it only warns), so any line about our files is a failure.
+fn verify(unit: &Path, ours: &[&str]) -> Result<(), String> {
+    let ran = run(Command::new(tool("systemd-analyze")).arg("verify").arg(unit));
+    let ours: Vec<&str> =
+        ran.stderr.lines().chain(ran.stdout.lines()).filter(|l| ours.iter().any(|o| l.contains(o))).collect();
+    if ran.ok() && ours.is_empty() {
+        Ok(())
+    } else {
+        Err(ran.both())
+    }
+}
+
+fn exposure(unit: &Path) -> (f64, Ran) {
+    let ran = run(Command::new(tool("systemd-analyze"))
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(format!("--threshold={MAX_EXPOSURE_TENTHS}"))
+        .arg(unit));
+    let line = ran
+        .stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in:\n{}", ran.both()));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the exposure level from {line:?}"));
+    (score, ran)
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd
+
+#[test]
+fn cpha_unit_passes_systemd_verify() {
+    let unit = read("systemd/cpha.service");
+    // What the other pieces rely on.
+    for line in [
+        "Type=notify",
+        "ExecStart=/usr/local/bin/cpha run --config /etc/cpha/config.yaml",
+        "Before=kubelet.service",
+        "After=network-online.target",
+        "Restart=always",
+        "RestartPreventExitStatus=64 78",
+        "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "ProtectSystem=strict",
+        "StateDirectory=cpha",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "systemd/cpha.service has no line {line:?}");
+    }
+    assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")), "WatchdogSec= is set");
+    let rw = unit.lines().find(|l| l.starts_with("ReadWritePaths=")).expect("ReadWritePaths=");
+    assert!(rw.contains("/etc/haproxy") && rw.contains("/run/haproxy"), "{rw}");
+
+    let dir = TempDir::new("verify");
+    let copy = unit_copy(&dir, "cpha.service", &unit);
+    verify(&copy, &["cpha.service"]).unwrap_or_else(|e| panic!("systemd-analyze verify cpha.service:\n{e}"));
+
+    // The check itself must be able to fail: a misspelt directive (only a warning for systemd),
+    // and an ExecStart that does not exist (an error).
+    let broken = dir
+        .write("broken/cpha.service", &std::fs::read_to_string(&copy).unwrap().replace("PrivateTmp=", "PrivateTemp="));
+    assert!(verify(&broken, &["cpha.service"]).is_err(), "a misspelt directive went unnoticed");
+    let missing = dir.write("missing/cpha.service", &unit.replace("/usr/local/bin/cpha ", "/nonexistent/cpha "));
+    assert!(verify(&missing, &["cpha.service"]).is_err(), "a missing ExecStart binary went unnoticed");
+}
+
+#[test]
+fn cpha_unit_exposure_stays_low() {
+    let dir = TempDir::new("security");
+    let copy = unit_copy(&dir, "cpha.service", &read("systemd/cpha.service"));
+    let (score, ran) = exposure(&copy);
+    println!("systemd-analyze security: cpha.service exposure {score}");
+    assert!(
+        ran.ok() && score <= f64::from(MAX_EXPOSURE_TENTHS) / 10.0,
+        "cpha.service exposure {score} is above {}:\n{}",
+        f64::from(MAX_EXPOSURE_TENTHS) / 10.0,
+        ran.both()
+    );
+
+    // Without its sandbox the same unit must fail the threshold.
+    let loose: String = std::fs::read_to_string(&copy)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("Protect") && !l.starts_with("SystemCall") && !l.starts_with("Private"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let loose = dir.write("loose/cpha.service", &loose);
+    let (loose_score, ran) = exposure(&loose);
+    assert!(!ran.ok() && loose_score > score, "an unsandboxed unit passed the threshold ({loose_score})");
+}
+
+/// Debian's haproxy.service with our drop-in beside it, as systemd-analyze loads drop-ins from
+/// the unit's directory.
+fn haproxy_unit_with_dropin(dir: &TempDir, dropin: &str) -> PathBuf {
+    let packaged = ["/lib/systemd/system/haproxy.service", "/usr/lib/systemd/system/haproxy.service"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("Debian's haproxy.service: run hack/test, which installs haproxy");
+    let unit = dir.write("haproxy.service", &std::fs::read_to_string(packaged).unwrap());
+    dir.write("haproxy.service.d/cpha.conf", dropin);
+    unit
+}
+
+#[test]
+fn haproxy_dropin_passes_systemd_verify() {
+    let dropin = read("systemd/haproxy.service.d/cpha.conf");
+    let dir = TempDir::new("dropin");
+    let unit = haproxy_unit_with_dropin(&dir, &dropin);
+    verify(&unit, &["haproxy.service", "cpha.conf"])
+        .unwrap_or_else(|e| panic!("systemd-analyze verify haproxy.service + cpha.conf:\n{e}"));
+    for line in ["After=cpha.service", "Restart=always"] {
+        assert!(dropin.lines().any(|l| l == line), "the drop-in has no line {line:?}");
+    }
+
+    // A second ExecStart without the reset line is an error systemd reports.
+    let broken = TempDir::new("dropin-broken");
+    let unit = haproxy_unit_with_dropin(&broken, &dropin.replace("ExecStart=\n", ""));
+    assert!(verify(&unit, &["haproxy.service", "cpha.conf"]).is_err(), "two ExecStart lines went unnoticed");
+}
+
+/// The drop-in's ExecStart, run for real (master-worker with the master socket) in a temp dir:
+/// the master socket is where cpha's configuration looks, is private, and answers `show proc`.
+#[test]
+fn haproxy_dropin_serves_the_master_socket_cpha_uses() {
+    let dropin = read("systemd/haproxy.service.d/cpha.conf");
+    let exec = dropin
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecStart="))
+        .find(|l| !l.is_empty())
+        .expect("an ExecStart= with a command");
+    let socket = "/run/haproxy/master.sock";
+    for config in ["examples/config-host.yaml", "examples/config-external-lb.yaml"] {
+        assert_eq!(s(&doc(&read(config)), "haproxy.masterSocket"), socket, "{config} and the drop-in disagree");
+    }
+
+    let dir = TempDir::new("master");
+    let d = dir.path().display();
+    let cfg = dir.write(
+        "haproxy.cfg",
+        &format!(
+            "global\n    stats socket {d}/admin.sock mode 600 level admin\ndefaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\nfrontend fe\n    bind unix@{d}/fe.sock\n"
+        ),
+    );
+    let command = exec
+        .replace("$CONFIG", &cfg.display().to_string())
+        .replace("$PIDFILE", &format!("{d}/haproxy.pid"))
+        .replace("$EXTRAOPTS", "")
+        .replace(socket, &format!("{d}/master.sock"));
+    let mut words = command.split_whitespace();
+    let program = words.next().unwrap();
+    assert!(Path::new(program).exists(), "the drop-in runs {program}, which does not exist");
+    // SIGTERM to the master stops its workers too; SIGKILL only if it does not exit.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut haproxy = Stop(
+        Command::new(program)
+            .args(words)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let master = dir.path().join("master.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !master.exists() {
+        if let Ok(Some(status)) = haproxy.0.try_wait() {
+            let mut err = String::new();
+            haproxy.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("haproxy exited ({status}) before creating its master socket:\n{err}");
+        }
+        assert!(Instant::now() < deadline, "no master socket after 10s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mode = std::fs::metadata(&master).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the master socket must be private to root");
+    // The socket file appears when HAProxy binds it, a moment before it listens.
+    let show_proc = || -> std::io::Result<String> {
+        let mut conn = std::os::unix::net::UnixStream::connect(&master)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"show proc\n")?;
+        // The master CLI answers and closes once the command stream ends.
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    let answer = loop {
+        match show_proc() {
+            Ok(answer) if answer.contains("worker") => break answer,
+            Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            other => panic!("the master socket did not answer show proc: {other:?}"),
+        }
+    };
+    assert!(answer.contains("master") && answer.contains("worker"), "show proc answered:\n{answer}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// cloud-init
+
+#[test]
+fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
+    for (file, kubeadm) in [
+        ("cloud-init/init.yaml", Some("cpha-bootstrap kubeadm-init")),
+        ("cloud-init/join.yaml", Some("cpha-bootstrap kubeadm-join")),
+        ("cloud-init/lb.yaml", None),
+    ] {
+        let text = read(file);
+        assert!(text.starts_with("#cloud-config\n"), "{file} must start with #cloud-config");
+        assert_cloud_config_valid(&root().join(file));
+
+        let data = doc(&text);
+        let packages = strings(&data, "packages");
+        for p in ["haproxy", "nftables"] {
+            assert!(packages.iter().any(|x| x == p), "{file} does not install {p}");
+        }
+        let files = files_by_path(at(&data, "write_files"));
+        check_embedded_copies(file, &files);
+        let install = env_file(&file_content(files["/etc/cpha/install.env"]));
+        assert!(install.contains_key("CPHA_URL") && install.contains_key("CPHA_SHA256"), "{file}: install.env");
+
+        let runcmd = strings(&data, "runcmd");
+        assert_eq!(runcmd[0], "set -e", "{file}: runcmd must stop at the first failure");
+        let start = position(&runcmd, "systemctl enable --now cpha");
+        assert!(position(&runcmd, "cpha-bootstrap install") < start, "{file}: cpha is installed before it starts");
+        assert!(start < position(&runcmd, "systemctl restart haproxy"), "{file}: HAProxy restarts after cpha");
+        let config = doc(&file_content(files["/etc/cpha/config.yaml"]));
+        if let Some(kubeadm) = kubeadm {
+            assert!(position(&runcmd, "cpha-bootstrap node-env") < start, "{file}: node-env before cpha starts");
+            assert!(start < position(&runcmd, kubeadm), "{file}: cpha must be READY before {kubeadm}");
+            let site = env_file(&file_content(files["/etc/cpha/site.env"]));
+            assert_eq!(
+                site["CONTROL_PLANE_ENDPOINT"],
+                s(&config, "endpoint.listen"),
+                "{file}: kubeadm's endpoint and cpha's endpoint.listen differ"
+            );
+            for key in ["KUBEADM_TOKEN", "KUBEADM_CERTIFICATE_KEY"] {
+                assert_eq!(
+                    site.get(key).map(String::as_str),
+                    Some(""),
+                    "{file}: {key} is the operator's (no made-up value)"
+                );
+            }
+        }
+        if file == "cloud-init/init.yaml" {
+            assert!(
+                position(&runcmd, "cpha-bootstrap kubeadm-init") < position(&runcmd, "cpha-bootstrap apply-members")
+            );
+        }
+    }
+
+    // The schema check itself fails on a broken copy.
+    let dir = TempDir::new("cloud-init");
+    let broken =
+        dir.write("broken.yaml", &read("cloud-init/init.yaml").replace("runcmd:\n", "runcmd: 5\nnot_runcmd:\n"));
+    let ran = cloud_init_schema(&broken);
+    assert!(!ran.ok(), "cloud-init schema accepted `runcmd: 5`:\n{}", ran.both());
+}
+
+#[test]
+fn embedded_copies_match_the_sync_tool() {
+    let ran = run(Command::new(tool("python3")).arg(root().join("tests/deploy/sync-embedded")).arg("--check"));
+    assert!(ran.ok(), "tests/deploy/sync-embedded --check:\n{}", ran.both());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The provisioning script
+
+fn bootstrap(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut cmd = Command::new(tool("bash"));
+    cmd.arg(root().join("cloud-init/cpha-bootstrap"))
+        .args(args)
+        .env("CPHA_BIN", dir.path().join("bin/cpha"))
+        .env("CPHA_ETC", dir.path().join("etc"))
+        .env("KUBERNETES_DIR", dir.path().join("kubernetes"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
+#[test]
+fn bootstrap_script_is_clean_and_installs_only_a_verified_binary() {
+    for script in ["cloud-init/cpha-bootstrap", "vagrant/provision.sh"] {
+        let ran = run(Command::new(tool("shellcheck")).arg(root().join(script)));
+        assert!(ran.ok(), "shellcheck {script}:\n{}", ran.both());
+    }
+    // shellcheck must be able to complain.
+    let dir = TempDir::new("bootstrap");
+    let bad = dir.write("bad.sh", "#!/bin/bash\nrm -rf $1/*\n");
+    assert!(!run(Command::new(tool("shellcheck")).arg(&bad)).ok(), "shellcheck accepted an unquoted rm -rf");
+
+    for (endpoint, host) in [
+        ("192.0.2.10:8443", "192.0.2.10"),
+        ("[fd00::10]:6443", "fd00::10"),
+        ("lb.cluster.internal:6443", "lb.cluster.internal"),
+    ] {
+        let ran = bootstrap(&dir, &["endpoint-host", endpoint], &[]);
+        assert_eq!((ran.code, ran.stdout.trim()), (0, host), "{}", ran.both());
+    }
+    for bad in ["fd00::10:6443", "192.0.2.10"] {
+        assert!(!bootstrap(&dir, &["endpoint-host", bad], &[]).ok(), "{bad} was accepted");
+    }
+
+    std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+    let binary = env!("CARGO_BIN_EXE_cpha");
+    let url = format!("file://{binary}");
+    let sum = run(Command::new(tool("sha256sum")).arg(binary)).stdout.split_whitespace().next().unwrap().to_string();
+    let installed = dir.path().join("bin/cpha");
+
+    // No URL and nothing pre-installed: a clear refusal.
+    dir.write("etc/install.env", "CPHA_URL=\nCPHA_SHA256=\n");
+    let ran = bootstrap(&dir, &["install"], &[]);
+    assert!(!ran.ok() && ran.stderr.contains("CPHA_URL"), "{}", ran.both());
+    // A URL without a checksum, or with a wrong one, installs nothing.
+    dir.write("etc/install.env", &format!("CPHA_URL={url}\nCPHA_SHA256=\n"));
+    let ran = bootstrap(&dir, &["install"], &[]);
+    assert!(!ran.ok() && ran.stderr.contains("CPHA_SHA256"), "{}", ran.both());
+    dir.write("etc/install.env", &format!("CPHA_URL={url}\nCPHA_SHA256={}\n", "0".repeat(64)));
+    let ran = bootstrap(&dir, &["install"], &[]);
+    assert!(!ran.ok() && !installed.exists(), "a binary with the wrong checksum was installed:\n{}", ran.both());
+    assert_eq!(std::fs::read_dir(dir.path().join("bin")).unwrap().count(), 0, "a temporary file was left behind");
+    // The right checksum installs an executable copy.
+    dir.write("etc/install.env", &format!("CPHA_URL={url}\nCPHA_SHA256={sum}\n"));
+    let ran = bootstrap(&dir, &["install"], &[]);
+    assert!(ran.ok(), "{}", ran.both());
+    assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(binary).unwrap());
+    assert_eq!(std::fs::metadata(&installed).unwrap().permissions().mode() & 0o777, 0o755);
+    // Pre-installed and no URL: kept as it is.
+    dir.write("etc/install.env", "CPHA_URL=\nCPHA_SHA256=\n");
+    assert!(bootstrap(&dir, &["install"], &[]).ok());
+
+    // node-env: HAProxy's private address is this host's address towards the endpoint.
+    dir.write("etc/site.env", "CONTROL_PLANE_ENDPOINT=127.0.0.1:8443\n");
+    let ran = bootstrap(&dir, &["node-env"], &[]);
+    assert!(ran.ok(), "{}", ran.both());
+    let env = env_file(&std::fs::read_to_string(dir.path().join("etc/cpha.env")).unwrap());
+    assert_eq!(env["CPHA_HAPROXY_BIND"], "127.0.0.1:9445");
+
+    // kubeadm steps refuse to run without their secrets.
+    dir.write("etc/site.env", "CONTROL_PLANE_ENDPOINT=127.0.0.1:8443\nKUBEADM_TOKEN=\n");
+    let ran = bootstrap(&dir, &["kubeadm-init"], &[]);
+    assert!(!ran.ok() && ran.stderr.contains("KUBEADM_TOKEN is empty"), "{}", ran.both());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes manifests
+
+fn validate_manifests(files: &[PathBuf]) -> Ran {
+    let mut results = Vec::new();
+    for version in KUBERNETES_VERSIONS {
+        let ran = run(Command::new(kubernetes_validate()).args(["--strict", "-k", version]).args(files));
+        if !ran.ok() || ran.stdout.contains("WARN") || ran.stderr.contains("WARN") {
+            return ran;
+        }
+        results.push(ran);
+    }
+    results.pop().unwrap()
+}
+
+#[test]
+fn manifests_pass_the_kubernetes_schemas() {
+    let files: Vec<PathBuf> = [
+        "deploy/daemonset.yaml",
+        "deploy/external-lb-rbac.yaml",
+        "deploy/members-configmap.yaml",
+        "vagrant/members-configmap.yaml",
+    ]
+    .iter()
+    .map(|f| root().join(f))
+    .collect();
+    let ran = validate_manifests(&files);
+    assert!(ran.ok(), "kubernetes-validate --strict:\n{}", ran.both());
+    let passed = ran.stdout.matches(" passed for resource ").count();
+    assert_eq!(passed, 12, "every object is checked against a schema:\n{}", ran.both());
+
+    // A field the DaemonSet schema does not have is refused.
+    let dir = TempDir::new("manifests");
+    let broken = dir.write(
+        "daemonset.yaml",
+        &read("deploy/daemonset.yaml")
+            .replace("      hostNetwork: true\n", "      hostNetwork: true\n      hostNetwrk: true\n"),
+    );
+    let ran = validate_manifests(&[broken]);
+    assert!(!ran.ok(), "kubernetes-validate accepted an unknown field:\n{}", ran.both());
+}
+
+#[test]
+fn daemonset_grants_only_what_cpha_needs() {
+    let all = docs(&read("deploy/daemonset.yaml"));
+    for d in &all {
+        assert_eq!(s(d, "metadata.namespace"), "kube-system", "{d:?}");
+    }
+    let role = one(&all, "Role");
+    let rules = at(role, "rules").as_sequence().unwrap();
+    let configmaps = rules.iter().find(|r| strings(r, "resources") == ["configmaps"]).expect("a configmaps rule");
+    assert_eq!(strings(configmaps, "resourceNames"), ["cpha-members"]);
+    assert_eq!(strings(configmaps, "verbs"), ["get", "list", "watch"]);
+    for rule in rules {
+        let all_values: Vec<String> =
+            ["apiGroups", "resources", "verbs"].iter().flat_map(|k| strings(rule, k)).collect();
+        assert!(!all_values.iter().any(|v| v == "*"), "no wildcard rules: {rule:?}");
+        if strings(rule, "resources") == ["events"] {
+            assert!(strings(rule, "verbs").iter().all(|v| v == "create" || v == "patch"), "{rule:?}");
+        }
+    }
+    assert_eq!(rules.len(), 2, "configmaps and events only");
+    let binding = one(&all, "RoleBinding");
+    assert_eq!(s(binding, "roleRef.name"), "cpha");
+    assert_eq!(s(binding, "subjects.0.name"), s(one(&all, "ServiceAccount"), "metadata.name"));
+
+    let configmaps = kind(&all, "ConfigMap");
+    let config = configmaps.iter().find(|c| s(c, "metadata.name") == "cpha-config").expect("cpha-config");
+    assert!(
+        at(config, "data").get("config.yaml").and_then(Value::as_str)
+            == Some(read("examples/config-daemonset.yaml").as_str()),
+        "cpha-config differs from examples/config-daemonset.yaml: run tests/deploy/sync-embedded"
+    );
+    let members = configmaps.iter().find(|c| s(c, "metadata.name") == "cpha-members").expect("cpha-members");
+    assert_eq!(**members, doc(&read("deploy/members-configmap.yaml")), "run tests/deploy/sync-embedded");
+    let cpha_config = doc(&read("examples/config-daemonset.yaml"));
+    assert_eq!(s(&cpha_config, "members.configMap.name"), s(members, "metadata.name"));
+
+    let ds = one(&all, "DaemonSet");
+    let pod = at(ds, "spec.template.spec");
+    assert_eq!(at(pod, "hostNetwork").as_bool(), Some(true));
+    assert_eq!(s(pod, "serviceAccountName"), "cpha");
+    assert!(at(pod, "nodeSelector").get("node-role.kubernetes.io/control-plane").is_some());
+    let tolerations = at(pod, "tolerations").as_sequence().unwrap();
+    assert!(tolerations.iter().any(|t| s(t, "key") == "node-role.kubernetes.io/control-plane"));
+    let containers = at(pod, "containers").as_sequence().unwrap();
+    let by_name = |n: &str| containers.iter().find(|c| s(c, "name") == n).unwrap_or_else(|| panic!("no container {n}"));
+    let (haproxy, cpha) = (by_name("haproxy"), by_name("cpha"));
+    assert_eq!(strings(haproxy, "securityContext.capabilities.drop"), ["ALL"]);
+    assert!(at(haproxy, "securityContext.capabilities").get("add").is_none(), "HAProxy needs no capability");
+    assert_eq!(strings(cpha, "securityContext.capabilities.drop"), ["ALL"]);
+    assert_eq!(strings(cpha, "securityContext.capabilities.add"), ["NET_ADMIN"]);
+    for c in [haproxy, cpha] {
+        assert_eq!(at(c, "securityContext.allowPrivilegeEscalation").as_bool(), Some(false));
+        assert_eq!(at(c, "securityContext.readOnlyRootFilesystem").as_bool(), Some(true));
+        let mounts: BTreeSet<&str> =
+            at(c, "volumeMounts").as_sequence().unwrap().iter().map(|m| s(m, "mountPath")).collect();
+        assert!(mounts.contains("/etc/haproxy") && mounts.contains("/run/haproxy"), "{mounts:?}");
+        assert!(
+            at(c, "resources.requests").get("memory").is_some() && at(c, "resources.limits").get("memory").is_some()
+        );
+    }
+    assert_eq!(s(cpha, "livenessProbe.httpGet.path"), "/healthz");
+    assert_eq!(s(cpha, "readinessProbe.httpGet.path"), "/readyz");
+    assert_eq!(at(cpha, "readinessProbe.httpGet.port").as_u64(), Some(9966));
+    // HAProxy's master socket is where cpha's configuration looks for it.
+    let command = strings(haproxy, "command").join(" ");
+    assert!(command.contains(&format!("-S {},mode,600", s(&cpha_config, "haproxy.masterSocket"))), "{command}");
+    assert!(command.contains(&format!("-f {}", s(&cpha_config, "haproxy.configPath"))), "{command}");
+    let env: Vec<String> = at(cpha, "env").as_sequence().unwrap().iter().map(|e| s(e, "name").to_string()).collect();
+    assert!(env.iter().any(|e| e == "CPHA_HAPROXY_BIND"), "the retarget topology needs the node's address");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster API + metal3
+
+/// Test values for the template's variables (none of them reaches a real system).
+fn metal3_values() -> BTreeMap<&'static str, &'static str> {
+    BTreeMap::from([
+        ("CLUSTER_NAME", "cpha-test"),
+        ("NAMESPACE", "metal3"),
+        ("KUBERNETES_VERSION", "v1.30.4"),
+        ("CONTROL_PLANE_MACHINE_COUNT", "3"),
+        ("CLUSTER_APIENDPOINT_HOST", "192.0.2.10"),
+        ("CLUSTER_APIENDPOINT_PORT", "8443"),
+        ("CONTROL_PLANE_IP_1", "192.0.2.11"),
+        ("CONTROL_PLANE_IP_2", "192.0.2.12"),
+        ("CONTROL_PLANE_IP_3", "192.0.2.13"),
+        ("CONTROL_PLANE_PREFIX", "24"),
+        ("CONTROL_PLANE_GATEWAY", "192.0.2.1"),
+        ("CONTROL_PLANE_NIC", "enp1s0"),
+        ("IMAGE_URL", "https://images.invalid/node.raw"),
+        ("IMAGE_CHECKSUM", "https://images.invalid/node.raw.sha256sum"),
+        ("IMAGE_CHECKSUM_TYPE", "sha256"),
+        ("IMAGE_FORMAT", "raw"),
+    ])
+}
+
+/// clusterctl's substitution: `${NAME}`, `${NAME:=default}`, `${NAME:-default}`. Any other
+/// dollar sign would be substituted by clusterctl too, so it is an error here.
+fn substitute(text: &str, values: &BTreeMap<&str, &str>) -> Result<(String, BTreeSet<String>), String> {
+    let mut out = String::new();
+    let mut used = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let Some(body) = after.strip_prefix('{').and_then(|b| b.find('}').map(|end| &b[..end])) else {
+            let line = text[..text.len() - rest.len() + i].lines().count();
+            return Err(format!(
+                "line {line}: a dollar sign clusterctl would substitute: {:?}",
+                &after[..after.len().min(20)]
+            ));
+        };
+        let (name, default) = match body.find(":=").or_else(|| body.find(":-")) {
+            Some(p) => (&body[..p], Some(&body[p + 2..])),
+            None => (body, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
+            return Err(format!("${{{body}}} is not a clusterctl variable"));
+        }
+        used.insert(name.to_string());
+        match (values.get(name), default) {
+            (Some(v), _) => out.push_str(v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => return Err(format!("variable {name} has no value and no default")),
+        }
+        rest = &after[body.len() + 2..];
+    }
+    out.push_str(rest);
+    Ok((out, used))
+}
+
+#[test]
+fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
+    let template = read("metal3/cluster-template.yaml");
+    let (text, used) =
+        substitute(&template, &metal3_values()).unwrap_or_else(|e| panic!("metal3/cluster-template.yaml: {e}"));
+    let header: String = template.lines().take_while(|l| l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    for name in &used {
+        assert!(header.contains(name.as_str()), "variable {name} is not documented in the template's header");
+    }
+    // The substitution check itself fails on a stray dollar sign.
+    assert!(substitute("a: $HOME\n", &metal3_values()).is_err());
+
+    let all = docs(&text);
+    let cluster = one(&all, "Cluster");
+    let m3c = one(&all, "Metal3Cluster");
+    let kcp = one(&all, "KubeadmControlPlane");
+    let m3mt = one(&all, "Metal3MachineTemplate");
+    let m3dt = one(&all, "Metal3DataTemplate");
+    let pool = one(&all, "IPPool");
+    let api = |d: &Value| s(d, "apiVersion").to_string();
+    assert_eq!(api(cluster), "cluster.x-k8s.io/v1beta1");
+    assert_eq!(api(kcp), "controlplane.cluster.x-k8s.io/v1beta1");
+    for d in [m3c, m3mt, m3dt] {
+        assert_eq!(api(d), "infrastructure.cluster.x-k8s.io/v1beta1");
+    }
+    assert_eq!(api(pool), "ipam.metal3.io/v1alpha1");
+    // References resolve to the objects in the file.
+    let refers = |r: &Value, target: &Value| {
+        assert_eq!(s(r, "kind"), s(target, "kind"));
+        assert_eq!(s(r, "apiVersion"), s(target, "apiVersion"));
+        assert_eq!(s(r, "name"), s(target, "metadata.name"));
+    };
+    refers(at(cluster, "spec.controlPlaneRef"), kcp);
+    refers(at(cluster, "spec.infrastructureRef"), m3c);
+    refers(at(kcp, "spec.machineTemplate.infrastructureRef"), m3mt);
+    assert_eq!(s(m3mt, "spec.template.spec.dataTemplate.name"), s(m3dt, "metadata.name"));
+    assert_eq!(s(m3dt, "spec.networkData.networks.ipv4.0.ipAddressFromIPPool"), s(pool, "metadata.name"));
+
+    let spec = at(kcp, "spec.kubeadmConfigSpec");
+    let known: BTreeSet<&str> = [
+        "clusterConfiguration",
+        "initConfiguration",
+        "joinConfiguration",
+        "files",
+        "diskSetup",
+        "mounts",
+        "preKubeadmCommands",
+        "postKubeadmCommands",
+        "users",
+        "ntp",
+        "format",
+        "verbosity",
+        "useExperimentalRetryJoin",
+        "ignition",
+    ]
+    .into();
+    for key in spec.as_mapping().unwrap().keys() {
+        assert!(known.contains(key.as_str().unwrap()), "kubeadmConfigSpec has no field {key:?}");
+    }
+    let file_keys: BTreeSet<&str> =
+        ["path", "owner", "permissions", "encoding", "append", "content", "contentFrom"].into();
+    for item in at(spec, "files").as_sequence().unwrap() {
+        for key in item.as_mapping().unwrap().keys() {
+            assert!(file_keys.contains(key.as_str().unwrap()), "a kubeadmConfigSpec file has no field {key:?}");
+        }
+    }
+    let files = files_by_path(at(spec, "files"));
+    check_embedded_copies("metal3/cluster-template.yaml", &files);
+
+    // The endpoint: Cluster API's controlPlaneEndpoint, cpha's endpoint.listen and the one
+    // cpha-bootstrap node-env reads are the same.
+    let endpoint = format!(
+        "{}:{}",
+        s(m3c, "spec.controlPlaneEndpoint.host"),
+        at(m3c, "spec.controlPlaneEndpoint.port").as_u64().unwrap()
+    );
+    let config_text = file_content(files["/etc/cpha/config.yaml"]);
+    let config = doc(&config_text);
+    assert_eq!(s(&config, "endpoint.listen"), endpoint);
+    assert_eq!(env_file(&file_content(files["/etc/cpha/site.env"]))["CONTROL_PLANE_ENDPOINT"], endpoint);
+    // The seed members are the addresses the pool hands out.
+    let pool_addresses: Vec<String> =
+        at(pool, "spec.pools").as_sequence().unwrap().iter().map(|p| s(p, "start").to_string()).collect();
+    let seeds: Vec<String> =
+        strings(&config, "members.static").iter().map(|m| m.trim_end_matches(":6443").to_string()).collect();
+    assert_eq!(seeds, pool_addresses);
+
+    let pre = strings(spec, "preKubeadmCommands");
+    assert_eq!(pre[0], "set -e", "stop at the first failure: kubeadm must never run without the endpoint");
+    let start = position(&pre, "systemctl enable --now cpha");
+    assert!(position(&pre, "cpha-bootstrap install") < start && position(&pre, "cpha-bootstrap node-env") < start);
+    assert_eq!(pre.last().map(String::as_str), Some("systemctl restart haproxy"));
+
+    // The cloud-config the kubeadm bootstrap provider renders from the spec: files become
+    // write_files, the commands runcmd around its kubeadm call.
+    let mut write_files: Vec<Value> = at(spec, "files").as_sequence().unwrap().clone();
+    write_files.push(serde_yaml::from_str("{path: /run/kubeadm/kubeadm.yaml, owner: 'root:root', permissions: '0640', content: 'kind: InitConfiguration'}").unwrap());
+    let mut runcmd: Vec<Value> = pre.iter().map(|c| Value::from(c.as_str())).collect();
+    runcmd.push(Value::from("kubeadm init --config /run/kubeadm/kubeadm.yaml"));
+    if let Some(post) = spec.get("postKubeadmCommands") {
+        runcmd.extend(post.as_sequence().unwrap().iter().cloned());
+    }
+    let mut cloud = serde_yaml::Mapping::new();
+    cloud.insert("write_files".into(), Value::Sequence(write_files));
+    cloud.insert("runcmd".into(), Value::Sequence(runcmd));
+    let dir = TempDir::new("metal3");
+    let user_data = dir.write("user-data.yaml", &format!("#cloud-config\n{}", serde_yaml::to_string(&cloud).unwrap()));
+    assert_cloud_config_valid(&user_data);
+    let broken = dir.write(
+        "broken.yaml",
+        &std::fs::read_to_string(&user_data)
+            .unwrap()
+            .replace("- path: /etc/cpha/install.env", "- pth: /etc/cpha/install.env"),
+    );
+    assert!(!cloud_init_schema(&broken).ok(), "cloud-init schema accepted a file without a path");
+
+    // And the configuration cpha gets on those machines is one it accepts.
+    let config_file = dir.write("config.yaml", &config_text);
+    assert_config_valid(&config_file);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vagrant
+
+fn vagrant_validate(dotfile: &Path, binary: &str) -> Ran {
+    run(Command::new(tool("vagrant"))
+        .arg("validate")
+        .current_dir(root().join("vagrant"))
+        // The libvirt provider (Debian's vagrant-libvirt) checks its own settings too.
+        .env("VAGRANT_DEFAULT_PROVIDER", "libvirt")
+        .env("VAGRANT_DOTFILE_PATH", dotfile)
+        .env("VAGRANT_HOME", dotfile.join("home"))
+        .env("VAGRANT_CHECKPOINT_DISABLE", "1")
+        .env("VAGRANT_BOX_UPDATE_CHECK_DISABLE", "1")
+        .env("CPHA_BINARY", binary))
+}
+
+#[test]
+fn vagrant_environment_validates() {
+    let dir = TempDir::new("vagrant");
+    let dot = dir.path().join("dot");
+    let ran = vagrant_validate(&dot, env!("CARGO_BIN_EXE_cpha"));
+    assert!(ran.ok() && ran.stdout.contains("validated successfully"), "vagrant validate:\n{}", ran.both());
+
+    // The join material the Vagrantfile made: the CA hash the joining VMs pin is the one
+    // kubeadm computes (SHA-256 of the CA's SubjectPublicKeyInfo).
+    let join = env_file(&std::fs::read_to_string(dot.join("cpha/join.env")).unwrap());
+    let token = &join["KUBEADM_TOKEN"];
+    let (id, secret) = token.split_once('.').expect("token id.secret");
+    assert!(
+        id.len() == 6
+            && secret.len() == 16
+            && token.chars().all(|c| c == '.' || c.is_ascii_lowercase() || c.is_ascii_digit()),
+        "{token}"
+    );
+    assert_eq!(join["KUBEADM_CERTIFICATE_KEY"].len(), 64);
+    let der =
+        run(Command::new(tool("openssl")).args(["x509", "-noout", "-pubkey", "-in"]).arg(dot.join("cpha/ca.crt")));
+    assert!(der.ok(), "{}", der.both());
+    let pubkey = dir.write("ca.pub", &der.stdout);
+    let spki = run(Command::new(tool("openssl"))
+        .args(["pkey", "-pubin", "-outform", "der", "-out"])
+        .arg(dir.path().join("ca.der"))
+        .arg("-in")
+        .arg(&pubkey));
+    assert!(spki.ok(), "{}", spki.both());
+    let sum = run(Command::new(tool("sha256sum")).arg(dir.path().join("ca.der")));
+    assert_eq!(join["KUBEADM_CA_CERT_HASH"], format!("sha256:{}", sum.stdout.split_whitespace().next().unwrap()));
+
+    // The lab's configuration is the host example with the VMs' addresses, and cpha accepts it.
+    let vagrantfile = read("vagrant/Vagrantfile");
+    let config = doc(&read("vagrant/config.yaml"));
+    let endpoint = s(&config, "endpoint.listen");
+    assert!(
+        vagrantfile.contains(&format!("ENDPOINT = \"{endpoint}\"")),
+        "the Vagrantfile's ENDPOINT is not {endpoint}"
+    );
+    let members = doc(&read("vagrant/members-configmap.yaml"));
+    let listed: Vec<String> = s(&members, "data.members").lines().map(str::to_string).collect();
+    assert_eq!(listed, strings(&config, "members.static"));
+    for member in &listed {
+        let (name, addr) = member.split_once('=').unwrap();
+        let ip = addr.trim_end_matches(":6443");
+        assert!(vagrantfile.contains(&format!("\"{name}\" => \"{ip}\"")), "{name} {ip} is not a VM of the Vagrantfile");
+    }
+    assert_config_valid(&root().join("vagrant/config.yaml"));
+    let provision = read("vagrant/provision.sh");
+    let line = |needle: &str| {
+        provision.lines().position(|l| l.trim() == needle).unwrap_or_else(|| panic!("provision.sh has no {needle:?}"))
+    };
+    assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-init"));
+    assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-join"));
+
+    // vagrant validate itself fails when the binary to upload is missing.
+    let ran = vagrant_validate(&dir.path().join("dot2"), "/nonexistent/cpha");
+    assert!(
+        !ran.ok() && ran.both().contains("/nonexistent/cpha"),
+        "vagrant validate accepted a missing binary:\n{}",
+        ran.both()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configurations
+
+#[test]
+fn example_configs_pass_check_config() {
+    for file in ["examples/config-host.yaml", "examples/config-daemonset.yaml", "examples/config-external-lb.yaml"] {
+        assert_config_valid(&root().join(file));
+    }
+    let host = doc(&read("examples/config-host.yaml"));
+    assert_eq!(s(&host, "endpoint.topology"), "retarget");
+    assert_eq!(
+        strings(&host, "kubernetes.kubeconfig"),
+        ["/etc/kubernetes/admin.conf", "/etc/kubernetes/super-admin.conf"]
+    );
+    assert_eq!(s(&host, "members.source"), "configMap");
+    let members = doc(&read("deploy/members-configmap.yaml"));
+    assert_eq!(s(&members, "metadata.name"), s(&host, "members.configMap.name"));
+    assert_eq!(s(&members, "metadata.namespace"), s(&host, "members.configMap.namespace"));
+    let listed: Vec<String> = s(&members, "data.members").lines().map(str::to_string).collect();
+    assert_eq!(listed, strings(&host, "members.static"), "the ConfigMap and the seed list the same members");
+    let daemonset = doc(&read("examples/config-daemonset.yaml"));
+    assert_eq!(at(&daemonset, "kubernetes.inCluster").as_bool(), Some(true));
+    let lb = doc(&read("examples/config-external-lb.yaml"));
+    for key in ["kubernetes.server", "kubernetes.caFile", "kubernetes.tokenFile"] {
+        at(&lb, key);
+    }
+
+    // check-config refuses a broken configuration (and so is really checking).
+    let dir = TempDir::new("config");
+    let broken = dir.write(
+        "config.yaml",
+        &read("examples/config-host.yaml").replace("  topology: retarget", "  topolgy: retarget"),
+    );
+    let ran = check_config(&broken);
+    assert_eq!(ran.code, 78, "cpha check-config must refuse an unknown key with exit 78:\n{}", ran.both());
+}
+
+#[test]
+fn deployment_doc_names_every_file() {
+    let shapes = read("docs/configuration.md");
+    let shapes = &shapes[shapes.find("## Shapes").expect("docs/configuration.md has a Shapes section")..];
+    for example in ["examples/config-host.yaml", "examples/config-daemonset.yaml", "examples/config-external-lb.yaml"] {
+        assert!(shapes.contains(example), "the Shapes section of docs/configuration.md does not name {example}");
+    }
+    let doc = read("docs/deployment.md");
+    for file in [
+        "systemd/cpha.service",
+        "systemd/haproxy.service.d/cpha.conf",
+        "examples/config-host.yaml",
+        "examples/config-daemonset.yaml",
+        "examples/config-external-lb.yaml",
+        "cloud-init/init.yaml",
+        "cloud-init/join.yaml",
+        "cloud-init/lb.yaml",
+        "cloud-init/cpha-bootstrap",
+        "deploy/daemonset.yaml",
+        "deploy/members-configmap.yaml",
+        "deploy/external-lb-rbac.yaml",
+        "deploy/Dockerfile",
+        "metal3/cluster-template.yaml",
+        "vagrant/Vagrantfile",
+        "vagrant/provision.sh",
+        "systemctl disable --now cpha && cpha cleanup",
+    ] {
+        assert!(doc.contains(file), "docs/deployment.md does not mention {file}");
+        if !file.contains(' ') {
+            assert!(root().join(file).exists(), "{file} is named but missing");
+        }
+    }
+}
