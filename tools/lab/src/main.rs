@@ -1,0 +1,274 @@
+//! `cpha-lab`: the servers, clients and benchmark of cpha's test kit.
+//!
+//! Clients print one JSON line on stdout and exit 0 only when nothing failed; servers print
+//! `listening ADDR` once bound and nothing else on stdout. Exit codes: 0 success, 1 a measured
+//! failure or a runtime error (on stderr), 2 bad usage.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use cpha_lab::client::{self, Direction, LoadOpts, StreamOpts};
+use cpha_lab::dur::Dur;
+use cpha_lab::{bench, server, stop};
+
+#[derive(Parser)]
+#[command(name = "cpha-lab", version, about = "cpha's test and benchmark kit")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP server: greets each connection with `ID\n`, then echoes until EOF.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        id: String,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Exit after this long even if nobody stopped the server.
+        #[arg(long, default_value = "1h")]
+        max_duration: Dur,
+    },
+    /// Throughput server that reads and discards.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value = "1h")]
+        max_duration: Dur,
+    },
+    /// Throughput server that writes as fast as it can.
+    Source {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value = "1h")]
+        max_duration: Dur,
+    },
+    /// Sequential connections that each read the greeting; exit 0 only if all succeeded.
+    Probe {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        count: u64,
+        /// Per connection: connect, then the greeting.
+        #[arg(long, default_value = "2s")]
+        timeout: Dur,
+        /// Only connect (for servers that send no greeting).
+        #[arg(long)]
+        connect_only: bool,
+    },
+    /// One long-lived echoed connection, verified byte for byte until SIGTERM/SIGINT.
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "50ms")]
+        interval: Dur,
+        #[arg(long, default_value = "600s")]
+        max_duration: Dur,
+        /// Written after the first verified round trip.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Longest wait for the connection, the greeting or one echo.
+        #[arg(long, default_value = "2s")]
+        timeout: Dur,
+        #[arg(long, default_value_t = 256)]
+        chunk_size: usize,
+    },
+    /// A steady stream of new connections (connect, greeting, close).
+    ConnectLoop {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        concurrency: u64,
+        #[arg(long)]
+        duration: Dur,
+        #[arg(long, default_value_t = 2_000_000)]
+        max_conns: u64,
+        /// A greeting other than this counts as a failed connection.
+        #[arg(long)]
+        expect_id: Option<String>,
+        /// Cap on new connections per second, over all workers.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value = "2s")]
+        timeout: Dur,
+    },
+    /// One stream for a while; reports Gbit/s.
+    Throughput {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        duration: Dur,
+        /// write: client to a sink; read: from a source.
+        #[arg(long, default_value = "write")]
+        mode: Direction,
+        #[arg(long, default_value_t = server::BULK_BUF)]
+        buffer: usize,
+        #[arg(long, default_value = "5s")]
+        timeout: Dur,
+    },
+    /// New connections per second with one echoed request each (against serve).
+    Connrate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        concurrency: u64,
+        #[arg(long)]
+        duration: Dur,
+        #[arg(long, default_value_t = 2_000_000)]
+        max_conns: u64,
+        #[arg(long, default_value = "2s")]
+        timeout: Dur,
+    },
+    /// The benchmark behind tools/bench (run as root; creates network namespaces).
+    Bench {
+        /// The cpha binary; without it cpha's rows are not measured.
+        #[arg(long)]
+        cpha: Option<PathBuf>,
+        /// Why there is no cpha binary, for the write-up.
+        #[arg(long)]
+        cpha_missing: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "3s")]
+        duration: Dur,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Only these paths (comma-separated keys: direct, nftables, iptables, userspace,
+        /// socat, haproxy, haproxy-splice).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Where to write the Markdown write-up.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("cpha-lab: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Prints the one JSON line of a client.
+fn emit(report: &impl Serialize) -> Result<()> {
+    let line = serde_json::to_string(report)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs a subcommand; `Ok(false)` is a measured failure.
+fn run(cmd: Cmd) -> Result<bool> {
+    match cmd {
+        Cmd::Serve { listen, id, threads, max_duration } => {
+            server::check_id(&id)?;
+            let listener = server::bind(listen)?;
+            server::announce(&listener)?;
+            server::exit_after(max_duration.get());
+            server::serve(listener, &id, threads)?;
+            Ok(true)
+        }
+        Cmd::Sink { listen, max_duration } => {
+            let listener = server::bind(listen)?;
+            server::announce(&listener)?;
+            server::exit_after(max_duration.get());
+            server::sink(listener)?;
+            Ok(true)
+        }
+        Cmd::Source { listen, max_duration } => {
+            let listener = server::bind(listen)?;
+            server::announce(&listener)?;
+            server::exit_after(max_duration.get());
+            server::source(listener)?;
+            Ok(true)
+        }
+        Cmd::Probe { to, count, timeout, connect_only } => {
+            stop::install()?;
+            let report = client::probe(to, count, timeout.get(), connect_only);
+            emit(&report)?;
+            Ok(report.failed == 0 && report.ok == count)
+        }
+        Cmd::Stream { to, interval, max_duration, ready_file, timeout, chunk_size } => {
+            stop::install()?;
+            let report = client::stream(&StreamOpts {
+                to,
+                interval: interval.get(),
+                max_duration: max_duration.get(),
+                timeout: timeout.get(),
+                chunk_size,
+                ready_file,
+            });
+            emit(&report)?;
+            Ok(report.ok)
+        }
+        Cmd::ConnectLoop { to, concurrency, duration, max_conns, expect_id, rate, timeout } => {
+            stop::install()?;
+            let report = client::load(&LoadOpts {
+                to,
+                concurrency: usize::try_from(concurrency).context("concurrency")?,
+                duration: duration.get(),
+                max_conns,
+                timeout: timeout.get(),
+                request: false,
+                expect_id,
+                rate,
+            });
+            emit(&report)?;
+            Ok(report.failed == 0 && report.ok > 0)
+        }
+        Cmd::Throughput { to, duration, mode, buffer, timeout } => {
+            stop::install()?;
+            let report = client::throughput(to, duration.get(), mode, buffer, timeout.get())?;
+            emit(&report)?;
+            Ok(true)
+        }
+        Cmd::Connrate { to, concurrency, duration, max_conns, timeout } => {
+            stop::install()?;
+            let report = client::load(&LoadOpts {
+                to,
+                concurrency: usize::try_from(concurrency).context("concurrency")?,
+                duration: duration.get(),
+                max_conns,
+                timeout: timeout.get(),
+                request: true,
+                expect_id: None,
+                rate: None,
+            });
+            emit(&report)?;
+            Ok(report.failed == 0 && report.ok > 0)
+        }
+        Cmd::Bench { cpha, cpha_missing, runs, duration, concurrency, only, out } => {
+            stop::install()?;
+            let lab = std::env::current_exe().context("locating the cpha-lab binary")?;
+            let doc = bench::run(&bench::BenchOpts {
+                cpha,
+                cpha_missing,
+                lab,
+                runs,
+                duration: duration.get(),
+                concurrency,
+                only: only.into_iter().filter(|k| !k.is_empty()).collect(),
+                out,
+            })?;
+            print!("{doc}");
+            Ok(true)
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The one-line JSON results of the `cpha-lab` clients, as typed values that tests can parse back.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How many error messages a report keeps verbatim; the rest are only counted.
+pub const MAX_ERRORS: usize = 10;
+
+/// `cpha-lab probe`: sequential connections that each read the greeting.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub ok: u64,
+    pub failed: u64,
+    /// Greeting (server id) to number of connections that saw it.
+    pub ids: BTreeMap<String, u64>,
+    /// The first few errors, in order.
+    pub errors: Vec<String>,
+}
+
+/// `cpha-lab stream`: one long-lived echoed connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamReport {
+    /// True when every round trip came back intact and the connection closed cleanly.
+    pub ok: bool,
+    /// Bytes sent and verified in the echo.
+    pub bytes: u64,
+    pub roundtrips: u64,
+    pub error: Option<String>,
+    /// The greeting of the server the stream reached.
+    pub id: Option<String>,
+    pub duration_s: f64,
+}
+
+/// `cpha-lab connect-loop` and `cpha-lab connrate`: many short connections.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub concurrency: usize,
+    pub duration_s: f64,
+    /// Successful connections per second over the whole run.
+    pub conns_per_sec: f64,
+    /// Latency of a successful connection: connect, greeting (and request/response), in ms.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub ids: BTreeMap<String, u64>,
+    /// Error kind to count, over all failures.
+    pub error_kinds: BTreeMap<String, u64>,
+    /// The first few errors, each with the time since the start of the run.
+    pub errors: Vec<String>,
+}
+
+/// `cpha-lab throughput`: one stream in one direction.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThroughputReport {
+    /// `write` (client to server) or `read` (server to client).
+    pub mode: String,
+    pub bytes: u64,
+    pub duration_s: f64,
+    pub gbit_per_sec: f64,
+}
+
+/// Keeps the first [`MAX_ERRORS`] messages (by time since the start of a run) and counts every
+/// error by kind.
+#[derive(Clone, Debug, Default)]
+pub struct Errors {
+    first: Vec<(f64, String)>,
+    pub kinds: BTreeMap<String, u64>,
+}
+
+impl Errors {
+    /// Records an error that happened `at_s` seconds into the run.
+    pub fn record(&mut self, kind: &str, at_s: f64, message: impl Display) {
+        *self.kinds.entry(kind.to_string()).or_default() += 1;
+        if self.first.len() < MAX_ERRORS {
+            self.first.push((at_s, message.to_string()));
+        }
+    }
+
+    pub fn merge(&mut self, other: Errors) {
+        for (kind, n) in other.kinds {
+            *self.kinds.entry(kind).or_default() += n;
+        }
+        self.first.extend(other.first);
+        self.first.sort_by(|a, b| a.0.total_cmp(&b.0));
+        self.first.truncate(MAX_ERRORS);
+    }
+
+    /// The kept messages, earliest first.
+    pub fn first(&self) -> Vec<String> {
+        self.first.iter().map(|(_, m)| m.clone()).collect()
+    }
+}
+
+/// Nearest-rank percentile of sorted latencies in microseconds, in milliseconds; 0 when empty.
+pub fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, sorted_us.len()) - 1;
+    f64::from(sorted_us[index]) / 1000.0
+}
+
+/// Bits per second in Gbit/s for `bytes` moved in `elapsed`.
+pub fn gbit_per_sec(bytes: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    bytes as f64 * 8.0 / secs / 1e9
+}
+
+/// Median of a list of measurements (the mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u32> = (1..=100).map(|ms| ms * 1000).collect();
+        assert_eq!(percentile_ms(&v, 50.0), 50.0);
+        assert_eq!(percentile_ms(&v, 99.0), 99.0);
+        assert_eq!(percentile_ms(&v, 100.0), 100.0);
+        assert_eq!(percentile_ms(&[1500], 99.0), 1.5);
+        assert_eq!(percentile_ms(&[], 99.0), 0.0);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[f64::NAN, 5.0]), Some(5.0));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn gbit_per_sec_counts_bits() {
+        assert_eq!(gbit_per_sec(1_250_000_000, Duration::from_secs(1)), 10.0);
+        assert_eq!(gbit_per_sec(1, Duration::ZERO), 0.0);
+    }
+
+    #[test]
+    fn errors_keep_the_first_and_count_all() {
+        let mut a = Errors::default();
+        for i in 0..15 {
+            a.record("refused", 1.0 + f64::from(i), format!("conn {i}"));
+        }
+        let mut b = Errors::default();
+        b.record("timeout", 0.5, "early");
+        a.merge(b);
+        let first = a.first();
+        assert_eq!(first.len(), MAX_ERRORS);
+        assert_eq!(first[0], "early");
+        assert_eq!(first[1], "conn 0");
+        assert_eq!(a.kinds["refused"], 15);
+        assert_eq!(a.kinds["timeout"], 1);
+    }
+
+    #[test]
+    fn reports_round_trip_through_json() {
+        let r = ProbeReport {
+            ok: 3,
+            failed: 1,
+            ids: [("a".to_string(), 3)].into_iter().collect(),
+            errors: vec!["boom".into()],
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"ok":3,"failed":1,"ids":{"a":3},"errors":["boom"]}"#);
+        assert_eq!(serde_json::from_str::<ProbeReport>(&line).unwrap(), r);
+    }
+}
