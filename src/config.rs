@@ -98,7 +98,13 @@ pub struct HandoverSection {
 
 impl Default for HandoverSection {
     fn default() -> Self {
-        Self { rise: 2, fall: 10, interval: Duration::from_secs(1), fallback: true, probe_timeout: Duration::from_secs(1) }
+        Self {
+            rise: 2,
+            fall: 10,
+            interval: Duration::from_secs(1),
+            fallback: true,
+            probe_timeout: Duration::from_secs(1),
+        }
     }
 }
 
@@ -119,7 +125,8 @@ impl Default for AgentSection {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 15m: {e}")))
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 15m: {e}")))
 }
 
 impl Config {
@@ -168,7 +175,9 @@ impl Config {
                 return bad(format!("endpoint.haproxyBind {hb} equals endpoint.listen: in the retarget topology HAProxy needs its own port (or use topology: release)"));
             }
             if hb.ip().is_unspecified() {
-                return bad(format!("endpoint.haproxyBind {hb} must be a concrete address the forward can send connections to"));
+                return bad(format!(
+                    "endpoint.haproxyBind {hb} must be a concrete address the forward can send connections to"
+                ));
             }
         }
         Ok(())

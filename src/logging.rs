@@ -7,7 +7,9 @@ pub fn init(level: Option<&str>) {
     let filter = level
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_env("CPHA_LOG").ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        // NOTE: kube-rs logs every failed request at error level even when cpha retries at once
+        // and reports the failure itself; keep that out of the default log.
+        .unwrap_or_else(|| EnvFilter::new("info,kube_client::client::builder=off"));
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     // try_init: tests may initialise logging more than once in one process.

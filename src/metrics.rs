@@ -109,11 +109,19 @@ impl Metrics {
         r.register("transitions", "Handover state transitions", self.transitions.clone());
         r.register("members", "Control-plane members in the last accepted set", self.members.clone());
         r.register("member_updates_accepted", "Member set updates accepted", self.member_updates_accepted.clone());
-        r.register("member_updates_rejected", "Member set updates rejected as invalid", self.member_updates_rejected.clone());
+        r.register(
+            "member_updates_rejected",
+            "Member set updates rejected as invalid",
+            self.member_updates_rejected.clone(),
+        );
         r.register("applies", "Changes applied to HAProxy, by method and result", self.applies.clone());
         r.register("reloads", "HAProxy reloads, by result", self.reloads.clone());
         r.register("backend_servers_up", "Servers UP in HAProxy's apiserver backend", self.backend_servers_up.clone());
-        r.register("forward_installed", "Whether the bootstrap forward carries new connections", self.forward_installed.clone());
+        r.register(
+            "forward_installed",
+            "Whether the bootstrap forward carries new connections",
+            self.forward_installed.clone(),
+        );
         r
     }
 }

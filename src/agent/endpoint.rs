@@ -75,7 +75,8 @@ impl Endpoint {
     /// Chooses the forward's backend for this host (logged) without installing anything.
     pub fn new(cfg: &EndpointConfig, seed: &[SocketAddr]) -> anyhow::Result<Self> {
         let probe_targets = if seed.is_empty() { vec![cfg.haproxy] } else { seed.to_vec() };
-        let spec = ForwardSpec::new(cfg.listen, probe_targets).map_err(|e| crate::exit::Coded::config(e.to_string()))?;
+        let spec =
+            ForwardSpec::new(cfg.listen, probe_targets).map_err(|e| crate::exit::Coded::config(e.to_string()))?;
         let kind = match forward::choose(cfg.mode, &spec)? {
             forward::Chosen::Kernel(backend) => Kind::Kernel(backend),
             forward::Chosen::Userspace => {
@@ -149,7 +150,13 @@ impl Endpoint {
             }
             Kind::Userspace { proxy: Some(p), .. } => p.targets.set(targets.clone()),
             Kind::Userspace { proxy, connect_timeout, .. } => {
-                *proxy = Some(start_proxy(self.listen, targets.clone(), self.topology == Topology::Release, *connect_timeout, self.drain_bound)?);
+                *proxy = Some(start_proxy(
+                    self.listen,
+                    targets.clone(),
+                    self.topology == Topology::Release,
+                    *connect_timeout,
+                    self.drain_bound,
+                )?);
             }
         }
         self.carrier = Some(Carrier::Forward(targets));
@@ -235,7 +242,8 @@ fn start_proxy(
     connect_timeout: Duration,
     drain_timeout: Duration,
 ) -> anyhow::Result<Running> {
-    let proxy = userspace::Proxy::bind(userspace::Config { listen, targets, reuse_port, connect_timeout, drain_timeout })?;
+    let proxy =
+        userspace::Proxy::bind(userspace::Config { listen, targets, reuse_port, connect_timeout, drain_timeout })?;
     let targets = proxy.targets();
     let stop = CancellationToken::new();
     let task = tokio::spawn(proxy.run(stop.clone()));

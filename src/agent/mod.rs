@@ -97,7 +97,8 @@ impl Agent {
         });
         let seed: Vec<SocketAddr> = config.forward.targets.iter().map(|e| e.0).collect();
         let endpoint = Endpoint::new(&endpoint_config(&config), &seed)?;
-        let haproxy = Haproxy::new(config.haproxy.clone(), metrics.clone()).map_err(|e| crate::exit::Coded::config(format!("haproxy: {e}")))?;
+        let haproxy = Haproxy::new(config.haproxy.clone(), metrics.clone())
+            .map_err(|e| crate::exit::Coded::config(format!("haproxy: {e}")))?;
         let machine = Machine::new(Phase::Forwarding, thresholds(&config));
         let (updates_tx, updates) = mpsc::channel(32);
         let (known_tx, _) = tokio::sync::watch::channel(MemberSet::new());
@@ -257,7 +258,8 @@ impl Agent {
         match self.machine.observe(healthy) {
             Action::Stay => {}
             Action::HandOver => {
-                let from = if self.status.phase == Phase::Fallback.as_str() { Phase::Fallback } else { Phase::Forwarding };
+                let from =
+                    if self.status.phase == Phase::Fallback.as_str() { Phase::Fallback } else { Phase::Forwarding };
                 self.record_transition(from, Phase::HandingOver);
                 notify::status("handing the endpoint over to HAProxy");
                 match self.endpoint.hand_to_haproxy().await {
@@ -354,11 +356,15 @@ impl Agent {
                     != format!("{:?}{:?}", self.config.members, self.config.kubernetes);
                 self.machine.set_thresholds(thresholds(&config));
                 if let Err(err) = self.haproxy.set_settings(config.haproxy.clone()) {
-                    tracing::error!("SIGHUP: the new haproxy settings are invalid, keeping the running configuration: {err}");
+                    tracing::error!(
+                        "SIGHUP: the new haproxy settings are invalid, keeping the running configuration: {err}"
+                    );
                     self.status.last_error = Some(format!("config reload: haproxy: {err}"));
                     return;
                 }
-                if config.endpoint.listen != self.config.endpoint.listen || config.endpoint.topology != self.config.endpoint.topology {
+                if config.endpoint.listen != self.config.endpoint.listen
+                    || config.endpoint.topology != self.config.endpoint.topology
+                {
                     tracing::warn!("endpoint.listen and endpoint.topology changes take effect at the next restart");
                 }
                 self.config = Config { endpoint: self.config.endpoint.clone(), ..config };

@@ -95,7 +95,9 @@ impl Machine {
                 self.phase = Phase::HandingOver;
                 Action::HandOver
             }
-            Phase::Balanced if self.thresholds.fallback && self.unhealthy_run >= self.thresholds.fall => Action::FallBack,
+            Phase::Balanced if self.thresholds.fallback && self.unhealthy_run >= self.thresholds.fall => {
+                Action::FallBack
+            }
             _ => Action::Stay,
         }
     }

@@ -67,13 +67,17 @@ impl AgentStatus {
 /// Reads `/status` from a running agent's local port.
 pub fn fetch(addr: SocketAddr, timeout: Duration) -> anyhow::Result<AgentStatus> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("no agent answers on {addr}"))?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("no agent answers on {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response from the agent")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "the agent answered: {}", head.lines().next().unwrap_or(""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "the agent answered: {}",
+        head.lines().next().unwrap_or("")
+    );
     serde_json::from_str(body).context("the agent's /status is not the expected JSON")
 }

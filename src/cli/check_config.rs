@@ -25,17 +25,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     config.validate()?;
     let members = match super::render::members_for(&config, args.members.as_deref()) {
         Ok(set) => set,
-        Err(_) if args.members.is_none() => crate::members::parse("192.0.2.11, 192.0.2.12, 192.0.2.13", &config.members.parse)
-            .expect("the sample member set parses"),
+        Err(_) if args.members.is_none() => {
+            crate::members::parse("192.0.2.11, 192.0.2.12, 192.0.2.13", &config.members.parse)
+                .expect("the sample member set parses")
+        }
         Err(err) => return Err(err),
     };
     let text = super::render::render(&config, &members)?;
     let dir = std::env::temp_dir().join(format!("cpha-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("haproxy.cfg");
-    let result = std::fs::write(&path, &text)
-        .context("writing the candidate haproxy.cfg")
-        .and_then(|()| crate::haproxy::check::check(&config.haproxy, &path).map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")).into()));
+    let result = std::fs::write(&path, &text).context("writing the candidate haproxy.cfg").and_then(|()| {
+        crate::haproxy::check::check(&config.haproxy, &path)
+            .map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")).into())
+    });
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     println!(

@@ -44,7 +44,8 @@ pub fn members_for(config: &Config, given: Option<&str>) -> anyhow::Result<Membe
         return Ok(seed.clone());
     }
     if let Some(path) = &config.members.state_file {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
         if let Ok(Some(set)) = runtime.block_on(crate::members::source::state::load(path, &config.members.parse)) {
             return Ok(set);
         }

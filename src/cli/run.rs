@@ -13,9 +13,11 @@ pub enum TopologyArg {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Signals: SIGHUP re-reads the configuration (an invalid one is refused and the running one kept), \
+#[command(
+    after_help = "Signals: SIGHUP re-reads the configuration (an invalid one is refused and the running one kept), \
 SIGUSR1 forces a resync of HAProxy and the forward, SIGTERM/SIGINT stop the agent (forward.onShutdown says whether the \
-forward stays). Under systemd (Type=notify) READY=1 is sent once the endpoint answers through the forward.")]
+forward stays). Under systemd (Type=notify) READY=1 is sent once the endpoint answers through the forward."
+)]
 pub struct Args {
     /// The agent's configuration file (YAML).
     #[arg(long, env = "CPHA_CONFIG", default_value = "/etc/cpha/config.yaml")]

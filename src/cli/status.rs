@@ -1,6 +1,12 @@
-//! `cpha status`: the forward installed in the kernel, read back from nftables/iptables.
+//! `cpha status`: the forward installed in the kernel, read back from nftables/iptables, and
+//! the running agent's state from its local status port.
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::agent::status::{self as agent_status, AgentStatus};
 
 use crate::forward::{self, conntrack, Installed, InstalledState};
 
@@ -9,11 +15,19 @@ pub struct Args {
     /// Print JSON for machines instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// The running agent's status port (agent.statusListen).
+    #[arg(long, env = "CPHA_STATUS_LISTEN", default_value = "127.0.0.1:9966", value_name = "ADDR:PORT")]
+    pub agent: SocketAddr,
 }
 
 #[derive(Debug, Serialize)]
 struct Status {
     forwards: Vec<ForwardStatus>,
+    /// The running agent's state; null when no agent answers.
+    agent: Option<AgentStatus>,
+    #[serde(skip)]
+    agent_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,7 +46,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ForwardStatus { installed, open_connections }
         })
         .collect();
-    let status = Status { forwards };
+    let (agent, agent_error) = match agent_status::fetch(args.agent, Duration::from_secs(2)) {
+        Ok(a) => (Some(a), None),
+        Err(err) => (None, Some(format!("{err:#}"))),
+    };
+    let status = Status { forwards, agent, agent_error };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -42,22 +60,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn render_text(status: &Status) -> String {
-    if status.forwards.is_empty() {
-        return "no forward installed (nftables and iptables checked)\n".to_string();
-    }
     let mut out = String::new();
+    match (&status.agent, &status.agent_error) {
+        (Some(agent), _) => {
+            out.push_str("agent:\n");
+            for line in agent.render_text().lines() {
+                out.push_str(&format!("  {line}\n"));
+            }
+        }
+        (None, Some(err)) => out.push_str(&format!("agent: not running ({err})\n")),
+        (None, None) => {}
+    }
+    if status.forwards.is_empty() {
+        out.push_str("kernel: no forward installed (nftables and iptables checked)\n");
+        return out;
+    }
+    out.push_str("kernel:\n");
     for f in &status.forwards {
         let i = &f.installed;
         let state = match i.state {
             InstalledState::Forwarding => "forwarding",
             InstalledState::Draining => "draining (forwarding rules removed; table kept while connections close)",
         };
-        out.push_str(&format!("backend  {}\nstate    {state}\nlisten   {}\n", i.backend, i.listen));
+        out.push_str(&format!("  backend  {}\n  state    {state}\n  listen   {}\n", i.backend, i.listen));
         if !i.targets.is_empty() {
-            out.push_str(&format!("targets  {}\n", super::forward::join(&i.targets)));
+            out.push_str(&format!("  targets  {}\n", super::forward::join(&i.targets)));
         }
         if let Some(n) = f.open_connections {
-            out.push_str(&format!("open     {n} forwarded connection(s)\n"));
+            out.push_str(&format!("  open     {n} forwarded connection(s)\n"));
         }
     }
     out
