@@ -113,13 +113,11 @@ impl Default for HandoverSection {
 pub struct AgentSection {
     /// Local HTTP port for /metrics, /healthz, /readyz and /status.
     pub status_listen: SocketAddr,
-    /// Post Kubernetes Events on handover state changes when the credentials allow it.
-    pub events: bool,
 }
 
 impl Default for AgentSection {
     fn default() -> Self {
-        Self { status_listen: SocketAddr::from(([127, 0, 0, 1], 9966)), events: true }
+        Self { status_listen: SocketAddr::from(([127, 0, 0, 1], 9966)) }
     }
 }
 
