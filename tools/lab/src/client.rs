@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::report::{gbit_per_sec, percentile_ms, Errors, LoadReport, ProbeReport, StreamReport, ThroughputReport};
-use crate::stop;
+use crate::{http, stop, tls};
 
 /// The request `connrate` sends after the greeting; the echo must bring it back unchanged.
 const PING: &[u8] = b"ping\n";
@@ -26,16 +26,20 @@ const MAX_LINE: usize = 128;
 
 /// Why one short connection did not complete.
 #[derive(Debug)]
-enum Failure {
-    /// A step failed: `connect`, `greeting`, `request` or `response`.
+pub(crate) enum Failure {
+    /// A step failed: `connect`, `greeting`, `request` or `response` here; `connect`, `tls`,
+    /// `write` or `read` for HTTPS.
     Step(&'static str, io::Error),
+    /// The exchange completed with the wrong answer (`unexpected id`, `status`): counted under
+    /// `kind`, with the greeting among the ids when there is one.
+    Rejected { kind: &'static str, id: Option<String>, message: String },
     /// SIGTERM/SIGINT arrived in the middle: neither a success nor a failure.
     Stopped,
 }
 
-fn step(name: &'static str) -> impl Fn(io::Error) -> Failure {
+pub(crate) fn step(name: &'static str) -> impl Fn(io::Error) -> Failure {
     move |err| {
-        if err.kind() == ErrorKind::Interrupted {
+        if err.kind() == ErrorKind::Interrupted || http::is_stopped(&err) {
             Failure::Stopped
         } else {
             Failure::Step(name, err)
@@ -45,6 +49,9 @@ fn step(name: &'static str) -> impl Fn(io::Error) -> Failure {
 
 /// A short name for an I/O error, to count failures by kind.
 fn kind_name(err: &io::Error) -> String {
+    if let Some(tls) = tls::error_kind(err) {
+        return tls.into();
+    }
     match err.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => "timeout".into(),
         ErrorKind::UnexpectedEof => "closed".into(),
@@ -169,6 +176,10 @@ pub fn probe(to: SocketAddr, count: u64, timeout: Duration, connect_only: bool) 
                 let at = start.elapsed().as_secs_f64();
                 errors.record(&kind_name(&err), at, format!("conn {n}: {step}: {err}"));
             }
+            Err(Failure::Rejected { kind, message, .. }) => {
+                report.failed += 1;
+                errors.record(kind, start.elapsed().as_secs_f64(), format!("conn {n}: {message}"));
+            }
         }
     }
     report.errors = errors.first();
@@ -205,11 +216,42 @@ struct WorkerResult {
 /// `connect-loop` and `connrate`: `concurrency` workers open connection after connection until
 /// the duration passes, `max_conns` are opened, or a stop is asked for.
 pub fn load(opts: &LoadOpts) -> LoadReport {
-    let concurrency = opts.concurrency.max(1);
+    let pace =
+        Pace { concurrency: opts.concurrency, duration: opts.duration, max_conns: opts.max_conns, rate: opts.rate };
+    run_load(&pace, &|_n| {
+        let id = short_conn(opts.to, opts.timeout, opts.request)?;
+        match &opts.expect_id {
+            Some(want) if *want != id => {
+                let message = format!("greeting {id:?}, expected {want:?}");
+                Err(Failure::Rejected { kind: "unexpected id", id: Some(id), message })
+            }
+            _ => Ok(Some(id)),
+        }
+    })
+}
+
+/// How many short connections a load run opens, and how fast.
+#[derive(Clone, Debug)]
+pub(crate) struct Pace {
+    pub concurrency: usize,
+    pub duration: Duration,
+    /// Stop after this many connections even if `duration` has not passed.
+    pub max_conns: u64,
+    /// Cap on new connections per second over all workers.
+    pub rate: Option<f64>,
+}
+
+/// One short connection of a load run, given its number: the server's id, if it sends one.
+pub(crate) type ConnFn<'a> = dyn Fn(u64) -> Result<Option<String>, Failure> + Sync + 'a;
+
+/// `concurrency` workers run `conn` again and again until the duration passes, `max_conns` were
+/// started, or a stop is asked for; the report counts them, their latency, ids and errors.
+pub(crate) fn run_load(pace: &Pace, conn: &ConnFn<'_>) -> LoadReport {
+    let concurrency = pace.concurrency.max(1);
     let start = Instant::now();
-    let deadline = start + opts.duration;
+    let deadline = start + pace.duration;
     let issued = AtomicU64::new(0);
-    let period = opts.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+    let period = pace.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(concurrency as f64 / r));
     let results: Vec<WorkerResult> = thread::scope(|scope| {
         let workers: Vec<_> = (0..concurrency)
             .map(|w| {
@@ -219,7 +261,7 @@ pub fn load(opts: &LoadOpts) -> LoadReport {
                 thread::Builder::new()
                     .name(format!("load-{w}"))
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, move || worker(opts, start, deadline, issued, period, first))
+                    .spawn_scoped(scope, move || worker(pace, conn, start, deadline, issued, period, first))
                     .expect("starting a load worker thread")
             })
             .collect();
@@ -257,7 +299,8 @@ pub fn load(opts: &LoadOpts) -> LoadReport {
 }
 
 fn worker(
-    opts: &LoadOpts,
+    pace: &Pace,
+    conn: &ConnFn<'_>,
     start: Instant,
     deadline: Instant,
     issued: &AtomicU64,
@@ -280,26 +323,26 @@ fn worker(
             next_at = Some(at + p);
         }
         let n = issued.fetch_add(1, Ordering::Relaxed);
-        if n >= opts.max_conns {
+        if n >= pace.max_conns {
             break;
         }
         let t0 = Instant::now();
-        match short_conn(opts.to, opts.timeout, opts.request) {
+        match conn(n) {
             Ok(id) => {
-                let at = t0.duration_since(start).as_secs_f64();
-                match &opts.expect_id {
-                    Some(want) if *want != id => {
-                        r.failed += 1;
-                        let msg = format!("conn {n} at {at:.3}s: greeting {id:?}, expected {want:?}");
-                        r.errors.record("unexpected id", at, msg);
-                    }
-                    _ => {
-                        r.ok += 1;
-                        let us = t0.elapsed().as_micros();
-                        r.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                    }
+                r.ok += 1;
+                let us = t0.elapsed().as_micros();
+                r.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                if let Some(id) = id {
+                    *r.ids.entry(id).or_default() += 1;
                 }
-                *r.ids.entry(id).or_default() += 1;
+            }
+            Err(Failure::Rejected { kind, id, message }) => {
+                r.failed += 1;
+                let at = t0.duration_since(start).as_secs_f64();
+                r.errors.record(kind, at, format!("conn {n} at {at:.3}s: {message}"));
+                if let Some(id) = id {
+                    *r.ids.entry(id).or_default() += 1;
+                }
             }
             Err(Failure::Stopped) => break,
             Err(Failure::Step(step, err)) => {
@@ -314,7 +357,7 @@ fn worker(
 }
 
 /// Sleeps until `at` (never past `deadline`), in short steps so a stop is noticed.
-fn sleep_until(at: Instant, deadline: Instant) {
+pub(crate) fn sleep_until(at: Instant, deadline: Instant) {
     let until = at.min(deadline);
     loop {
         let now = Instant::now();
@@ -409,7 +452,7 @@ pub fn fill_chunk(chunk: &mut [u8], seq: u64) {
     chunk[len - 1] = b'\n';
 }
 
-fn write_ready_file(path: &Path, id: &str) -> Result<()> {
+pub(crate) fn write_ready_file(path: &Path, id: &str) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     std::fs::write(&tmp, format!("{id}\n")).with_context(|| format!("writing {}", Path::new(&tmp).display()))?;

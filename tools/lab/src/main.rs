@@ -10,11 +10,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
 use cpha_lab::client::{self, Direction, LoadOpts, StreamOpts};
 use cpha_lab::dur::Dur;
+use cpha_lab::http::{check_target, check_token, Url};
+use cpha_lab::https::{self, HttpOpts, HttpsLoopOpts, HttpsStreamOpts, Target};
 use cpha_lab::{bench, server, stop};
 
 #[derive(Parser)]
@@ -127,6 +129,83 @@ enum Cmd {
         #[arg(long, default_value_t = 2_000_000)]
         max_conns: u64,
         #[arg(long, default_value = "2s")]
+        timeout: Dur,
+    },
+    /// A steady stream of new HTTPS connections: connect, TLS handshake, one GET with
+    /// `Connection: close`, the whole response, close.
+    HttpsLoop {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "/readyz", value_parser = check_target)]
+        path: String,
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        concurrency: u64,
+        #[arg(long)]
+        duration: Dur,
+        #[arg(long, default_value_t = 2_000_000)]
+        max_conns: u64,
+        /// Any other status counts as a failed connection.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
+        expect_status: u16,
+        /// Bound on one whole connection, from connect to close.
+        #[arg(long, default_value = "2s")]
+        timeout: Dur,
+        /// Cap on new connections per second, over all workers.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Verify the server certificate against this PEM CA file (otherwise any certificate
+        /// is accepted; handshake signatures are still verified).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Name to verify, send as SNI and as Host (default: the IP of --to).
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// One long-lived HTTPS connection with keep-alive: a GET every interval, each answer 200,
+    /// until SIGTERM/SIGINT or --max-duration.
+    HttpsStream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "/readyz", value_parser = check_target)]
+        path: String,
+        #[arg(long, default_value = "50ms")]
+        interval: Dur,
+        #[arg(long, default_value = "600s")]
+        max_duration: Dur,
+        /// Written after the first good round trip.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Bound on connect + handshake, and on each round trip.
+        #[arg(long, default_value = "2s")]
+        timeout: Dur,
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// One HTTP request (http:// or https://): prints the status and the body; exit 0 for 2xx.
+    Http {
+        #[arg(long, default_value = "GET", value_parser = ["GET", "POST", "DELETE"])]
+        method: String,
+        #[arg(long)]
+        url: Url,
+        /// JSON request body.
+        #[arg(long)]
+        data: Option<String>,
+        /// Bearer token.
+        #[arg(long, value_parser = check_token)]
+        token: Option<String>,
+        /// https://: verify the server certificate against this PEM CA file.
+        #[arg(long, conflicts_with = "insecure")]
+        ca: Option<PathBuf>,
+        /// https://: accept any server certificate (handshake signatures are still verified).
+        #[arg(long)]
+        insecure: bool,
+        /// https://: name to verify instead of the URL's host.
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Bound on the request, from the connect to the end of the response.
+        #[arg(long, default_value = "5s")]
         timeout: Dur,
     },
     /// The benchmark behind tools/bench (run as root; creates network namespaces).
@@ -253,6 +332,56 @@ fn run(cmd: Cmd) -> Result<bool> {
             });
             emit(&report)?;
             Ok(report.failed == 0 && report.ok > 0)
+        }
+        Cmd::HttpsLoop {
+            to,
+            path,
+            concurrency,
+            duration,
+            max_conns,
+            expect_status,
+            timeout,
+            rate,
+            ca,
+            server_name,
+        } => {
+            stop::install()?;
+            let report = https::https_loop(&HttpsLoopOpts {
+                target: Target { to, path, ca, server_name, timeout: timeout.get() },
+                concurrency: usize::try_from(concurrency).context("concurrency")?,
+                duration: duration.get(),
+                max_conns,
+                rate,
+                expect_status,
+            })?;
+            emit(&report)?;
+            Ok(report.failed == 0 && report.ok > 0)
+        }
+        Cmd::HttpsStream { to, path, interval, max_duration, ready_file, timeout, ca, server_name } => {
+            stop::install()?;
+            let report = https::https_stream(&HttpsStreamOpts {
+                target: Target { to, path, ca, server_name, timeout: timeout.get() },
+                interval: interval.get(),
+                max_duration: max_duration.get(),
+                ready_file,
+            })?;
+            emit(&report)?;
+            Ok(report.ok)
+        }
+        Cmd::Http { method, url, data, token, ca, insecure, server_name, timeout } => {
+            if url.tls && ca.is_none() && !insecure {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "an https:// URL needs --ca FILE (verify) or --insecure (accept any certificate)",
+                    )
+                    .exit();
+            }
+            stop::install()?;
+            let report =
+                https::request(&HttpOpts { method, url, data, token, ca, server_name, timeout: timeout.get() })?;
+            emit(&report)?;
+            Ok(report.error.is_none() && (200..300).contains(&report.status))
         }
         Cmd::Bench { cpha, cpha_missing, runs, duration, concurrency, only, out } => {
             stop::install()?;

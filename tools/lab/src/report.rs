@@ -20,21 +20,30 @@ pub struct ProbeReport {
     pub errors: Vec<String>,
 }
 
-/// `cpha-lab stream`: one long-lived echoed connection.
+/// `cpha-lab stream` (one long-lived echoed connection) and `cpha-lab https-stream` (one
+/// long-lived HTTPS connection with keep-alive).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StreamReport {
     /// True when every round trip came back intact and the connection closed cleanly.
     pub ok: bool,
-    /// Bytes sent and verified in the echo.
+    /// `stream`: bytes sent and verified in the echo. `https-stream`: bytes of the responses
+    /// (heads and bodies) read on the connection.
     pub bytes: u64,
     pub roundtrips: u64,
     pub error: Option<String>,
+    /// `https-stream` only (absent otherwise): what broke, for tests to match on. `connect`,
+    /// `tls`, `timeout`, `closed` (the server closed the connection, or announced it would with
+    /// `Connection: close`), `reset`, `status` (an answer other than 200), `protocol` (a
+    /// malformed response or stray bytes), `io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
     /// The greeting of the server the stream reached.
     pub id: Option<String>,
     pub duration_s: f64,
 }
 
-/// `cpha-lab connect-loop` and `cpha-lab connrate`: many short connections.
+/// `cpha-lab connect-loop`, `cpha-lab connrate` and `cpha-lab https-loop`: many short
+/// connections.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     pub ok: u64,
@@ -43,15 +52,30 @@ pub struct LoadReport {
     pub duration_s: f64,
     /// Successful connections per second over the whole run.
     pub conns_per_sec: f64,
-    /// Latency of a successful connection: connect, greeting (and request/response), in ms.
+    /// Latency of a successful connection, in ms: connect, greeting (and request/response);
+    /// for `https-loop` connect, handshake, request, response and close.
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Greeting to count (empty for `https-loop`).
     pub ids: BTreeMap<String, u64>,
-    /// Error kind to count, over all failures.
+    /// Error kind to count, over all failures: `STEP: KIND` (e.g. `connect: refused`,
+    /// `tls: certificate`, `read: timeout`), `unexpected id` or `status`.
     pub error_kinds: BTreeMap<String, u64>,
     /// The first few errors, each with the time since the start of the run.
     pub errors: Vec<String>,
+}
+
+/// `cpha-lab http`: one request and its answer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpReport {
+    /// The response status; 0 when there was no response.
+    pub status: u16,
+    /// The response body (invalid UTF-8 replaced).
+    pub body: String,
+    /// Why there was no response (connect, TLS, timeout, a malformed answer); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `cpha-lab throughput`: one stream in one direction.
@@ -182,5 +206,16 @@ mod tests {
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(line, r#"{"ok":3,"failed":1,"ids":{"a":3},"errors":["boom"]}"#);
         assert_eq!(serde_json::from_str::<ProbeReport>(&line).unwrap(), r);
+
+        let h = HttpReport { status: 200, body: "ok".into(), error: None };
+        assert_eq!(serde_json::to_string(&h).unwrap(), r#"{"status":200,"body":"ok"}"#);
+        let h: HttpReport = serde_json::from_str(r#"{"status":0,"body":"","error":"refused"}"#).unwrap();
+        assert_eq!(h.error.as_deref(), Some("refused"));
+
+        // The TCP stream's line has no error_kind, and parses back without one.
+        let s = StreamReport { ok: true, roundtrips: 2, bytes: 512, ..StreamReport::default() };
+        let line = serde_json::to_string(&s).unwrap();
+        assert!(!line.contains("error_kind"), "{line}");
+        assert_eq!(serde_json::from_str::<StreamReport>(&line).unwrap(), s);
     }
 }
