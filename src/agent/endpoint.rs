@@ -74,7 +74,13 @@ pub struct EndpointConfig {
 impl Endpoint {
     /// Chooses the forward's backend for this host (logged) without installing anything.
     pub fn new(cfg: &EndpointConfig, seed: &[SocketAddr]) -> anyhow::Result<Self> {
-        let probe_targets = if seed.is_empty() { vec![cfg.haproxy] } else { seed.to_vec() };
+        // The backend is chosen for the endpoint's family and kind of address; when no target
+        // is known yet, a stand-in target of that family (never installed) lets `choose` check it.
+        let probe_targets = match (seed.is_empty(), cfg.topology) {
+            (false, _) => seed.to_vec(),
+            (true, Topology::Retarget) => vec![cfg.haproxy],
+            (true, Topology::Release) => vec![placeholder_target(cfg.listen)],
+        };
         let spec =
             ForwardSpec::new(cfg.listen, probe_targets).map_err(|e| crate::exit::Coded::config(e.to_string()))?;
         let kind = match forward::choose(cfg.mode, &spec)? {
@@ -248,6 +254,18 @@ fn start_proxy(
     let stop = CancellationToken::new();
     let task = tokio::spawn(proxy.run(stop.clone()));
     Ok(Running { targets, stop, task })
+}
+
+/// A target of the listen address's kind, only for choosing the backend: a documentation
+/// address (RFC 5737 / RFC 3849), or loopback for a loopback endpoint.
+fn placeholder_target(listen: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = match (listen.ip().is_loopback(), listen.is_ipv4()) {
+        (true, true) => std::net::Ipv4Addr::new(127, 0, 0, 2).into(),
+        (true, false) => std::net::Ipv6Addr::LOCALHOST.into(),
+        (false, true) => std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
+        (false, false) => std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
+    };
+    SocketAddr::new(ip, if listen.port() == 6443 { 6444 } else { 6443 })
 }
 
 /// SO_REUSEPORT handovers lose the connections queued on a closing listener unless the kernel

@@ -1,0 +1,220 @@
+//! `cpha run` end to end: three member hosts running the API stand-in as apiservers, a
+//! control-plane host running real HAProxy and the agent, clients on that host and on another,
+//! all driven through the public CLI. Needs root (CI runs as root).
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use cluster::{load_report, stream_report, Cluster, ENDPOINT};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Starts three members, the ConfigMap listing them, and the agent (not HAProxy).
+fn cluster(topology: &str, mode: &str) -> Result<Cluster> {
+    let mut c = Cluster::new(3)?;
+    c.set_members(&c.member_list(&[1, 2, 3]))?;
+    let config = c.write_config(topology, mode, &c.members[0].addr.clone())?;
+    c.start_agent(&config)?;
+    Ok(c)
+}
+
+fn balanced(topology: &str) -> Result<Cluster> {
+    let mut c = cluster(topology, "nftables")?;
+    c.start_haproxy()?;
+    c.wait_phase(&["balanced"], LONG)?;
+    Ok(c)
+}
+
+fn no_failures(report: &cpha_lab::report::LoadReport, what: &str) -> Result<()> {
+    ensure!(report.ok > 0, "{what}: no connection went through: {report:?}");
+    ensure!(
+        report.failed == 0,
+        "{what}: {} of {} connections failed: {report:?}",
+        report.failed,
+        report.ok + report.failed
+    );
+    Ok(())
+}
+
+#[test]
+fn bootstrap_endpoint_answers_through_the_forward_before_haproxy_runs() {
+    let c = cluster("retarget", "auto").unwrap();
+    assert_eq!(c.phase().unwrap(), "forwarding");
+    let status = c.status().unwrap();
+    assert_eq!(status["agent"]["endpoint_carried"], true, "{status}");
+    assert_eq!(status["forwards"][0]["listen"], ENDPOINT, "{status}");
+    for from in [&c.client, &c.cp] {
+        let report = load_report(c.https_loop(from, "2s").unwrap(), LONG).unwrap();
+        no_failures(&report, "through the bootstrap forward").unwrap();
+    }
+    // HAProxy is not running: the agent wrote its configuration for when it starts.
+    assert!(c.admin("show info").is_err());
+    assert!(c.dir.join("haproxy.cfg").exists());
+}
+
+/// Handover under a steady stream of new connections plus long-lived ones: zero failures.
+fn handover(topology: &str, mode: &str) -> Result<()> {
+    let mut c = cluster(topology, mode)?;
+    let remote_stream = c.https_stream(&c.client, "remote")?;
+    let local_stream = c.https_stream(&c.cp, "local")?;
+    let remote = c.https_loop(&c.client, "12s")?;
+    let local = c.https_loop(&c.cp, "12s")?;
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_haproxy()?;
+    c.wait_phase(&["balanced"], Duration::from_secs(8))?;
+    for (what, child) in [("remote client", remote), ("local client", local)] {
+        no_failures(&load_report(child, LONG)?, what)?;
+    }
+    // New connections now go through HAProxy.
+    let before: u64 = c.server_totals()?.iter().map(|(_, t)| t).sum();
+    no_failures(&load_report(c.https_loop(&c.client, "1s")?, LONG)?, "after the handover")?;
+    let after: u64 = c.server_totals()?.iter().map(|(_, t)| t).sum();
+    ensure!(after > before, "HAProxy took no connection after the handover ({before} -> {after})");
+    for (what, child) in [("remote", remote_stream), ("local", local_stream)] {
+        let r = stream_report(child)?;
+        ensure!(r.ok && r.roundtrips > 20, "{what} long-lived connection across the handover: {r:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn handover_retarget_topology_loses_no_connection() {
+    handover("retarget", "nftables").unwrap();
+}
+
+#[test]
+fn handover_release_topology_loses_no_connection() {
+    handover("release", "nftables").unwrap();
+}
+
+#[test]
+fn handover_release_topology_userspace_forward_loses_no_connection() {
+    handover("release", "userspace").unwrap();
+}
+
+#[test]
+fn configmap_edit_adds_and_removes_members_without_reload() {
+    let mut c = cluster("retarget", "nftables").unwrap();
+    c.set_members(&c.member_list(&[1, 2])).unwrap();
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], LONG).unwrap();
+    cpha_lab::netns::wait_for("two servers", Duration::from_secs(10), || Ok((c.servers()?.len() == 2).then_some(())))
+        .unwrap();
+    let streams = [c.https_stream(&c.client, "a").unwrap(), c.https_stream(&c.client, "b").unwrap()];
+    let workers = c.workers().unwrap();
+
+    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
+    cpha_lab::netns::wait_for("m3 added and UP", Duration::from_secs(10), || {
+        Ok(c.servers()?.iter().any(|(_, addr, state)| addr == "10.23.0.2" && *state == 2).then_some(()))
+    })
+    .unwrap();
+    c.set_members(&c.member_list(&[1, 2])).unwrap();
+    cpha_lab::netns::wait_for("m3 removed", Duration::from_secs(15), || {
+        Ok(c.servers()?.iter().all(|(_, addr, _)| addr != "10.23.0.2").then_some(()))
+    })
+    .unwrap();
+    assert_eq!(c.workers().unwrap(), workers, "a member change reloaded HAProxy");
+    let cfg = std::fs::read_to_string(c.dir.join("haproxy.cfg")).unwrap();
+    assert!(
+        cfg.contains("10.21.0.2:6443") && cfg.contains("10.22.0.2:6443") && !cfg.contains("10.23.0.2"),
+        "file not in step:\n{cfg}"
+    );
+    for s in streams {
+        let r = stream_report(s).unwrap();
+        assert!(r.ok, "a connection to a member that stayed was disturbed: {r:?}");
+    }
+}
+
+#[test]
+fn malformed_configmap_changes_nothing() {
+    let c = balanced("retarget").unwrap();
+    cpha_lab::netns::wait_for("three servers", Duration::from_secs(10), || Ok((c.servers()?.len() == 3).then_some(())))
+        .unwrap();
+    let cfg = std::fs::read(c.dir.join("haproxy.cfg")).unwrap();
+    let servers = c.servers().unwrap();
+    let workers = c.workers().unwrap();
+    for bad in [
+        "10.21.0.2:6443\n  program evil\n    command /bin/sh",
+        "10.21.0.2:6443; disable server kube-apiservers/x",
+        "",
+        "10.21.0.999",
+    ] {
+        c.set_members(bad).unwrap();
+        cpha_lab::netns::wait_for("the rejection reported", Duration::from_secs(10), || {
+            let s = c.status()?;
+            Ok(s["agent"]["last_rejected_update"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| s["agent"]["source_problem"].as_str().map(str::to_string)))
+        })
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(std::fs::read(c.dir.join("haproxy.cfg")).unwrap(), cfg, "haproxy.cfg changed");
+    let names = |v: &Vec<(String, String, u32)>| v.iter().map(|(n, a, _)| (n.clone(), a.clone())).collect::<Vec<_>>();
+    assert_eq!(names(&c.servers().unwrap()), names(&servers));
+    assert_eq!(c.workers().unwrap(), workers);
+    assert_eq!(c.status().unwrap()["agent"]["members"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn failing_readyz_stops_new_connections_to_that_member() {
+    let c = balanced("retarget").unwrap();
+    cpha_lab::netns::wait_for("three servers UP", Duration::from_secs(15), || {
+        Ok((c.servers()?.iter().filter(|(_, _, s)| *s == 2).count() == 3).then_some(()))
+    })
+    .unwrap();
+    c.fault(2, r#"{"readyzFail":true}"#).unwrap();
+    cpha_lab::netns::wait_for("m2 DOWN in HAProxy", Duration::from_secs(10), || {
+        Ok(c.servers()?.iter().any(|(_, addr, s)| addr == "10.22.0.2" && *s == 0).then_some(()))
+    })
+    .unwrap();
+    let m2 = |c: &Cluster| {
+        c.server_totals().unwrap().into_iter().find(|(n, _)| n.contains("10.22.0.2")).map(|(_, t)| t).unwrap()
+    };
+    let before = m2(&c);
+    let report = load_report(c.https_loop(&c.client, "2s").unwrap(), LONG).unwrap();
+    no_failures(&report, "with m2 failing /readyz").unwrap();
+    assert_eq!(m2(&c), before, "HAProxy still sent new connections to the member failing /readyz");
+    assert_eq!(c.phase().unwrap(), "balanced");
+}
+
+#[test]
+fn haproxy_killed_falls_back_then_hands_over_again() {
+    let mut c = balanced("retarget").unwrap();
+    c.kill_haproxy().unwrap();
+    c.wait_phase(&["fallback"], Duration::from_secs(15)).unwrap();
+    let status = c.status().unwrap();
+    assert_ne!(status["agent"]["carrier"], "haproxy", "{status}");
+    no_failures(&load_report(c.https_loop(&c.client, "2s").unwrap(), LONG).unwrap(), "during fallback").unwrap();
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], Duration::from_secs(15)).unwrap();
+    no_failures(&load_report(c.https_loop(&c.client, "2s").unwrap(), LONG).unwrap(), "after the second handover")
+        .unwrap();
+}
+
+#[test]
+fn agent_sigkill_and_restart_leaves_no_leaked_or_duplicated_rules() {
+    let mut c = balanced("retarget").unwrap();
+    let ruleset = c.cp.run("nft", &["list", "table", "inet", "cpha"]).unwrap();
+    let workers = c.workers().unwrap();
+    c.kill_agent().unwrap();
+    // The endpoint keeps answering through the retargeted forward while the agent is gone.
+    no_failures(&load_report(c.https_loop(&c.client, "1s").unwrap(), LONG).unwrap(), "while the agent is down")
+        .unwrap();
+    let config = c.dir.join("cpha.yaml");
+    c.start_agent(&config).unwrap();
+    c.wait_phase(&["balanced"], Duration::from_secs(15)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = c.cp.run("nft", &["list", "ruleset"]).unwrap();
+    assert_eq!(after.matches("table inet cpha").count(), 1, "{after}");
+    assert_eq!(after.matches("dnat ip to").count(), 2, "one DNAT rule in prerouting and one in output:\n{after}");
+    let strip = |s: &str| s.lines().map(|l| l.split(" counter").next().unwrap_or(l).to_string()).collect::<Vec<_>>();
+    assert_eq!(strip(&c.cp.run("nft", &["list", "table", "inet", "cpha"]).unwrap()), strip(&ruleset));
+    assert_eq!(c.workers().unwrap(), workers, "the restart reloaded HAProxy");
+    assert_eq!(c.servers().unwrap().len(), 3);
+    assert!(c.cp.run("iptables-save", &[]).unwrap().find("CPHA").is_none(), "iptables rules appeared");
+}

@@ -1,0 +1,406 @@
+//! A small control plane in network namespaces for `cpha run` end-to-end tests.
+//!
+//! ```text
+//!  client 10.10.0.2 ── veth ── cp 10.10.0.1   (endpoint 10.10.0.1:6443; HAProxy private :9445)
+//!                              cp 10.2N.0.1 ── veth ── mN 10.2N.0.2:6443  (kube-standin, N = 1..3)
+//! ```
+//! Each member runs the Kubernetes API stand-in as its apiserver (TLS, anonymous /readyz). m1
+//! also holds the `kube-system/cpha-members` ConfigMap the agent watches. HAProxy runs in the
+//! cp namespace in master-worker mode, started and killed by the test as systemd would.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use cpha_lab::netns::{self, Child, Netns};
+use cpha_lab::report::{LoadReport, StreamReport};
+
+pub const ENDPOINT: &str = "10.10.0.1:6443";
+pub const HAPROXY_PRIVATE: &str = "10.10.0.1:9445";
+pub const BACKEND: &str = "kube-apiservers";
+
+pub struct Member {
+    pub ns: Netns,
+    pub addr: String,
+    pub standin: Child,
+}
+
+pub struct Cluster {
+    pub cp: Netns,
+    pub client: Netns,
+    pub members: Vec<Member>,
+    pub dir: PathBuf,
+    pub haproxy: Option<Child>,
+    pub agent: Option<Child>,
+}
+
+fn bin(name: &str) -> String {
+    netns::require_bin(name).unwrap_or_else(|e| panic!("{e:#}")).display().to_string()
+}
+
+impl Cluster {
+    pub fn new(members: usize) -> Result<Cluster> {
+        cpha_lab::require_root!();
+        let cp = Netns::new("cpha-cp")?;
+        let client = Netns::new("cpha-cl")?;
+        netns::veth(&cp, &["10.10.0.1/24"], &client, &["10.10.0.2/24"])?;
+        netns::route(&client, &["default", "via", "10.10.0.1"])?;
+        cp.sysctl("net.ipv4.ip_forward", "1")?;
+        let dir = std::env::temp_dir().join(format!("cpha-e2e-{}-{}", std::process::id(), cp.name()));
+        std::fs::create_dir_all(dir.join("pki"))?;
+        let mut cluster = Cluster { cp, client, members: Vec::new(), dir, haproxy: None, agent: None };
+        for n in 1..=members {
+            let ns = Netns::new(&format!("cpha-m{n}"))?;
+            netns::veth(&cluster.cp, &[&format!("10.2{n}.0.1/24")], &ns, &[&format!("10.2{n}.0.2/24")])?;
+            netns::route(&ns, &["default", "via", &format!("10.2{n}.0.1")])?;
+            let ip = format!("10.2{n}.0.2");
+            let standin = cluster.start_standin(&ns, &ip, n == 1)?;
+            cluster.members.push(Member { ns, addr: format!("{ip}:6443"), standin });
+        }
+        Ok(cluster)
+    }
+
+    fn start_standin(&self, ns: &Netns, ip: &str, api: bool) -> Result<Child> {
+        let pki = self.dir.join("pki").display().to_string();
+        let mut args = vec![
+            "--listen".to_string(),
+            "0.0.0.0:6443".into(),
+            "--cert-dir".into(),
+            pki,
+            "--san".into(),
+            ip.into(),
+            "--control-listen".into(),
+            "127.0.0.1:7000".into(),
+            "--token".into(),
+            "admin:admin-secret:*/*".into(),
+            "--bookmark-interval".into(),
+            "2s".into(),
+        ];
+        if api {
+            args.extend([
+                "--token".into(),
+                "cpha:cpha-secret:get,list,watch/configmaps/kube-system/cpha-members".into(),
+                "--kubeconfig-server".into(),
+                format!("https://{ip}:6443"),
+                "--write-kubeconfig".into(),
+                format!("{}:admin", self.dir.join("admin.kubeconfig").display()),
+                "--write-kubeconfig".into(),
+                format!("{}:cpha", self.dir.join("cpha.kubeconfig").display()),
+            ]);
+        }
+        let mut cmd = ns.command(bin("kube-standin"));
+        cmd.args(&args).stderr(log_file(&self.dir, &format!("standin-{ip}.log"))?);
+        let mut child = Child::spawn(cmd, format!("kube-standin {ip}"))?;
+        child.stdout_line(Duration::from_secs(20)).context("the stand-in did not start")?;
+        Ok(child)
+    }
+
+    pub fn member_list(&self, which: &[usize]) -> String {
+        which.iter().map(|i| self.members[*i - 1].addr.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Writes the ConfigMap's `members` key through kubectl (admin credentials, on m1).
+    pub fn set_members(&self, value: &str) -> Result<()> {
+        let manifest = serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cpha-members", "namespace": "kube-system"},
+            "data": {"members": value},
+        });
+        self.kubectl(&["apply", "-f", "-"], Some(&manifest.to_string()))?;
+        Ok(())
+    }
+
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut cmd = self.cp.command("kubectl");
+        cmd.arg("--kubeconfig").arg(self.dir.join("admin.kubeconfig")).args(args);
+        run_with_stdin(cmd, stdin)
+    }
+
+    /// Writes the agent's configuration and returns its path.
+    pub fn write_config(&self, topology: &str, mode: &str, seed: &str) -> Result<PathBuf> {
+        let d = self.dir.display();
+        let text = format!(
+            "endpoint:
+  listen: {ENDPOINT}
+  topology: {topology}
+  haproxyBind: {HAPROXY_PRIVATE}
+forward:
+  mode: {mode}
+  drainTimeout: 30s
+handover:
+  rise: 2
+  fall: 3
+  interval: 500ms
+  probeTimeout: 500ms
+agent:
+  statusListen: 127.0.0.1:9966
+members:
+  source: configMap
+  static: [{seed}]
+  stateFile: {d}/members.json
+kubernetes:
+  kubeconfig: [{d}/cpha.kubeconfig]
+  pollInterval: 500ms
+haproxy:
+  configPath: {d}/haproxy.cfg
+  adminSocket: {d}/admin.sock
+  masterSocket: {d}/master.sock
+  minApplyInterval: 200ms
+  minReloadInterval: 1s
+  drainTimeout: 10s
+"
+        );
+        let path = self.dir.join("cpha.yaml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    pub fn start_agent(&mut self, config: &Path) -> Result<()> {
+        let mut cmd = self.cp.command(support_cpha());
+        cmd.args(["run", "--config"]).arg(config).stderr(log_file(&self.dir, "cpha.log")?);
+        self.agent = Some(Child::spawn(cmd, "cpha run")?);
+        self.wait_phase(&["forwarding", "balanced"], Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            a.signal(9)?;
+            a.wait_timeout(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// The agent's `/status`, through `cpha status --json` in the cp namespace.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = self.cp.command(support_cpha()).args(["status", "--json"]).output()?;
+        ensure!(out.status.success(), "cpha status failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn phase(&self) -> Result<String> {
+        Ok(self.status()?["agent"]["phase"].as_str().unwrap_or("").to_string())
+    }
+
+    pub fn wait_phase(&self, phases: &[&str], timeout: Duration) -> Result<String> {
+        netns::wait_for(&format!("agent phase {phases:?}"), timeout, || {
+            let p = self.phase().unwrap_or_default();
+            Ok(phases.contains(&p.as_str()).then_some(p))
+        })
+        .with_context(|| format!("agent log:\n{}", self.agent_log()))
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cpha.log")).unwrap_or_default()
+    }
+
+    /// Starts HAProxy on the file the agent wrote, as systemd or the kubelet would.
+    pub fn start_haproxy(&mut self) -> Result<()> {
+        let cfg = self.dir.join("haproxy.cfg");
+        netns::wait_for("haproxy.cfg written by the agent", Duration::from_secs(20), || Ok(cfg.exists().then_some(())))
+            .with_context(|| self.agent_log())?;
+        let master = format!("{},level,admin", self.dir.join("master.sock").display());
+        let mut cmd = self.cp.command("haproxy");
+        cmd.args(["-W", "-S", &master, "-f"]).arg(&cfg).stderr(log_file(&self.dir, "haproxy.log")?);
+        self.haproxy = Some(Child::spawn(cmd, "haproxy")?);
+        netns::wait_for("HAProxy's admin socket", Duration::from_secs(10), || {
+            Ok(self.admin("show info").ok().filter(|s| s.contains("Pid:")).map(|_| ()))
+        })?;
+        Ok(())
+    }
+
+    /// SIGKILL to every HAProxy process in the cp namespace (master and workers).
+    pub fn kill_haproxy(&mut self) -> Result<()> {
+        for pid in self.cp.pids()? {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "haproxy" {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+        if let Some(mut h) = self.haproxy.take() {
+            h.wait_timeout(Duration::from_secs(5))?;
+        }
+        netns::wait_for("HAProxy gone", Duration::from_secs(5), || Ok(self.admin("show info").is_err().then_some(())))?;
+        Ok(())
+    }
+
+    pub fn admin(&self, command: &str) -> Result<String> {
+        socket_command(&self.dir.join("admin.sock"), command)
+    }
+
+    pub fn master(&self, command: &str) -> Result<String> {
+        socket_command(&self.dir.join("master.sock"), command)
+    }
+
+    /// The worker PIDs and the master's reload count, from `show proc`.
+    pub fn workers(&self) -> Result<(Vec<String>, String)> {
+        let out = self.master("show proc")?;
+        let mut workers = Vec::new();
+        let mut reloads = String::new();
+        for line in out.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(1) == Some(&"master") {
+                reloads = f.get(2).unwrap_or(&"").to_string();
+            } else if f.get(1) == Some(&"worker") {
+                workers.push(f[0].to_string());
+            }
+        }
+        Ok((workers, reloads))
+    }
+
+    /// Server name -> (address, operational state) of the apiserver backend, from the Runtime API.
+    pub fn servers(&self) -> Result<Vec<(String, String, u32)>> {
+        let out = self.admin(&format!("show servers state {BACKEND}"))?;
+        let mut servers = Vec::new();
+        for line in out.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 5 && !line.starts_with('#') {
+                servers.push((f[3].to_string(), f[4].to_string(), f[5].parse().unwrap_or(99)));
+            }
+        }
+        Ok(servers)
+    }
+
+    /// Total sessions each server of the backend has taken (`stot` of `show stat`).
+    pub fn server_totals(&self) -> Result<Vec<(String, u64)>> {
+        let out = self.admin("show stat")?;
+        let mut header: Vec<&str> = Vec::new();
+        let mut totals = Vec::new();
+        for line in out.lines() {
+            if let Some(h) = line.strip_prefix("# ") {
+                header = h.split(',').collect();
+                continue;
+            }
+            let f: Vec<&str> = line.split(',').collect();
+            if f.first() == Some(&BACKEND) && f.get(1).is_some_and(|s| *s != "BACKEND" && *s != "FRONTEND") {
+                let i = header.iter().position(|h| *h == "stot").context("no stot column")?;
+                totals.push((f[1].to_string(), f[i].parse().unwrap_or(0)));
+            }
+        }
+        Ok(totals)
+    }
+
+    /// A steady stream of new TLS connections to the endpoint from `from`, for `duration`.
+    pub fn https_loop(&self, from: &Netns, duration: &str) -> Result<Child> {
+        from.spawn(
+            bin("cpha-lab"),
+            &[
+                "https-loop",
+                "--to",
+                ENDPOINT,
+                "--path",
+                "/readyz",
+                "--concurrency",
+                "4",
+                "--duration",
+                duration,
+                "--max-conns",
+                "200000",
+                "--timeout",
+                "3s",
+            ],
+        )
+    }
+
+    pub fn https_stream(&self, from: &Netns, tag: &str) -> Result<Child> {
+        let ready = self.dir.join(format!("stream-{tag}.ready"));
+        let r = ready.display().to_string();
+        let child = from.spawn(
+            bin("cpha-lab"),
+            &[
+                "https-stream",
+                "--to",
+                ENDPOINT,
+                "--path",
+                "/readyz",
+                "--interval",
+                "50ms",
+                "--max-duration",
+                "300s",
+                "--ready-file",
+                &r,
+            ],
+        )?;
+        netns::wait_for("the long-lived connection's first round trip", Duration::from_secs(10), || {
+            Ok(ready.exists().then_some(()))
+        })?;
+        Ok(child)
+    }
+
+    /// A stand-in fault (JSON as `/_standin/faults` takes it) on member `n`.
+    pub fn fault(&self, n: usize, json: &str) -> Result<()> {
+        let out = self.members[n - 1]
+            .ns
+            .command(bin("cpha-lab"))
+            .args(["http", "--method", "POST", "--url", "http://127.0.0.1:7000/_standin/faults", "--data", json])
+            .output()?;
+        ensure!(out.status.success(), "fault {json} on m{n}: {}", String::from_utf8_lossy(&out.stdout));
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Processes die with their namespaces; the kernel rules in cp go with it too.
+        if std::thread::panicking() {
+            eprintln!("---- cpha log ----\n{}", self.agent_log());
+            eprintln!(
+                "---- haproxy log ----\n{}",
+                std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn load_report(mut child: Child, timeout: Duration) -> Result<LoadReport> {
+    let (_, lines) = child.finish(timeout)?;
+    let line = lines.last().context("the load client printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("load client printed {line:?}"))
+}
+
+pub fn stream_report(mut child: Child) -> Result<StreamReport> {
+    child.signal(15)?;
+    let (_, lines) = child.finish(Duration::from_secs(10))?;
+    let line = lines.last().context("the stream client printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("stream client printed {line:?}"))
+}
+
+fn support_cpha() -> &'static str {
+    env!("CARGO_BIN_EXE_cpha")
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).context("opening a log file")
+}
+
+fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Result<String> {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    if let Some(input) = stdin {
+        child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn socket_command(path: &Path, command: &str) -> Result<String> {
+    let mut s = UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    // The master CLI answers and then waits for the client to close its side.
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
