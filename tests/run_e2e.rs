@@ -218,3 +218,74 @@ fn agent_sigkill_and_restart_leaves_no_leaked_or_duplicated_rules() {
     assert_eq!(c.servers().unwrap().len(), 3);
     assert!(c.cp.run("iptables-save", &[]).unwrap().find("CPHA").is_none(), "iptables rules appeared");
 }
+
+/// systemd's side: READY=1 once the endpoint answers, STATUS= sentences, WATCHDOG=1, and
+/// STOPPING=1; SIGHUP with an invalid file keeps the running configuration; SIGUSR1 resyncs
+/// HAProxy (a server disabled by hand comes back).
+#[test]
+fn sd_notify_and_signals() {
+    use std::os::unix::net::UnixDatagram;
+    let mut c = Cluster::new(3).unwrap();
+    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
+    let config = c.write_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
+    let sock_path = c.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.start_agent_with_env(
+        &config,
+        &[("NOTIFY_SOCKET", sock_path.display().to_string()), ("WATCHDOG_USEC", "2000000".to_string())],
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1")) {
+        let n = sock.recv(&mut buf).expect("sd-notify messages from the agent");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    assert!(seen.contains("STATUS=forwarding: nftables forwards 10.10.0.1:6443"), "{seen}");
+
+    // SIGHUP with a broken file: refused, the agent keeps running as it was.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("rise: 2", "rise: 0")).unwrap();
+    c.signal_agent(1).unwrap();
+    cpha_lab::netns::wait_for("the invalid configuration reported", Duration::from_secs(10), || {
+        Ok(c.status()?["agent"]["last_error"].as_str().filter(|e| e.contains("config reload")).map(str::to_string))
+    })
+    .unwrap();
+    assert_eq!(c.phase().unwrap(), "forwarding");
+    std::fs::write(&config, good).unwrap();
+
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], LONG).unwrap();
+    cpha_lab::netns::wait_for("three servers UP", Duration::from_secs(15), || {
+        Ok((c.servers()?.iter().filter(|(_, _, s)| *s == 2).count() == 3).then_some(()))
+    })
+    .unwrap();
+    let (name, _, _) = c.servers().unwrap().into_iter().find(|(_, a, _)| a == "10.22.0.2").unwrap();
+    c.admin(&format!("disable server {}/{name}", cluster::BACKEND)).unwrap();
+    cpha_lab::netns::wait_for("the server held in maintenance", Duration::from_secs(5), || {
+        Ok(c.servers()?.iter().any(|(n, _, s)| *n == name && *s == 0).then_some(()))
+    })
+    .unwrap();
+    c.signal_agent(10).unwrap();
+    cpha_lab::netns::wait_for("SIGUSR1 brings the server back", Duration::from_secs(15), || {
+        Ok(c.servers()?.iter().any(|(n, _, s)| *n == name && *s == 2).then_some(()))
+    })
+    .unwrap();
+
+    c.signal_agent(15).unwrap();
+    let mut agent = c.agent.take().unwrap();
+    let status = agent.wait_timeout(Duration::from_secs(30)).unwrap().expect("the agent stops on SIGTERM");
+    assert!(status.success(), "{status}");
+    while let Ok(n) = sock.recv(&mut buf) {
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if seen.contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(seen.contains("STOPPING=1"), "{seen}");
+    // forward.onShutdown keep: the endpoint stays with HAProxy while the agent is away.
+    no_failures(&load_report(c.https_loop(&c.client, "1s").unwrap(), LONG).unwrap(), "after the agent stopped")
+        .unwrap();
+}

@@ -251,6 +251,11 @@ impl Agent {
         self.apply_if_due().await;
 
         let health = self.haproxy.health().await;
+        if health.answers && !self.status.haproxy_answers {
+            // HAProxy (re)started: whatever it runs is brought to the desired state.
+            tracing::info!("HAProxy answers: reconciling it with the member set");
+            self.dirty = true;
+        }
         self.status.haproxy_answers = health.answers;
         self.status.haproxy_servers_up = health.up;
         self.status.haproxy_servers_total = health.total;

@@ -160,11 +160,22 @@ haproxy:
     }
 
     pub fn start_agent(&mut self, config: &Path) -> Result<()> {
+        self.start_agent_with_env(config, &[])
+    }
+
+    pub fn start_agent_with_env(&mut self, config: &Path, env: &[(&str, String)]) -> Result<()> {
         let mut cmd = self.cp.command(support_cpha());
         cmd.args(["run", "--config"]).arg(config).stderr(log_file(&self.dir, "cpha.log")?);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         self.agent = Some(Child::spawn(cmd, "cpha run")?);
         self.wait_phase(&["forwarding", "balanced"], Duration::from_secs(30))?;
         Ok(())
+    }
+
+    pub fn signal_agent(&self, sig: i32) -> Result<()> {
+        self.agent.as_ref().context("the agent is not running")?.signal(sig)
     }
 
     /// SIGKILL: no shutdown path runs.
