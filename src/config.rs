@@ -113,11 +113,15 @@ impl Default for HandoverSection {
 pub struct AgentSection {
     /// Local HTTP port for /metrics, /healthz, /readyz and /status.
     pub status_listen: SocketAddr,
+    /// Post Kubernetes Events (events.k8s.io/v1) on handover, fallback and rejected member
+    /// lists, attached to the ConfigMap or EndpointSlice the members come from, when the
+    /// credentials allow it.
+    pub events: bool,
 }
 
 impl Default for AgentSection {
     fn default() -> Self {
-        Self { status_listen: SocketAddr::from(([127, 0, 0, 1], 9966)) }
+        Self { status_listen: SocketAddr::from(([127, 0, 0, 1], 9966)), events: true }
     }
 }
 

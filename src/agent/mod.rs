@@ -13,6 +13,7 @@
 //! metrics and sd-notify STATUS=.
 
 pub mod endpoint;
+pub mod events;
 pub mod probe;
 pub mod server;
 pub mod state;
@@ -84,6 +85,7 @@ struct Agent {
     known_tx: tokio::sync::watch::Sender<MemberSet>,
     phase_since: SystemTime,
     ticks: u64,
+    events: events::Events,
 }
 
 impl Agent {
@@ -129,6 +131,7 @@ impl Agent {
             known_tx,
             phase_since: SystemTime::now(),
             ticks: 0,
+            events: events::Events::disabled(),
         })
     }
 
@@ -136,6 +139,7 @@ impl Agent {
         let listener = server::bind(self.config.agent.status_listen).await?;
         tokio::spawn(server::serve(listener, self.shared.clone(), self.root.child_token()));
         self.start_source();
+        self.start_events();
 
         // The endpoint first: READY=1 means kubeadm can use it.
         match self.endpoint.adopt().await? {
@@ -201,6 +205,18 @@ impl Agent {
         self.source = Some((stop, task));
     }
 
+    fn start_events(&mut self) {
+        self.events = match (self.config.agent.events, events::regarding(&self.config.members.source)) {
+            (true, Some(reference)) => events::spawn(
+                self.config.kubernetes.clone(),
+                reference,
+                self.known_tx.subscribe(),
+                self.root.child_token(),
+            ),
+            _ => events::Events::disabled(),
+        };
+    }
+
     /// Installs the forward to the bootstrap targets (or the first member set).
     async fn bootstrap_forward(&mut self) -> anyhow::Result<()> {
         let mut targets: Vec<SocketAddr> = self.config.forward.targets.iter().map(|e| e.0).collect();
@@ -235,6 +251,12 @@ impl Agent {
             }
             Update::Rejected { source, reason } => {
                 tracing::warn!(source, "member update rejected, keeping the last good set: {reason}");
+                self.events.note(events::Note {
+                    warning: true,
+                    reason: "MembersRejected",
+                    action: "ValidateMembers",
+                    message: format!("{source}: {reason}; keeping {}", self.members),
+                });
                 self.status.last_rejected_update = Some(format!("{source}: {reason}"));
             }
             Update::Problem { source, message, .. } => {
@@ -399,6 +421,13 @@ impl Agent {
             let sentence = self.sentence();
             tracing::info!(from = old.as_str(), "{sentence}");
             notify::status(&sentence);
+            let (warning, reason, action) = match phase {
+                Phase::Balanced => (false, "HandedOver", "HandOver"),
+                Phase::Fallback => (true, "FellBack", "FallBack"),
+                Phase::Forwarding => (false, "Forwarding", "Forward"),
+                Phase::HandingOver => (false, "HandingOver", "HandOver"),
+            };
+            self.events.note(events::Note { warning, reason, action, message: sentence });
         }
     }
 
