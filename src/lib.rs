@@ -28,4 +28,6 @@ pub mod members;
 pub mod metrics;
 pub mod notify;
 pub mod sysinfo;
+#[cfg(test)]
+mod testutil;
 pub mod yaml;

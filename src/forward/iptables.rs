@@ -358,6 +358,7 @@ impl KernelBackend for Iptables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::golden;
 
     fn spec(listen: &str, targets: &[&str]) -> ForwardSpec {
         ForwardSpec::new(listen.parse().unwrap(), targets.iter().map(|t| t.parse().unwrap()).collect()).unwrap()
@@ -365,15 +366,6 @@ mod tests {
 
     const EMPTY: &str = "";
     const KUBE: &str = "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\nCOMMIT\n";
-
-    fn golden(name: &str, actual: &str) {
-        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-        if std::env::var_os("CPHA_UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, actual).unwrap();
-        }
-        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        pretty_assertions::assert_eq!(expected, actual, "golden file {name}");
-    }
 
     #[test]
     fn golden_restore_inputs() {

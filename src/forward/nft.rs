@@ -225,18 +225,10 @@ impl KernelBackend for Nftables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::golden;
 
     fn spec(listen: &str, targets: &[&str]) -> ForwardSpec {
         ForwardSpec::new(listen.parse().unwrap(), targets.iter().map(|t| t.parse().unwrap()).collect()).unwrap()
-    }
-
-    fn golden(name: &str, actual: &str) {
-        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-        if std::env::var_os("CPHA_UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, actual).unwrap();
-        }
-        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        pretty_assertions::assert_eq!(expected, actual, "golden file {name}");
     }
 
     #[test]

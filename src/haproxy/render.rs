@@ -336,6 +336,7 @@ mod tests {
 
     use super::*;
     use crate::members::{MemberSet, ParseOptions};
+    use crate::testutil::golden;
 
     fn servers(list: &str) -> Vec<Server> {
         let set: MemberSet = crate::members::parse(list, &ParseOptions::default()).unwrap();
@@ -348,16 +349,6 @@ mod tests {
 
     fn bind() -> SocketAddr {
         "10.0.0.10:6443".parse().unwrap()
-    }
-
-    fn golden(name: &str, actual: &str) {
-        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-        if std::env::var_os("CPHA_UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, actual).unwrap();
-        }
-        let expected =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e} (set CPHA_UPDATE_GOLDEN=1)"));
-        pretty_assertions::assert_eq!(expected, actual, "golden file {name}");
     }
 
     /// `haproxy -c` on text; the file must parse in HAProxy 2.6 exactly as cpha renders it.
