@@ -1,6 +1,6 @@
 //! kube-standin: a protocol-faithful stand-in for the subset of the Kubernetes API that cpha
-//! uses (core/v1 ConfigMaps, discovery.k8s.io/v1 EndpointSlices), for tests on machines where
-//! no kube-apiserver can run. See README.md for the flags, token rules and fault endpoint.
+//! uses (core/v1 ConfigMaps, discovery.k8s.io/v1 EndpointSlices, events.k8s.io/v1 Events), for
+//! tests on machines where no kube-apiserver can run. See README.md for the flags, token rules and fault endpoint.
 
 pub mod api;
 pub mod app;

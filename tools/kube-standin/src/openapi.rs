@@ -21,6 +21,7 @@ fn schema_name(kind: Kind) -> &'static str {
     match kind {
         Kind::ConfigMap => "io.k8s.api.core.v1.ConfigMap",
         Kind::EndpointSlice => "io.k8s.api.discovery.v1.EndpointSlice",
+        Kind::Event => "io.k8s.api.events.v1.Event",
     }
 }
 
@@ -36,6 +37,8 @@ fn to_openapi(s: &Schema, path: &str) -> Value {
         Schema::Int => json!({"type": "integer", "format": "int64"}),
         Schema::Bytes => json!({"type": "string", "format": "byte"}),
         Schema::Any => json!({"type": "object"}),
+        Schema::Time | Schema::MicroTime => json!({"type": "string", "format": "date-time"}),
+        Schema::Always(inner) => to_openapi(inner, path),
         Schema::Map(inner) => json!({
             "type": "object",
             "additionalProperties": to_openapi(inner, path),
@@ -80,7 +83,7 @@ fn param(name: &str, ty: &str) -> Value {
 fn op(kind: Kind, action: &str, id: &str, params: Vec<Value>, body_types: &[&str]) -> Value {
     let schema_ref = json!({"$ref": format!("#/components/schemas/{}", schema_name(kind))});
     let mut o = json!({
-        "tags": [format!("{}{}", if kind.group().is_empty() { "core" } else { "discovery" }, "V1")],
+        "tags": [format!("{}_{}", kind.group().split('.').next().filter(|g| !g.is_empty()).unwrap_or("core"), kind.version())],
         "operationId": id,
         "parameters": params,
         "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": schema_ref}}}},
@@ -238,6 +241,14 @@ mod tests {
         let g = groups();
         assert_eq!(g[0].0, "api/v1");
         assert_eq!(g[1].0, "apis/discovery.k8s.io/v1");
+        assert_eq!(g[2].0, "apis/events.k8s.io/v1");
+        let ev = gv_doc(&g[2].1);
+        let create = &ev["paths"]["/apis/events.k8s.io/v1/namespaces/{namespace}/events"]["post"];
+        assert_eq!(create["x-kubernetes-group-version-kind"]["group"], "events.k8s.io");
+        assert_eq!(create["tags"][0], "events_v1");
+        let props = &ev["components"]["schemas"]["io.k8s.api.events.v1.Event"]["properties"];
+        assert_eq!(props["eventTime"]["format"], "date-time");
+        assert_eq!(props["regarding"]["properties"]["fieldPath"]["type"], "string");
         let doc = gv_doc(&g[0].1);
         let patch = &doc["paths"]["/api/v1/namespaces/{namespace}/configmaps/{name}"]["patch"];
         assert_eq!(patch["x-kubernetes-group-version-kind"]["kind"], "ConfigMap");

@@ -17,6 +17,7 @@ fn def_name(kind: Kind) -> &'static str {
     match kind {
         Kind::ConfigMap => "io.k8s.api.core.v1.ConfigMap",
         Kind::EndpointSlice => "io.k8s.api.discovery.v1.EndpointSlice",
+        Kind::Event => "io.k8s.api.events.v1.Event",
     }
 }
 
@@ -27,6 +28,8 @@ fn schema(s: &Schema, path: &str) -> Value {
         Schema::Int => json!({"type": "integer", "format": "int64"}),
         Schema::Bytes => json!({"type": "string", "format": "byte"}),
         Schema::Any => json!({"type": "object"}),
+        Schema::Time | Schema::MicroTime => json!({"type": "string", "format": "date-time"}),
+        Schema::Always(inner) => schema(inner, path),
         Schema::Map(inner) => json!({"type": "object", "additionalProperties": schema(inner, path)}),
         Schema::List(inner) => {
             let mut l = json!({"type": "array", "items": schema(inner, path)});

@@ -141,7 +141,7 @@ impl RequestInfo {
         }
         if info.name.is_empty() && matches!(info.verb.as_str(), "list" | "watch" | "deletecollection") {
             if let Some(fs) = query.get("fieldSelector") {
-                if let Ok(sel) = FieldSelector::parse(fs) {
+                if let Ok(sel) = FieldSelector::parse_any(fs) {
                     if let Some(n) = sel.exact("metadata.name") {
                         if !n.is_empty() && !n.contains('/') && n != "." && n != ".." {
                             info.name = n.to_string();

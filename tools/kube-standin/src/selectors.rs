@@ -1,5 +1,6 @@
-//! Label selectors (equality and set-based) and the `metadata.name` / `metadata.namespace`
-//! field selectors, parsed and matched like `k8s.io/apimachinery/pkg/labels` and `fields`.
+//! Label selectors (equality and set-based) and field selectors (`metadata.name`,
+//! `metadata.namespace` and the fields a kind adds), parsed and matched like
+//! `k8s.io/apimachinery/pkg/labels` and `fields`.
 
 use serde_json::Value;
 
@@ -128,12 +129,16 @@ fn parse_requirement(part: &str) -> Result<(String, LabelOp), String> {
     }
 }
 
-/// A field selector over `metadata.name` and `metadata.namespace`.
+/// A field selector: `field=value`, `field==value` and `field!=value` terms on the fields a kind
+/// can be selected by, each a dotted path into the object (`metadata.name`, `regarding.kind`);
+/// an absent field reads as the empty string.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    /// Parses the syntax only (what the API server's request-info does to find a
+    /// `metadata.name` term before any kind is known).
+    pub fn parse_any(s: &str) -> Result<Self, String> {
         let mut terms = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (field, eq, value) = if let Some((f, v)) = part.split_once("!=") {
@@ -145,13 +150,18 @@ impl FieldSelector {
             } else {
                 return Err(format!("invalid selector: '{s}'; can't understand '{part}'"));
             };
-            let field = field.trim();
-            if field != "metadata.name" && field != "metadata.namespace" {
-                return Err(format!("field label not supported: {field}"));
-            }
-            terms.push((field.to_string(), eq, value.trim().to_string()));
+            terms.push((field.trim().to_string(), eq, value.trim().to_string()));
         }
         Ok(Self(terms))
+    }
+
+    /// Parses a selector on a kind that can be selected by `supported`.
+    pub fn parse(s: &str, supported: &[&str]) -> Result<Self, String> {
+        let sel = Self::parse_any(s)?;
+        if let Some((field, _, _)) = sel.0.iter().find(|(f, _, _)| !supported.contains(&f.as_str())) {
+            return Err(format!("field label not supported: {field}"));
+        }
+        Ok(sel)
     }
 
     /// The value of an `=`/`==` term on `field` (what RBAC uses as the request's name).
@@ -167,11 +177,7 @@ impl FieldSelector {
 
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(f, eq, v)| {
-            let actual = match f.as_str() {
-                "metadata.name" => obj["metadata"]["name"].as_str(),
-                _ => obj["metadata"]["namespace"].as_str(),
-            }
-            .unwrap_or_default();
+            let actual = f.split('.').try_fold(obj, |o, seg| o.get(seg)).and_then(Value::as_str).unwrap_or_default();
             (actual == v) == *eq
         })
     }
@@ -214,13 +220,18 @@ mod tests {
 
     #[test]
     fn field_selectors() {
-        let o = json!({"metadata": {"name": "cpha-members", "namespace": "kube-system"}});
-        let f = FieldSelector::parse("metadata.name=cpha-members").unwrap();
+        const META: [&str; 2] = ["metadata.name", "metadata.namespace"];
+        let o = json!({"metadata": {"name": "cpha-members", "namespace": "kube-system"}, "regarding": {"kind": "ConfigMap"}});
+        let f = FieldSelector::parse("metadata.name=cpha-members", &META).unwrap();
         assert!(f.matches(&o));
         assert_eq!(f.exact("metadata.name"), Some("cpha-members"));
-        let f = FieldSelector::parse("metadata.namespace!=kube-system").unwrap();
+        let f = FieldSelector::parse("metadata.namespace!=kube-system", &META).unwrap();
         assert!(!f.matches(&o));
         assert_eq!(f.exact("metadata.namespace"), None);
-        assert_eq!(FieldSelector::parse("spec.x=1").unwrap_err(), "field label not supported: spec.x");
+        assert_eq!(FieldSelector::parse("spec.x=1", &META).unwrap_err(), "field label not supported: spec.x");
+        let f = FieldSelector::parse_any("regarding.kind=ConfigMap,reason=").unwrap();
+        assert!(f.matches(&o), "an absent field reads as empty");
+        assert!(!FieldSelector::parse_any("regarding.kind=Pod").unwrap().matches(&o));
+        assert!(FieldSelector::parse_any("nonsense").is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! Timestamps the way the API server writes them (RFC 3339, UTC, whole seconds) and the
-//! human "age" column kubectl shows, without pulling in a calendar crate.
+//! Timestamps the way the API server reads and writes them (`metav1.Time`: RFC 3339, UTC, whole
+//! seconds; `metav1.MicroTime`: six fractional digits) and the human "age" column kubectl
+//! shows, without pulling in a calendar crate.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,6 +48,127 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         _ => return None,
     };
     Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset)
+}
+
+/// `2024-05-01T12:34:56.123456Z` (`metav1.MicroTime`'s form) for a Unix time and microseconds.
+pub fn rfc3339_micro(unix: i64, micros: u32) -> String {
+    let s = rfc3339(unix);
+    format!("{}.{micros:06}Z", &s[..s.len() - 1])
+}
+
+/// Go's `time.RFC3339`, what `metav1.Time` parses with.
+pub const GO_RFC3339: &str = "2006-01-02T15:04:05Z07:00";
+/// `metav1.RFC3339Micro`, what `metav1.MicroTime` parses with: exactly six fractional digits.
+pub const GO_RFC3339_MICRO: &str = "2006-01-02T15:04:05.000000Z07:00";
+
+/// Parses `s` as Go's `time.Parse` does with [`GO_RFC3339`] (`micro` false) or
+/// [`GO_RFC3339_MICRO`] (`micro` true), returning Unix seconds and nanoseconds, or Go's
+/// `*time.ParseError` text.
+pub fn parse_go(s: &str, micro: bool) -> Result<(i64, u32), String> {
+    let layout = if micro { GO_RFC3339_MICRO } else { GO_RFC3339 };
+    let cannot =
+        |rest: &str, elem: &str| format!("parsing time {s:?} as {layout:?}: cannot parse {rest:?} as {elem:?}");
+    let range = |what: &str| format!("parsing time {s:?}: {what} out of range");
+    // Fixed-width decimal field at the start of `rest`.
+    fn digits(rest: &str, n: usize) -> Option<i64> {
+        let d = rest.get(..n)?;
+        d.bytes().all(|b| b.is_ascii_digit()).then(|| d.parse().ok()).flatten()
+    }
+    let mut rest = s;
+    let num = |rest: &mut &str, n: usize, elem: &str| -> Result<i64, String> {
+        let v = digits(rest, n).ok_or_else(|| cannot(rest, elem))?;
+        *rest = &rest[n..];
+        Ok(v)
+    };
+    let lit = |rest: &mut &str, l: &str| -> Result<(), String> {
+        match rest.strip_prefix(l) {
+            Some(r) => {
+                *rest = r;
+                Ok(())
+            }
+            None => Err(cannot(rest, l)),
+        }
+    };
+    let year = num(&mut rest, 4, "2006")?;
+    lit(&mut rest, "-")?;
+    let month = num(&mut rest, 2, "01")?;
+    if !(1..=12).contains(&month) {
+        return Err(range("month"));
+    }
+    lit(&mut rest, "-")?;
+    let day = num(&mut rest, 2, "02")?;
+    lit(&mut rest, "T")?;
+    // The hour is not fixed-width in Go's layout ("15"): one or two digits.
+    let hour_len = rest.bytes().take(2).take_while(u8::is_ascii_digit).count();
+    let hour = digits(rest, hour_len).filter(|_| hour_len > 0).ok_or_else(|| cannot(rest, "15"))?;
+    rest = &rest[hour_len..];
+    if hour > 23 {
+        return Err(range("hour"));
+    }
+    lit(&mut rest, ":")?;
+    let minute = num(&mut rest, 2, "04")?;
+    if minute > 59 {
+        return Err(range("minute"));
+    }
+    lit(&mut rest, ":")?;
+    let second = num(&mut rest, 2, "05")?;
+    if second > 59 {
+        return Err(range("second"));
+    }
+    let mut nanos = 0u32;
+    let fraction = |rest: &str| {
+        rest.len() >= 2 && matches!(rest.as_bytes()[0], b'.' | b',') && rest.as_bytes()[1].is_ascii_digit()
+    };
+    if micro {
+        let ok = rest.len() >= 7 && matches!(rest.as_bytes()[0], b'.' | b',') && digits(&rest[1..], 6).is_some();
+        if !ok {
+            return Err(cannot(rest, ".000000"));
+        }
+        nanos = digits(&rest[1..], 6).unwrap_or(0) as u32 * 1000;
+        rest = &rest[7..];
+    } else if fraction(rest) {
+        let n = rest[1..].bytes().take_while(u8::is_ascii_digit).count();
+        let frac = &rest[1..1 + n];
+        let padded: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+        nanos = padded.parse().unwrap_or(0);
+        rest = &rest[1 + n..];
+    }
+    let offset = if let Some(r) = rest.strip_prefix('Z') {
+        rest = r;
+        0
+    } else {
+        let b = rest.as_bytes();
+        let ok = b.len() >= 6 && matches!(b[0], b'+' | b'-') && b[3] == b':';
+        let (h, m) = match (ok, digits(rest.get(1..).unwrap_or(""), 2), digits(rest.get(4..).unwrap_or(""), 2)) {
+            (true, Some(h), Some(m)) => (h, m),
+            _ => return Err(cannot(rest, "Z07:00")),
+        };
+        if h > 24 {
+            return Err(range("time zone offset hour"));
+        }
+        if m > 60 {
+            return Err(range("time zone offset minute"));
+        }
+        let sign = if b[0] == b'-' { -1 } else { 1 };
+        rest = &rest[6..];
+        sign * (h * 3600 + m * 60)
+    };
+    if !rest.is_empty() {
+        return Err(format!("parsing time {s:?}: extra text: {rest:?}"));
+    }
+    if day < 1 || day > days_in_month(year, month) {
+        return Err(range("day"));
+    }
+    Ok((days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset, nanos))
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 /// kubectl's short duration (`translateTimestampSince` / `HumanDuration`): `45s`, `5m12s`, `3h`, `12d`, `2y10d`.
@@ -124,6 +246,38 @@ mod tests {
         assert_eq!(parse_rfc3339("2024-05-01T14:34:56.123+02:00"), Some(1_714_566_896));
         assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn go_layouts() {
+        assert_eq!(parse_go("2024-05-01T12:34:56.123456Z", true), Ok((1_714_566_896, 123_456_000)));
+        assert_eq!(parse_go("2024-05-01T14:34:56.123456+02:00", true), Ok((1_714_566_896, 123_456_000)));
+        assert_eq!(rfc3339_micro(1_714_566_896, 123_456), "2024-05-01T12:34:56.123456Z");
+        assert_eq!(
+            parse_go("2024-05-01T12:34:56Z", true).unwrap_err(),
+            r#"parsing time "2024-05-01T12:34:56Z" as "2006-01-02T15:04:05.000000Z07:00": cannot parse "Z" as ".000000""#
+        );
+        assert_eq!(
+            parse_go("2024-05-01T12:34:56.123456789Z", true).unwrap_err(),
+            r#"parsing time "2024-05-01T12:34:56.123456789Z" as "2006-01-02T15:04:05.000000Z07:00": cannot parse "789Z" as "Z07:00""#
+        );
+        assert_eq!(
+            parse_go("bogus", false).unwrap_err(),
+            r#"parsing time "bogus" as "2006-01-02T15:04:05Z07:00": cannot parse "bogus" as "2006""#
+        );
+        assert_eq!(parse_go("2024-05-01T12:34:56.5Z", false), Ok((1_714_566_896, 500_000_000)));
+        assert_eq!(
+            parse_go("2023-02-29T00:00:00Z", false).unwrap_err(),
+            r#"parsing time "2023-02-29T00:00:00Z": day out of range"#
+        );
+        assert_eq!(
+            parse_go("2024-13-01T00:00:00Z", false).unwrap_err(),
+            r#"parsing time "2024-13-01T00:00:00Z": month out of range"#
+        );
+        assert_eq!(
+            parse_go("2024-05-01T12:34:56Zjunk", false).unwrap_err(),
+            r#"parsing time "2024-05-01T12:34:56Zjunk": extra text: "junk""#
+        );
     }
 
     #[test]

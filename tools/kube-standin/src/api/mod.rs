@@ -64,9 +64,12 @@ impl Req<'_> {
         }
     }
 
+    /// The label and field selectors; a field the kind cannot be selected by is a 400, as the
+    /// API server's field label conversion answers.
     pub fn selectors(&self) -> Result<(LabelSelector, FieldSelector), ApiError> {
         let ls = LabelSelector::parse(self.q("labelSelector").unwrap_or_default()).map_err(ApiError::bad_request)?;
-        let fs = FieldSelector::parse(self.q("fieldSelector").unwrap_or_default()).map_err(ApiError::bad_request)?;
+        let fs = FieldSelector::parse(self.q("fieldSelector").unwrap_or_default(), self.kind.field_labels())
+            .map_err(ApiError::bad_request)?;
         Ok((ls, fs))
     }
 
@@ -141,13 +144,19 @@ pub fn decode_object(kind: Kind, raw: &Value, fv: FieldValidation) -> Result<(Va
         }
     }
     let d = crate::resources::schema::decode(raw, kind.schema()).map_err(|e| {
+        let why = e.detail.unwrap_or_else(|| {
+            format!(
+                "json: cannot unmarshal {jt} into Go struct field {k}.{p} of type {gt}",
+                k = kind.name(),
+                jt = e.json_type,
+                p = e.path,
+                gt = e.go_type
+            )
+        });
         ApiError::bad_request(format!(
-            "{k} in version \"{v}\" cannot be handled as a {k}: json: cannot unmarshal {jt} into Go struct field {k}.{p} of type {gt}",
+            "{k} in version \"{v}\" cannot be handled as a {k}: {why}",
             k = kind.name(),
             v = kind.version(),
-            jt = e.json_type,
-            p = e.path,
-            gt = e.go_type
         ))
     })?;
     let unknown: Vec<String> = d.unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();

@@ -1,6 +1,8 @@
-//! The served kinds (core/v1 ConfigMap, discovery.k8s.io/v1 EndpointSlice): names, discovery
-//! entries, decoding schema, defaulting, validation and the columns of their `Table` form.
+//! The served kinds (core/v1 ConfigMap, discovery.k8s.io/v1 EndpointSlice, events.k8s.io/v1
+//! Event): names, discovery entries, decoding schema, field selectors, defaulting, validation
+//! and the columns of their `Table` form.
 
+pub mod event;
 pub mod schema;
 pub mod validate;
 
@@ -14,17 +16,19 @@ use crate::timefmt;
 pub enum Kind {
     ConfigMap,
     EndpointSlice,
+    Event,
 }
 
 const VERBS: [&str; 8] = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::ConfigMap, Kind::EndpointSlice];
+    pub const ALL: [Kind; 3] = [Kind::ConfigMap, Kind::EndpointSlice, Kind::Event];
 
     pub fn group(self) -> &'static str {
         match self {
             Kind::ConfigMap => "",
             Kind::EndpointSlice => "discovery.k8s.io",
+            Kind::Event => "events.k8s.io",
         }
     }
     pub fn version(self) -> &'static str {
@@ -34,24 +38,28 @@ impl Kind {
         match self {
             Kind::ConfigMap => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Event => "events.k8s.io/v1",
         }
     }
     pub fn plural(self) -> &'static str {
         match self {
             Kind::ConfigMap => "configmaps",
             Kind::EndpointSlice => "endpointslices",
+            Kind::Event => "events",
         }
     }
     pub fn singular(self) -> &'static str {
         match self {
             Kind::ConfigMap => "configmap",
             Kind::EndpointSlice => "endpointslice",
+            Kind::Event => "event",
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             Kind::ConfigMap => "ConfigMap",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Event => "Event",
         }
     }
     pub fn list_kind(self) -> String {
@@ -61,6 +69,15 @@ impl Kind {
         match self {
             Kind::ConfigMap => &schema::CONFIG_MAP,
             Kind::EndpointSlice => &schema::ENDPOINT_SLICE,
+            Kind::Event => &schema::EVENT,
+        }
+    }
+
+    /// The fields a field selector may name (others: 400 `field label not supported`).
+    pub fn field_labels(self) -> &'static [&'static str] {
+        match self {
+            Kind::ConfigMap | Kind::EndpointSlice => &["metadata.name", "metadata.namespace"],
+            Kind::Event => &event::FIELD_LABELS,
         }
     }
     /// EndpointSlices count spec changes in `metadata.generation`; ConfigMaps have none.
@@ -80,14 +97,22 @@ impl Kind {
         m.insert("namespaced".into(), true.into());
         m.insert("kind".into(), self.name().into());
         m.insert("verbs".into(), json!(VERBS));
-        if self == Kind::ConfigMap {
-            m.insert("shortNames".into(), json!(["cm"]));
+        match self {
+            Kind::ConfigMap => {
+                m.insert("shortNames".into(), json!(["cm"]));
+            }
+            Kind::Event => {
+                m.insert("shortNames".into(), json!(["ev"]));
+            }
+            Kind::EndpointSlice => {}
         }
         m.insert(
             "storageVersionHash".into(),
             match self {
                 Kind::ConfigMap => "qFsyl6wFWjQ=",
                 Kind::EndpointSlice => "Nx3SIv6I0mE=",
+                // Events of both groups share one storage, hence one hash.
+                Kind::Event => "r2yiGXH7wu8=",
             }
             .into(),
         );
@@ -125,7 +150,8 @@ impl Kind {
     pub fn validate(self, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
         let empty = Map::new();
         let meta = obj.get("metadata").and_then(Value::as_object).unwrap_or(&empty);
-        let mut out = Vec::new();
+        // An Event's legacy checks come first, as in the API server's event validation.
+        let mut out = if self == Kind::Event { event::legacy_causes(obj) } else { Vec::new() };
         let name = meta.get("name").and_then(Value::as_str).unwrap_or_default();
         if name.is_empty() {
             out.push(Cause::required("metadata.name", "name or generateName is required"));
@@ -142,6 +168,7 @@ impl Kind {
         match self {
             Kind::ConfigMap => validate_config_map(obj, old, &mut out),
             Kind::EndpointSlice => validate_endpoint_slice(obj, old, &mut out),
+            Kind::Event => event::v1_causes(obj, old, &mut out),
         }
         out
     }
@@ -174,6 +201,7 @@ impl Kind {
                 col("Endpoints", "string", "", "endpoints is a list of unique endpoints in this slice. Each slice may include a maximum of 1000 endpoints."),
                 age
             ]),
+            Kind::Event => event::table_columns(name["description"].as_str().unwrap_or_default()),
         }
     }
 
@@ -214,6 +242,7 @@ impl Kind {
                 };
                 vec![name.into(), obj["addressType"].clone(), ports.into(), endpoints.into(), age.into()]
             }
+            Kind::Event => event::table_cells(obj, now),
         }
     }
 }

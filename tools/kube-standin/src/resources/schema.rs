@@ -1,7 +1,8 @@
 //! The wire shape of the served kinds, enough to decode a request body the way the API server's
 //! typed decoder does: unknown fields dropped (and reported, for `fieldValidation`), nulls read
-//! as absent, wrong JSON types refused, fields written back in the Go struct order with map keys
-//! sorted.
+//! as absent, wrong JSON types refused, times parsed with Go's layouts and written back in UTC,
+//! fields written back in the Go struct order with map keys sorted, and fields without
+//! `omitempty` written even when empty (`{}`, `0`, or `null` for a time), as Go's encoder does.
 
 use serde_json::{Map, Value};
 
@@ -21,6 +22,13 @@ pub enum Schema {
     Object(&'static [(&'static str, &'static Schema)]),
     /// Anything, kept verbatim (`managedFields`).
     Any,
+    /// `metav1.Time`: RFC 3339, written back in UTC with whole seconds.
+    Time,
+    /// `metav1.MicroTime`: RFC 3339 with exactly six fractional digits, written back in UTC.
+    MicroTime,
+    /// A field without `omitempty` (a struct, a number or a time): written even when absent, as
+    /// its zero value (`{}`, `0`, `null` for a time).
+    Always(&'static Schema),
 }
 
 pub static STR: Schema = Schema::Str;
@@ -30,6 +38,8 @@ pub static BYTES: Schema = Schema::Bytes;
 pub static ANY: Schema = Schema::Any;
 pub static STR_MAP: Schema = Schema::Map(&STR);
 pub static STR_LIST: Schema = Schema::List(&STR);
+pub static TIME: Schema = Schema::Time;
+pub static MICRO_TIME: Schema = Schema::MicroTime;
 
 static OWNER_REF: Schema = Schema::Object(&[
     ("apiVersion", &STR),
@@ -126,6 +136,31 @@ pub static ENDPOINT_SLICE: Schema = Schema::Object(&[
     ("ports", &ENDPOINT_PORTS),
 ]);
 
+static EVENT_SERIES: Schema =
+    Schema::Object(&[("count", &Schema::Always(&INT)), ("lastObservedTime", &Schema::Always(&MICRO_TIME))]);
+static EVENT_SOURCE: Schema = Schema::Object(&[("component", &STR), ("host", &STR)]);
+
+/// events.k8s.io/v1 Event.
+pub static EVENT: Schema = Schema::Object(&[
+    ("kind", &STR),
+    ("apiVersion", &STR),
+    ("metadata", &OBJECT_META),
+    ("eventTime", &Schema::Always(&MICRO_TIME)),
+    ("series", &EVENT_SERIES),
+    ("reportingController", &STR),
+    ("reportingInstance", &STR),
+    ("action", &STR),
+    ("reason", &STR),
+    ("regarding", &Schema::Always(&OBJECT_REF)),
+    ("related", &OBJECT_REF),
+    ("note", &STR),
+    ("type", &STR),
+    ("deprecatedSource", &Schema::Always(&EVENT_SOURCE)),
+    ("deprecatedFirstTimestamp", &Schema::Always(&TIME)),
+    ("deprecatedLastTimestamp", &Schema::Always(&TIME)),
+    ("deprecatedCount", &INT),
+]);
+
 /// What decoding found besides the value.
 #[derive(Debug, Default)]
 pub struct Decoded {
@@ -140,6 +175,8 @@ pub struct TypeError {
     pub json_type: &'static str,
     pub path: String,
     pub go_type: &'static str,
+    /// The error of a type with its own decoder (a time), reported as it words it.
+    pub detail: Option<String>,
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -163,6 +200,8 @@ fn go_type(s: &Schema) -> &'static str {
         Schema::List(_) => "slice",
         Schema::Object(_) => "struct",
         Schema::Any => "interface",
+        Schema::Time | Schema::MicroTime => "string",
+        Schema::Always(inner) => go_type(inner),
     }
 }
 
@@ -173,7 +212,8 @@ fn zero(s: &Schema) -> Value {
         Schema::Int => Value::from(0),
         Schema::Map(_) | Schema::Object(_) => Value::Object(Map::new()),
         Schema::List(_) => Value::Array(Vec::new()),
-        Schema::Any => Value::Null,
+        Schema::Any | Schema::Time | Schema::MicroTime => Value::Null,
+        Schema::Always(inner) => zero(inner),
     }
 }
 
@@ -197,9 +237,29 @@ fn walk(v: &Value, schema: &Schema, path: &str, unknown: &mut Vec<String>) -> Re
     if v.is_null() {
         return Ok(None);
     }
-    let mismatch = || TypeError { json_type: json_type(v), path: path.to_string(), go_type: go_type(schema) };
+    let mismatch =
+        || TypeError { json_type: json_type(v), path: path.to_string(), go_type: go_type(schema), detail: None };
     let out = match schema {
         Schema::Any => v.clone(),
+        Schema::Always(inner) => return walk(v, inner, path, unknown),
+        Schema::Time | Schema::MicroTime => {
+            let micro = matches!(schema, Schema::MicroTime);
+            // The time types decode a JSON string themselves: other JSON types fail there.
+            let s = v.as_str().ok_or_else(|| TypeError {
+                detail: Some(format!("json: cannot unmarshal {} into Go value of type string", json_type(v))),
+                ..mismatch()
+            })?;
+            let (secs, nanos) = crate::timefmt::parse_go(s, micro).map_err(|e| TypeError {
+                json_type: "string",
+                detail: Some(e),
+                ..mismatch()
+            })?;
+            Value::String(if micro {
+                crate::timefmt::rfc3339_micro(secs, nanos / 1000)
+            } else {
+                crate::timefmt::rfc3339(secs)
+            })
+        }
         Schema::Str => Value::String(v.as_str().ok_or_else(mismatch)?.to_string()),
         Schema::Bytes => {
             let s = v.as_str().ok_or_else(mismatch)?;
@@ -209,6 +269,7 @@ fn walk(v: &Value, schema: &Schema, path: &str, unknown: &mut Vec<String>) -> Re
                     json_type: "string",
                     path: path.to_string(),
                     go_type: "[]uint8 (illegal base64 data)",
+                    detail: None,
                 });
             }
             Value::String(s.to_string())
@@ -246,10 +307,18 @@ fn walk(v: &Value, schema: &Schema, path: &str, unknown: &mut Vec<String>) -> Re
             let m = v.as_object().ok_or_else(mismatch)?;
             let mut out = Map::new();
             for (name, fs) in fields.iter() {
-                if let Some(fv) = m.get(*name) {
-                    if let Some(x) = walk(fv, fs, &join(path, name), unknown)? {
+                let got = match m.get(*name) {
+                    Some(fv) => walk(fv, fs, &join(path, name), unknown)?,
+                    None => None,
+                };
+                match (got, fs) {
+                    (Some(x), _) => {
                         out.insert((*name).to_string(), x);
                     }
+                    (None, Schema::Always(inner)) => {
+                        out.insert((*name).to_string(), zero(inner));
+                    }
+                    (None, _) => {}
                 }
             }
             for k in m.keys() {
@@ -290,5 +359,25 @@ mod tests {
         assert_eq!(e.path, "binaryData");
         let e = decode(&json!({"ports": [{"port": 1.5}]}), &ENDPOINT_SLICE).unwrap_err();
         assert_eq!(e.path, "ports.port");
+        let e = decode(&json!({"eventTime": "2024-05-01T12:34:56Z"}), &EVENT).unwrap_err();
+        assert_eq!(e.path, "eventTime");
+        assert!(e.detail.unwrap().ends_with(r#"cannot parse "Z" as ".000000""#));
+        let e = decode(&json!({"eventTime": 5}), &EVENT).unwrap_err();
+        assert_eq!(e.detail.unwrap(), "json: cannot unmarshal number into Go value of type string");
+    }
+
+    #[test]
+    fn writes_fields_without_omitempty_and_normalizes_times() {
+        let d = decode(
+            &json!({"metadata": {"name": "e"}, "eventTime": "2024-05-01T14:34:56.123456+02:00", "series": {"count": 2}, "type": "Normal"}),
+            &EVENT,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&d.value).unwrap(),
+            r#"{"metadata":{"name":"e"},"eventTime":"2024-05-01T12:34:56.123456Z","series":{"count":2,"lastObservedTime":null},"regarding":{},"type":"Normal","deprecatedSource":{},"deprecatedFirstTimestamp":null,"deprecatedLastTimestamp":null}"#
+        );
+        let d = decode(&json!({"deprecatedFirstTimestamp": "2024-05-01T14:34:56.9+02:00"}), &EVENT).unwrap();
+        assert_eq!(d.value["deprecatedFirstTimestamp"], "2024-05-01T12:34:56Z");
     }
 }

@@ -77,6 +77,48 @@ fn qualified_name_causes(field: &str, key: &str) -> Vec<Cause> {
     out
 }
 
+/// `IsQualifiedName`'s messages for `value` (a label key, an Event's reportingController).
+pub fn qualified_name_msgs(value: &str) -> Vec<String> {
+    let parts: Vec<&str> = value.split('/').collect();
+    let mut out = Vec::new();
+    let name = match parts.as_slice() {
+        [name] => *name,
+        [prefix, name] => {
+            if prefix.is_empty() {
+                out.push("prefix part must be non-empty".to_string());
+            } else {
+                if prefix.len() > 253 {
+                    out.push("prefix part must be no more than 253 characters".to_string());
+                }
+                if !prefix.split('.').all(is_label) {
+                    out.push(format!("prefix part {DNS1123_SUBDOMAIN_MSG}"));
+                }
+            }
+            *name
+        }
+        _ => {
+            return vec![format!(
+                "a qualified name {} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')",
+                QUALIFIED_NAME_MSG.trim_start_matches("name part ")
+            )]
+        }
+    };
+    if name.is_empty() {
+        out.push("name part must be non-empty".to_string());
+    } else if name.len() > 63 {
+        out.push("name part must be no more than 63 characters".to_string());
+    }
+    let b = name.as_bytes();
+    let pattern_ok = !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if !pattern_ok {
+        out.push(QUALIFIED_NAME_MSG.to_string());
+    }
+    out
+}
+
 /// `metadata.labels` keys and values, `metadata.annotations` keys and size.
 pub fn meta_causes(meta: &Map<String, Value>) -> Vec<Cause> {
     let mut out = Vec::new();
@@ -165,6 +207,11 @@ mod tests {
             serde_json::from_str(r#"{"labels":{"kubernetes.io/service-name":"kubernetes","bad key":"x","k":"-v"}}"#)
                 .unwrap();
         assert_eq!(meta_causes(&m).len(), 2);
+        assert!(qualified_name_msgs("cpha").is_empty());
+        assert!(qualified_name_msgs("cpha.io/agent").is_empty());
+        assert_eq!(qualified_name_msgs("").len(), 2);
+        assert_eq!(qualified_name_msgs("a b"), vec![QUALIFIED_NAME_MSG.to_string()]);
+        assert!(qualified_name_msgs("a/b/c")[0].starts_with("a qualified name must consist of"));
         assert!(address_causes("a", "IPv4", "10.0.0.1").is_empty());
         assert!(!address_causes("a", "IPv4", "::1").is_empty());
     }

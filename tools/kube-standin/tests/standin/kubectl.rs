@@ -1,6 +1,6 @@
 //! The real kubectl against the stand-in: get, apply (client-side, three-way strategic merge
-//! with the last-applied annotation), edit, patch (strategic, merge, JSON), get -w, and RBAC
-//! denials. kubectl must be installed: these tests fail, never skip, without it.
+//! with the last-applied annotation), edit, patch (strategic, merge, JSON), get -w, RBAC
+//! denials, and the events.k8s.io Events kube-rs's Recorder posts. kubectl must be installed: these tests fail, never skip, without it.
 //!
 //! `KUBECTL` names the binary (default: `kubectl` on PATH); `KUBE_STANDIN_EXTRA_KUBECTL` may
 //! list more binaries (colon-separated, e.g. an older client) for the get/patch/edit/watch
@@ -229,6 +229,53 @@ async fn kubectl_get_apply_edit_patch_delete() {
         "configmap \"cpha-members\" deleted"
     );
     s.get(&format!("{CM}/cpha-members"), ADMIN).await.assert_status(404, "NotFound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_events_shows_the_recorders_event() {
+    use crate::events::{client, members_ref, promoted, publish, recorder, EV};
+    let dir = Scratch::new("kubectl-events");
+    let s = start(dir.path());
+    let k = Kubectl::new(kubectl_binary(), dir.path(), "admin");
+    let out = k.run(&["get", "events.events.k8s.io", "-n", "kube-system"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No resources found in kube-system namespace."));
+
+    let cm = s.create_cm("kube-system", "cpha-members", json!({})).await;
+    let rec = recorder(client(&dir.path().join("admin.kubeconfig")).await);
+    publish(&rec, &promoted(), &members_ref(&cm)).await.expect("publish");
+    publish(&rec, &promoted(), &members_ref(&cm)).await.expect("publish again");
+
+    let table = k.ok(&["get", "events.events.k8s.io", "-n", "kube-system"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"], "{table}");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        row[1..],
+        ["Normal", "Promoted", "configmap/cpha-members", "node-1", "holds", "the", "handover"],
+        "{table}"
+    );
+    // -o wide: the series count, the reporter and the name.
+    let wide = k.ok(&["get", "ev", "-n", "kube-system", "-o", "wide"]);
+    let name = s.get(EV, ADMIN).await.json["items"][0]["metadata"]["name"].as_str().unwrap().to_string();
+    let row: Vec<&str> = wide.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert!(wide.contains("cpha, node-1"), "{wide}");
+    assert_eq!(row[row.len() - 2..], ["2", name.as_str()], "{wide}");
+    let got: Value =
+        serde_json::from_str(&k.ok(&["get", "events.events.k8s.io", &name, "-n", "kube-system", "-o", "json"]))
+            .unwrap();
+    assert_eq!((got["apiVersion"].as_str(), got["series"]["count"].as_i64()), (Some("events.k8s.io/v1"), Some(2)));
+
+    let cpha = Kubectl::new(kubectl_binary(), dir.path(), "cpha");
+    let out = cpha.run(&["get", "events.events.k8s.io", "-n", "kube-system"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Error from server (Forbidden): events.events.k8s.io is forbidden: User \"cpha\" cannot list resource \"events\" in API group \"events.k8s.io\" in the namespace \"kube-system\""),
+        "{err}"
+    );
 }
 
 /// `kubectl get -w` prints a line per change; returns once `want` lines matched.

@@ -3,6 +3,7 @@
 
 mod auth;
 mod crud;
+mod events;
 mod faults;
 mod kube_rs;
 mod kubectl;
