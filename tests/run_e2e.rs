@@ -77,6 +77,21 @@ fn handover(topology: &str, mode: &str) -> Result<()> {
         let r = stream_report(child)?;
         ensure!(r.ok && r.roundtrips > 20, "{what} long-lived connection across the handover: {r:?}");
     }
+    let metrics = c.metrics()?;
+    for line in
+        ["cpha_state{state=\"balanced\"} 1", "cpha_forward_installed 0", "cpha_members 3", "cpha_backend_servers_up 3"]
+    {
+        ensure!(metrics.contains(line), "/metrics lacks {line:?}:\n{metrics}");
+    }
+    ensure!(metrics.contains("cpha_transitions_total{from=\"forwarding\",to=\"handing-over\"} 1"), "{metrics}");
+    // The handover is recorded as an Event on the ConfigMap the members come from.
+    let events = c.kubectl(&["get", "events.events.k8s.io", "-n", "kube-system", "-o", "json"], None)?;
+    let events: serde_json::Value = serde_json::from_str(&events)?;
+    let handed = events["items"].as_array().into_iter().flatten().find(|e| e["reason"] == "HandedOver");
+    ensure!(
+        handed.is_some_and(|e| e["regarding"]["name"] == "cpha-members" && e["regarding"]["kind"] == "ConfigMap"),
+        "no HandedOver event: {events}"
+    );
     Ok(())
 }
 
@@ -158,6 +173,13 @@ fn malformed_configmap_changes_nothing() {
     assert_eq!(names(&c.servers().unwrap()), names(&servers));
     assert_eq!(c.workers().unwrap(), workers);
     assert_eq!(c.status().unwrap()["agent"]["members"].as_array().unwrap().len(), 3);
+    let metrics = c.metrics().unwrap();
+    let rejected: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("cpha_member_updates_rejected_total{source=\"configmap\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(rejected >= 3, "rejections not counted:\n{metrics}");
 }
 
 #[test]

@@ -83,7 +83,7 @@ impl Cluster {
         if api {
             args.extend([
                 "--token".into(),
-                "cpha:cpha-secret:get,list,watch/configmaps/kube-system/cpha-members".into(),
+                "cpha:cpha-secret:get,list,watch/configmaps/kube-system/cpha-members;create,patch/events.events.k8s.io/kube-system".into(),
                 "--kubeconfig-server".into(),
                 format!("https://{ip}:6443"),
                 "--write-kubeconfig".into(),
@@ -341,6 +341,14 @@ haproxy:
             Ok(ready.exists().then_some(()))
         })?;
         Ok(child)
+    }
+
+    /// The agent's Prometheus metrics, from its status port in the cp namespace.
+    pub fn metrics(&self) -> Result<String> {
+        let out = self.cp.command(bin("cpha-lab")).args(["http", "--url", "http://127.0.0.1:9966/metrics"]).output()?;
+        ensure!(out.status.success(), "GET /metrics: {}", String::from_utf8_lossy(&out.stdout));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["body"].as_str().unwrap_or_default().to_string())
     }
 
     /// A stand-in fault (JSON as `/_standin/faults` takes it) on member `n`.
