@@ -19,3 +19,17 @@ pub fn init(level: Option<&str>) {
         builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
     };
 }
+
+/// Keeps printable ASCII as it is and escapes everything else (newlines, control characters,
+/// non-ASCII), so text that came from outside cannot start a new log line or hide itself.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == ' ' || c.is_ascii_graphic() {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}

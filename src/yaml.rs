@@ -53,22 +53,8 @@ impl YamlError {
 
     fn from_backend(err: serde_yaml::Error) -> Self {
         let location = err.location().map(|l| Location { line: l.line(), column: l.column() });
-        YamlError { message: escape_for_log(&err.to_string()), location }
+        YamlError { message: crate::logging::printable(&err.to_string()), location }
     }
-}
-
-/// Keeps printable ASCII as it is and escapes everything else (newlines, control characters,
-/// non-ASCII), so text that came from outside cannot start a new log line or hide itself.
-fn escape_for_log(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c == ' ' || c.is_ascii_graphic() {
-            out.push(c);
-        } else {
-            out.extend(c.escape_default());
-        }
-    }
-    out
 }
 
 /// Reads one YAML document into `T`.
@@ -151,7 +137,7 @@ mod tests {
 
     #[test]
     fn escape_for_log_escapes_everything_but_printable_ascii() {
-        assert_eq!(escape_for_log("a b\n\u{0}\u{202e}é"), "a b\\n\\u{0}\\u{202e}\\u{e9}");
+        assert_eq!(crate::logging::printable("a b\n\u{0}\u{202e}é"), "a b\\n\\u{0}\\u{202e}\\u{e9}");
     }
 
     #[test]

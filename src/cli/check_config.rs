@@ -1,24 +1,13 @@
 //! `cpha check-config`: validate a configuration and the haproxy.cfg it would render
 //! (`haproxy -c` on a temporary copy), touching nothing else.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 
 use crate::config::Config;
 use crate::exit::Coded;
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// The agent's configuration file (YAML).
-    #[arg(long, env = "CPHA_CONFIG", default_value = "/etc/cpha/config.yaml")]
-    pub config: PathBuf,
-
-    /// Members to render for the check (default: the configuration's static members, else a
-    /// sample set of three).
-    #[arg(long, value_name = "LIST")]
-    pub members: Option<String>,
-}
+/// The same flags as `cpha render`.
+pub type Args = super::render::Args;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;

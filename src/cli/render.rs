@@ -19,7 +19,8 @@ pub struct Args {
     pub config: PathBuf,
 
     /// Members to render, written as in the ConfigMap (`10.0.0.11:6443, cp2=10.0.0.12`). Default: the
-    /// configuration's static members, else the last good set in the state file.
+    /// configuration's static members, else the last good set in the state file (check-config
+    /// then falls back to a sample set of three).
     #[arg(long, value_name = "LIST")]
     pub members: Option<String>,
 }

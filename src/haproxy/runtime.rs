@@ -227,19 +227,11 @@ impl RuntimeError {
 /// HAProxy's text made safe for one log line: printable ASCII kept, the rest escaped, cut at
 /// `max` characters.
 pub fn printable(text: &str, max: usize) -> String {
-    let mut out = String::new();
-    for c in text.trim().chars() {
-        if out.len() >= max {
-            out.push_str("...");
-            break;
-        }
-        if c == ' ' || c.is_ascii_graphic() {
-            out.push(c);
-        } else {
-            out.extend(c.escape_default());
-        }
+    let escaped = crate::logging::printable(text.trim());
+    match escaped.get(..max) {
+        Some(head) if escaped.len() > max => format!("{head}..."),
+        _ => escaped,
     }
-    out
 }
 
 /// A connection factory for one CLI socket.

@@ -116,15 +116,7 @@ fn describe_error(e: &watcher::Error) -> String {
 
 /// Escapes everything but printable ASCII: API messages and errors go into log lines.
 pub(super) fn one_line(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c == ' ' || c.is_ascii_graphic() {
-            out.push(c);
-        } else {
-            out.extend(c.escape_default());
-        }
-    }
-    out
+    crate::logging::printable(text)
 }
 
 /// Watches `target` until `shutdown` fires, sending what `extract` finds in it.
