@@ -74,7 +74,6 @@ struct Agent {
     machine: Machine,
     members: MemberSet,
     members_origin: String,
-    applied: Option<MemberSet>,
     dirty: bool,
     last_apply: Option<Instant>,
     status: AgentStatus,
@@ -120,7 +119,6 @@ impl Agent {
             machine,
             members: MemberSet::new(),
             members_origin: "none yet".into(),
-            applied: None,
             dirty: false,
             last_apply: None,
             status,
@@ -162,7 +160,6 @@ impl Agent {
                 _ = usr1.recv() => {
                     tracing::info!("SIGUSR1: forcing a resync of HAProxy and the forward");
                     self.dirty = true;
-                    self.applied = None;
                     self.last_apply = None;
                 }
                 Some(update) = self.updates.recv() => self.on_update(update),
@@ -244,7 +241,6 @@ impl Agent {
                 tracing::info!(members = %set, origin = %origin, "member set accepted");
                 self.members = set.clone();
                 self.members_origin = origin.to_string();
-                self.metrics.members.set(set.len() as i64);
                 self.known_tx.send_replace(set);
                 self.status.source_problem = None;
                 self.dirty = true;
@@ -364,7 +360,6 @@ impl Agent {
             Ok(report) => {
                 tracing::info!(%report, "HAProxy in step with the members");
                 self.status.last_apply = Some(report.to_string());
-                self.applied = Some(self.members.clone());
                 self.dirty = false;
             }
             Err(err) => {
