@@ -290,11 +290,18 @@ fn sd_notify_and_signals() {
         Ok(c.servers()?.iter().any(|(n, _, s)| *n == name && *s == 0).then_some(()))
     })
     .unwrap();
+    // And a forward deleted by hand: the endpoint stops answering until SIGUSR1 restores it.
+    c.cp.run("nft", &["delete", "table", "inet", "cpha"]).unwrap();
     c.signal_agent(10).unwrap();
     cpha_lab::netns::wait_for("SIGUSR1 brings the server back", Duration::from_secs(15), || {
         Ok(c.servers()?.iter().any(|(n, _, s)| *n == name && *s == 2).then_some(()))
     })
     .unwrap();
+    cpha_lab::netns::wait_for("SIGUSR1 restores the forward to HAProxy", Duration::from_secs(10), || {
+        Ok(c.cp.run("nft", &["list", "table", "inet", "cpha"]).ok().filter(|t| t.contains(cluster::HAPROXY_PRIVATE)))
+    })
+    .unwrap();
+    no_failures(&load_report(c.https_loop(&c.client, "1s").unwrap(), LONG).unwrap(), "after SIGUSR1").unwrap();
 
     c.signal_agent(15).unwrap();
     let mut agent = c.agent.take().unwrap();

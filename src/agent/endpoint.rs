@@ -169,6 +169,17 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Puts back what the current carrier needs in the kernel (a forward deleted or changed by
+    /// hand); a no-op when it is in place. The release topology's handed-over state needs no rule.
+    pub async fn reassert(&mut self) -> anyhow::Result<()> {
+        let targets = match (&self.carrier, self.topology) {
+            (Some(Carrier::Forward(t)), _) => t.clone(),
+            (Some(Carrier::Haproxy), Topology::Retarget) => vec![self.haproxy],
+            _ => return Ok(()),
+        };
+        self.forward_to(targets).await
+    }
+
     /// Moves new connections to HAProxy.
     pub async fn hand_to_haproxy(&mut self) -> anyhow::Result<()> {
         match (self.topology, &mut self.kind) {

@@ -139,10 +139,17 @@ impl Agent {
         self.start_source();
         self.start_events();
 
+        let Signals { mut term, mut int, mut hup, mut usr1 } = Signals::new()?;
+
         // The endpoint first: READY=1 means kubeadm can use it.
         match self.endpoint.adopt().await? {
             Some(Carrier::Haproxy) => self.set_phase(Phase::Balanced),
-            _ => self.bootstrap_forward().await?,
+            _ => {
+                if !self.bootstrap_forward(&mut term, &mut int).await? {
+                    self.shutdown().await;
+                    return Ok(());
+                }
+            }
         }
         self.publish();
         notify::ready(&self.sentence());
@@ -150,8 +157,6 @@ impl Agent {
 
         let mut tick = tokio::time::interval(self.config.handover.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let signals = Signals::new()?;
-        let Signals { mut term, mut int, mut hup, mut usr1 } = signals;
         let result = loop {
             tokio::select! {
                 _ = term.recv() => break Ok(()),
@@ -161,6 +166,10 @@ impl Agent {
                     tracing::info!("SIGUSR1: forcing a resync of HAProxy and the forward");
                     self.dirty = true;
                     self.last_apply = None;
+                    if let Err(err) = self.endpoint.reassert().await {
+                        tracing::error!("SIGUSR1: restoring the forward failed: {err:#}");
+                        self.status.last_error = Some(format!("resync: {err:#}"));
+                    }
                 }
                 Some(update) = self.updates.recv() => self.on_update(update),
                 _ = tick.tick() => {
@@ -214,8 +223,13 @@ impl Agent {
         };
     }
 
-    /// Installs the forward to the bootstrap targets (or the first member set).
-    async fn bootstrap_forward(&mut self) -> anyhow::Result<()> {
+    /// Installs the forward to the bootstrap targets (or the first member set). False when a
+    /// signal asked to stop while waiting for members.
+    async fn bootstrap_forward(
+        &mut self,
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> anyhow::Result<bool> {
         let mut targets: Vec<SocketAddr> = self.config.forward.targets.iter().map(|e| e.0).collect();
         if targets.is_empty() {
             notify::status("waiting for a member list to forward the endpoint to");
@@ -223,7 +237,8 @@ impl Agent {
             while targets.is_empty() {
                 let update = tokio::select! {
                     u = self.updates.recv() => u.context("the member source ended before giving a member list")?,
-                    _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted while waiting for members"),
+                    _ = term.recv() => return Ok(false),
+                    _ = int.recv() => return Ok(false),
                 };
                 self.on_update(update);
                 targets = member_addresses(&self.members).await;
@@ -232,7 +247,7 @@ impl Agent {
         self.endpoint.forward_to(targets).await?;
         self.metrics.forward_installed.set(1);
         self.set_phase(Phase::Forwarding);
-        Ok(())
+        Ok(true)
     }
 
     fn on_update(&mut self, update: Update) {
