@@ -259,8 +259,14 @@ fn start_proxy(
     connect_timeout: Duration,
     drain_timeout: Duration,
 ) -> anyhow::Result<Running> {
-    let proxy =
-        userspace::Proxy::bind(userspace::Config { listen, targets, reuse_port, connect_timeout, drain_timeout })?;
+    let proxy = userspace::Proxy::bind(userspace::Config {
+        listen,
+        targets,
+        reuse_port,
+        connect_timeout,
+        drain_timeout,
+        socket_buffer: Some(userspace::DEFAULT_SOCKET_BUFFER),
+    })?;
     let targets = proxy.targets();
     let stop = CancellationToken::new();
     let task = tokio::spawn(proxy.run(stop.clone()));

@@ -40,6 +40,10 @@ pub struct Args {
     /// Userspace: how long to try a target before moving to the next one.
     #[arg(long, env = "CPHA_CONNECT_TIMEOUT", value_parser = super::parse_duration, default_value = "3s")]
     pub connect_timeout: Duration,
+
+    /// Userspace: send and receive buffer of each socket, in bytes (suffix K or M for KiB or MiB); 0 leaves them to the kernel's autotuning, for targets many milliseconds away.
+    #[arg(long, env = "CPHA_SOCKET_BUFFER", value_name = "BYTES", value_parser = super::parse_size, default_value = "1M")]
+    pub socket_buffer: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -70,6 +74,7 @@ fn run_userspace(args: &Args, spec: ForwardSpec) -> anyhow::Result<()> {
             reuse_port: args.reuse_port,
             connect_timeout: args.connect_timeout,
             drain_timeout: args.drain_timeout,
+            socket_buffer: (args.socket_buffer > 0).then_some(args.socket_buffer),
         };
         let proxy = userspace::Proxy::bind(config).map_err(|e| match e {
             userspace::UserspaceError::AddrInUse { .. } => anyhow::Error::new(Coded::oserr(e.to_string())),

@@ -68,6 +68,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 500ms or 2m: {e}"))
 }
 
+/// `1048576`, `1024K` or `1M`; at most 64 MiB, which no LAN round trip needs.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let (digits, unit) = match s.strip_suffix(['K', 'k']) {
+        Some(d) => (d, 1 << 10),
+        None => match s.strip_suffix(['M', 'm']) {
+            Some(d) => (d, 1 << 20),
+            None => (s, 1),
+        },
+    };
+    let n: usize =
+        digits.parse().map_err(|_| format!("{s:?} is not a size: use bytes, or a number followed by K or M"))?;
+    match n.checked_mul(unit) {
+        Some(bytes) if bytes <= 64 << 20 => Ok(bytes),
+        _ => Err(format!("{s} is more than 64M")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +112,7 @@ mod tests {
         assert_eq!(args.to.len(), 2);
         assert_eq!(args.mode, crate::forward::Mode::Userspace);
         assert_eq!(args.drain_timeout, Duration::from_secs(30));
+        assert_eq!(args.socket_buffer, 1 << 20);
 
         let cli = parse(&["forward", "--listen", "0.0.0.0:8443", "--to", "10.0.0.11:6443,10.0.0.12:6443"]).unwrap();
         let Command::Forward(args) = cli.command else { panic!("not forward") };
@@ -114,6 +132,21 @@ mod tests {
         assert!(err.contains("nftables"), "{err}");
         let err = parse(&["cleanup", "--drain-timeout", "soon"]).unwrap_err().to_string();
         assert!(err.contains("not a duration"), "{err}");
+        let err = parse(&["forward", "--listen", "10.0.0.10:6443", "--to", "10.0.0.11:6443", "--socket-buffer", "1G"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a size"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("65M").unwrap_err().contains("more than 64M"));
+        assert!(parse_size("-1").unwrap_err().contains("not a size"));
+        assert!(parse_size("18446744073709551615K").unwrap_err().contains("more than 64M"));
     }
 
     #[test]
