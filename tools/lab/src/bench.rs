@@ -14,11 +14,17 @@
 //! server's own address, routed by the host namespace, so every row crosses the same two links.
 //! 198.18.0.0/15 is the range set aside for benchmarks (RFC 2544) and exists only inside these
 //! namespaces.
+//!
+//! The same paths are measured a second time with everything in one namespace ([`Layout::SameHost`]):
+//! 198.18.1.1 and 198.18.2.2 are both local addresses there, so traffic crosses loopback. That is
+//! the bootstrap forward's everyday case: kubeadm and the kubelet on a control-plane host reaching
+//! the endpoint, forwarded to the apiserver on the same host.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -53,8 +59,45 @@ pub struct BenchOpts {
     pub concurrency: usize,
     /// Keys of the paths to measure (all when empty).
     pub only: Vec<String>,
+    /// Where client, forwarder and server run; each layout gets its own table.
+    pub layouts: Vec<Layout>,
     /// Where the Markdown write-up goes.
     pub out: Option<PathBuf>,
+}
+
+/// Where the client, the forwarder and the server run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Three namespaces linked by veth: the client and the server are other hosts.
+    Routed,
+    /// One namespace: client, forwarder and server on the same host, over loopback.
+    SameHost,
+}
+
+/// Every layout, in write-up order.
+pub const LAYOUTS: [Layout; 2] = [Layout::Routed, Layout::SameHost];
+
+impl Layout {
+    pub fn key(self) -> &'static str {
+        match self {
+            Layout::Routed => "routed",
+            Layout::SameHost => "same-host",
+        }
+    }
+
+    pub fn parse(key: &str) -> Result<Layout> {
+        LAYOUTS
+            .into_iter()
+            .find(|l| l.key() == key)
+            .ok_or_else(|| anyhow!("unknown layout {key:?}; known: {}", LAYOUTS.map(Layout::key).join(", ")))
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Layout::Routed => "Client and server on other hosts (routed through the forwarder's host)",
+            Layout::SameHost => "Client, forwarder and server on one host (loopback)",
+        }
+    }
 }
 
 /// One way from the client to the server.
@@ -88,8 +131,9 @@ impl Via {
         }
     }
 
-    pub fn label(self) -> String {
+    pub fn label(self, layout: Layout) -> String {
         match self {
+            Via::Direct if layout == Layout::SameHost => "direct (loopback, no forwarder)".into(),
             Via::Direct => "direct (routed, no forwarder)".into(),
             Via::Cpha(mode) => format!("cpha forward --mode {mode}"),
             Via::Socat => "socat TCP-LISTEN,fork".into(),
@@ -118,6 +162,7 @@ impl Series {
 /// The results for one path; each half fails on its own.
 #[derive(Debug)]
 pub struct Row {
+    pub layout: Layout,
     pub path: Via,
     pub gbit: Result<Series, String>,
     pub conns: Result<RateSeries, String>,
@@ -151,23 +196,28 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
     }
     let started = Instant::now();
     let load = load_average();
+    if opts.layouts.is_empty() {
+        bail!("no layout to measure");
+    }
     let mut rows = Vec::new();
     let mut labs = Vec::new();
-    for path in PATHS {
-        if !opts.only.is_empty() && !opts.only.iter().any(|k| k == path.key()) {
-            continue;
+    for layout in LAYOUTS.into_iter().filter(|l| opts.layouts.contains(l)) {
+        for path in PATHS {
+            if !opts.only.is_empty() && !opts.only.iter().any(|k| k == path.key()) {
+                continue;
+            }
+            let lab = if let (Via::Cpha(_), None) = (path, &opts.cpha) {
+                Err(opts.cpha_missing.clone().unwrap_or_else(|| "no cpha binary given (--cpha)".into()))
+            } else {
+                PathLab::new(opts, layout).map_err(|e| format!("setting up: {e:#}"))
+            };
+            let (gbit, conns) = match &lab {
+                Ok(_) => (Ok(Series::default()), Ok(RateSeries::default())),
+                Err(why) => (Err(why.clone()), Err(why.clone())),
+            };
+            rows.push(Row { layout, path, gbit, conns });
+            labs.push(lab);
         }
-        let lab = if let (Via::Cpha(_), None) = (path, &opts.cpha) {
-            Err(opts.cpha_missing.clone().unwrap_or_else(|| "no cpha binary given (--cpha)".into()))
-        } else {
-            PathLab::new(opts).map_err(|e| format!("setting up: {e:#}"))
-        };
-        let (gbit, conns) = match &lab {
-            Ok(_) => (Ok(Series::default()), Ok(RateSeries::default())),
-            Err(why) => (Err(why.clone()), Err(why.clone())),
-        };
-        rows.push(Row { path, gbit, conns });
-        labs.push(lab);
     }
     for round in 1..=opts.runs {
         for (row, lab) in rows.iter_mut().zip(&labs) {
@@ -175,7 +225,7 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
             if stop::requested() {
                 bail!("interrupted");
             }
-            let label = row.path.label();
+            let label = format!("{}: {}", row.layout.key(), row.path.label(row.layout));
             if let Ok(series) = &mut row.gbit {
                 match lab.throughput(opts, row.path) {
                     Ok(gbit) => {
@@ -229,19 +279,39 @@ impl RateSeries {
     }
 }
 
-/// Client, host and server namespaces, linked and routed.
+/// Client, host and server namespaces, linked and routed; or one namespace playing all three.
 struct Topology {
-    client: Netns,
-    host: Netns,
-    server: Netns,
+    layout: Layout,
+    client: Rc<Netns>,
+    host: Rc<Netns>,
+    server: Rc<Netns>,
 }
 
 impl Topology {
-    fn new() -> Result<Topology> {
+    fn new(layout: Layout) -> Result<Topology> {
+        match layout {
+            Layout::Routed => Topology::routed(),
+            Layout::SameHost => Topology::same_host(),
+        }
+    }
+
+    fn same_host() -> Result<Topology> {
+        let ns = Rc::new(Netns::new(NETNS_PREFIX)?);
+        // Plain host addresses on `lo` (not 127/8: no route_localnet involved); packets between
+        // local addresses go through loopback whatever device holds them.
+        ns.ip(&["addr", "add", &format!("{HOST_FRONT}/32"), "dev", "lo"])?;
+        ns.ip(&["addr", "add", &format!("{SERVER}/32"), "dev", "lo"])?;
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
+        Ok(Topology { layout: Layout::SameHost, client: ns.clone(), host: ns.clone(), server: ns })
+    }
+
+    fn routed() -> Result<Topology> {
         let topo = Topology {
-            client: Netns::new(NETNS_PREFIX)?,
-            host: Netns::new(NETNS_PREFIX)?,
-            server: Netns::new(NETNS_PREFIX)?,
+            layout: Layout::Routed,
+            client: Rc::new(Netns::new(NETNS_PREFIX)?),
+            host: Rc::new(Netns::new(NETNS_PREFIX)?),
+            server: Rc::new(Netns::new(NETNS_PREFIX)?),
         };
         veth(&topo.client, &[&format!("{CLIENT}/24")], &topo.host, &[&format!("{HOST_FRONT}/24")])?;
         veth(&topo.host, &[&format!("{HOST_BACK}/24")], &topo.server, &[&format!("{SERVER}/24")])?;
@@ -251,7 +321,7 @@ impl Topology {
         // NOTE: tens of thousands of connections per second from one address to one port run out
         // of ephemeral ports within seconds unless TIME_WAIT ports are reused; the host namespace
         // needs it too, for the proxies' connections to the server.
-        for ns in [&topo.client, &topo.host] {
+        for ns in [&*topo.client, &*topo.host] {
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
             ns.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
         }
@@ -271,8 +341,8 @@ struct PathLab {
 }
 
 impl PathLab {
-    fn new(opts: &BenchOpts) -> Result<PathLab> {
-        let topo = Topology::new()?;
+    fn new(opts: &BenchOpts, layout: Layout) -> Result<PathLab> {
+        let topo = Topology::new(layout)?;
         let max = "--max-duration=30m";
         let mut sink =
             topo.server.spawn(&opts.lab, &["sink", "--listen", &addr(SERVER, SINK_PORT).to_string(), max])?;
@@ -430,7 +500,7 @@ impl<'a> Forwarder<'a> {
         if connect_only {
             args.push("--connect-only");
         }
-        let label = self.path.label();
+        let label = self.path.label(self.topo.layout);
         let child = &mut self.child;
         let topo = self.topo;
         // A forwarder that exited with an error will not come back: that ends the wait at once
@@ -481,7 +551,7 @@ impl<'a> Forwarder<'a> {
 impl Drop for Forwarder<'_> {
     fn drop(&mut self) {
         if let Err(err) = self.stop() {
-            eprintln!("bench: stopping {}: {err:#}", self.path.label());
+            eprintln!("bench: stopping {}: {err:#}", self.path.label(self.topo.layout));
         }
     }
 }
@@ -573,9 +643,7 @@ fn fmt_series(s: &Series, decimals: usize) -> String {
 
 /// The Markdown write-up: the table, the ratios and how the figures were made.
 pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration) -> String {
-    let find = |key: &str| rows.iter().find(|r| r.path.key() == key);
-    let gbit_of = |key: &str| find(key).and_then(|r| r.gbit.as_ref().ok().and_then(Series::median));
-    let conns_of = |key: &str| find(key).and_then(|r| r.conns.as_ref().ok().and_then(|c| c.per_sec.median()));
+    let mut notes = Vec::new();
     let secs = opts.duration.as_secs_f64();
     let mut md = String::new();
     macro_rules! out {
@@ -599,57 +667,16 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
     out!("- cpha: {}", env.cpha);
     out!("- Load average at the start: {}", env.load);
     out!("- Whole run: {:.0} s\n", took.as_secs_f64());
-    out!(
-        "| path | Gbit/s, 1 stream | × direct | conn/s, {} concurrent | × direct | p99 ms | failed conns |",
-        opts.concurrency
-    );
-    out!("|---|---:|---:|---:|---:|---:|---:|");
-    let base_gbit = gbit_of("direct");
-    let base_conns = conns_of("direct");
-    let mut notes = Vec::new();
-    let mut failures = Vec::new();
-    for row in rows {
-        let (gbit, gbit_ratio) = match &row.gbit {
-            Ok(s) => (fmt_series(s, 1), fmt_ratio(s.median(), base_gbit)),
-            Err(e) => {
-                notes.push(format!("{}, throughput: {e}", row.path.label()));
-                ("not measured".into(), "–".into())
-            }
-        };
-        let (conns, conns_ratio, p99, failed) = match &row.conns {
-            Ok(c) => {
-                if c.failed > 0 {
-                    let kinds: Vec<String> = c.error_kinds.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
-                    failures.push(format!("{}: {}", row.path.label(), kinds.join(", ")));
-                }
-                (
-                    fmt_series(&c.per_sec, 0),
-                    fmt_ratio(c.per_sec.median(), base_conns),
-                    c.p99_ms.median().map_or_else(|| "–".into(), |v| format!("{v:.2}")),
-                    c.failed.to_string(),
-                )
-            }
-            Err(e) => {
-                notes.push(format!("{}, connection rate: {e}", row.path.label()));
-                ("not measured".into(), "–".into(), "–".into(), "–".into())
-            }
-        };
-        out!("| {} | {gbit} | {gbit_ratio} | {conns} | {conns_ratio} | {p99} | {failed} |", row.path.label());
+    for layout in LAYOUTS {
+        let rows: Vec<&Row> = rows.iter().filter(|r| r.layout == layout).collect();
+        if !rows.is_empty() {
+            render_table(&mut md, opts, layout, &rows, &mut notes);
+        }
     }
     out!(
-        "\nEach figure is the median of {} runs of {secs:.0} s, with the lowest and highest run in \
+        "Each figure is the median of {} runs of {secs:.0} s, with the lowest and highest run in \
          brackets; p99 is the median of the runs' 99th percentiles.\n",
         opts.runs
-    );
-    if !failures.is_empty() {
-        out!("Failed connections, by kind: {}.\n", failures.join("; "));
-    }
-    let (us_gbit, socat_gbit) = (gbit_of("userspace"), gbit_of("socat"));
-    let (us_conns, socat_conns) = (conns_of("userspace"), conns_of("socat"));
-    out!(
-        "cpha userspace / socat: {}× the throughput, {}× the connections per second.\n",
-        fmt_ratio(us_gbit, socat_gbit),
-        fmt_ratio(us_conns, socat_conns)
     );
     out!("## Method\n");
     out!(
@@ -662,6 +689,11 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
          - **direct** means the client connects to the server's own address and the host \
          namespace only routes the packets (`ip_forward=1`, no NAT rule, no proxy, no conntrack). \
          Every row crosses the same two veth links, so the ratios show what the forwarder costs.\n\
+         - **Same host**: one namespace holds the client, the forwarder and the servers; \
+         198.18.1.1 and 198.18.2.2 are both local addresses there (on `lo`), so every \
+         packet crosses loopback. It models kubeadm and the kubelet on a control-plane host \
+         reaching the endpoint, forwarded to the apiserver on the same host; **direct** is the \
+         client connecting to 198.18.2.2 itself. Its own namespace for every path, as above.\n\
          - Each measurement starts its forwarder and stops it afterwards. cpha's nftables and \
          iptables modes install DNAT rules in the host namespace and exit; `cpha cleanup --now` \
          removes them. The userspace mode runs in \
@@ -693,6 +725,69 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
     md
 }
 
+/// One layout's table, its failures and its userspace/socat ratios; what was not measured goes
+/// to `notes`.
+fn render_table(md: &mut String, opts: &BenchOpts, layout: Layout, rows: &[&Row], notes: &mut Vec<String>) {
+    let find = |key: &str| rows.iter().find(|r| r.path.key() == key);
+    let gbit_of = |key: &str| find(key).and_then(|r| r.gbit.as_ref().ok().and_then(Series::median));
+    let conns_of = |key: &str| find(key).and_then(|r| r.conns.as_ref().ok().and_then(|c| c.per_sec.median()));
+    macro_rules! out {
+        ($($arg:tt)*) => {{
+            md.push_str(&format!($($arg)*));
+            md.push('\n');
+        }};
+    }
+    out!("## {}\n", layout.title());
+    out!(
+        "| path | Gbit/s, 1 stream | × direct | conn/s, {} concurrent | × direct | p99 ms | failed conns |",
+        opts.concurrency
+    );
+    out!("|---|---:|---:|---:|---:|---:|---:|");
+    let base_gbit = gbit_of("direct");
+    let base_conns = conns_of("direct");
+    let mut failures = Vec::new();
+    for row in rows {
+        let label = row.path.label(layout);
+        let (gbit, gbit_ratio) = match &row.gbit {
+            Ok(s) => (fmt_series(s, 1), fmt_ratio(s.median(), base_gbit)),
+            Err(e) => {
+                notes.push(format!("{}, {label}, throughput: {e}", layout.key()));
+                ("not measured".into(), "–".into())
+            }
+        };
+        let (conns, conns_ratio, p99, failed) = match &row.conns {
+            Ok(c) => {
+                if c.failed > 0 {
+                    let kinds: Vec<String> = c.error_kinds.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+                    failures.push(format!("{label}: {}", kinds.join(", ")));
+                }
+                (
+                    fmt_series(&c.per_sec, 0),
+                    fmt_ratio(c.per_sec.median(), base_conns),
+                    c.p99_ms.median().map_or_else(|| "–".into(), |v| format!("{v:.2}")),
+                    c.failed.to_string(),
+                )
+            }
+            Err(e) => {
+                notes.push(format!("{}, {label}, connection rate: {e}", layout.key()));
+                ("not measured".into(), "–".into(), "–".into(), "–".into())
+            }
+        };
+        out!("| {label} | {gbit} | {gbit_ratio} | {conns} | {conns_ratio} | {p99} | {failed} |");
+    }
+    out!("");
+    if !failures.is_empty() {
+        out!("Failed connections, by kind: {}.\n", failures.join("; "));
+    }
+    let (us_gbit, socat_gbit) = (gbit_of("userspace"), gbit_of("socat"));
+    let (us_conns, socat_conns) = (conns_of("userspace"), conns_of("socat"));
+    out!(
+        "cpha userspace / socat: {}× the throughput, {}× the connections per second.\n",
+        fmt_ratio(us_gbit, socat_gbit),
+        fmt_ratio(us_conns, socat_conns)
+    );
+}
+
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -713,6 +808,7 @@ mod tests {
             duration: Duration::from_secs(3),
             concurrency: 32,
             only: vec![],
+            layouts: LAYOUTS.to_vec(),
             out: None,
         }
     }
@@ -724,6 +820,14 @@ mod tests {
             failed: 0,
             error_kinds: BTreeMap::new(),
         })
+    }
+
+    #[test]
+    fn layouts_parse_by_key() {
+        assert_eq!(Layout::parse("same-host").expect("known"), Layout::SameHost);
+        assert_eq!(Layout::parse("routed").expect("known"), Layout::Routed);
+        let err = Layout::parse("cloud").expect_err("unknown").to_string();
+        assert!(err.contains("known: routed, same-host"), "{err}");
     }
 
     #[test]
@@ -741,17 +845,32 @@ mod tests {
     fn render_computes_ratios_and_names_missing_rows() {
         let rows = vec![
             Row {
+                layout: Layout::Routed,
                 path: Via::Direct,
                 gbit: Ok(Series(vec![20.0, 22.0, 21.0])),
                 conns: rate(&[20000.0, 21000.0, 19000.0]),
             },
-            Row { path: Via::Cpha("userspace"), gbit: Ok(Series(vec![10.5])), conns: rate(&[10000.0]) },
             Row {
+                layout: Layout::Routed,
+                path: Via::Cpha("userspace"),
+                gbit: Ok(Series(vec![10.5])),
+                conns: rate(&[10000.0]),
+            },
+            Row { layout: Layout::SameHost, path: Via::Direct, gbit: Ok(Series(vec![30.0])), conns: rate(&[25000.0]) },
+            Row {
+                layout: Layout::SameHost,
+                path: Via::Cpha("userspace"),
+                gbit: Ok(Series(vec![24.0])),
+                conns: rate(&[12500.0]),
+            },
+            Row {
+                layout: Layout::Routed,
                 path: Via::Cpha("nftables"),
                 gbit: Err("cpha did not build".into()),
                 conns: Err("cpha did not build".into()),
             },
             Row {
+                layout: Layout::Routed,
                 path: Via::Socat,
                 gbit: Ok(Series(vec![7.0])),
                 conns: rate(&[2500.0]).map(|mut r| {
@@ -780,7 +899,18 @@ mod tests {
         );
         assert!(md.contains("cpha userspace / socat: 1.50× the throughput, 4.00× the connections per second."), "{md}");
         assert!(md.contains("| cpha forward --mode nftables | not measured |"), "{md}");
-        assert!(md.contains("- cpha forward --mode nftables, throughput: cpha did not build"), "{md}");
+        assert!(md.contains("- routed, cpha forward --mode nftables, throughput: cpha did not build"), "{md}");
+        // Each layout has its own table, with ratios to its own direct path.
+        let same_host = md.split("## Client, forwarder and server on one host").nth(1).expect("same-host table");
+        assert!(same_host.contains("| direct (loopback, no forwarder) | 30.0 (30.0–30.0) | 1.00 |"), "{md}");
+        assert!(
+            same_host
+                .contains("| cpha forward --mode userspace | 24.0 (24.0–24.0) | 0.80 | 12500 (12500–12500) | 0.50 |"),
+            "{md}"
+        );
+        assert!(same_host.contains("cpha userspace / socat: –× the throughput"), "{md}");
+        let routed = md.split("## Client, forwarder and server on one host").next().expect("routed table");
+        assert!(routed.contains("cpha userspace / socat: 1.50× the throughput"), "{md}");
         assert!(md.contains("Kernel: 6.1.0"), "{md}");
         assert!(md.contains("| 2500 (2500–2500) | 0.12 | 2.00 | 3 |"), "{md}");
         assert!(md.contains("Failed connections, by kind: socat TCP-LISTEN,fork: connect: timeout ×3."), "{md}");

@@ -226,6 +226,9 @@ enum Cmd {
         /// socat, haproxy, haproxy-splice).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Where client, forwarder and server run (comma-separated: routed, same-host).
+        #[arg(long, value_delimiter = ',', default_value = "routed,same-host")]
+        layout: Vec<String>,
         /// Where to write the Markdown write-up.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -383,7 +386,12 @@ fn run(cmd: Cmd) -> Result<bool> {
             emit(&report)?;
             Ok(report.error.is_none() && (200..300).contains(&report.status))
         }
-        Cmd::Bench { cpha, cpha_missing, runs, duration, concurrency, only, out } => {
+        Cmd::Bench { cpha, cpha_missing, runs, duration, concurrency, only, layout, out } => {
+            let layouts = layout
+                .iter()
+                .filter(|k| !k.is_empty())
+                .map(|k| bench::Layout::parse(k))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             stop::install()?;
             let lab = std::env::current_exe().context("locating the cpha-lab binary")?;
             let doc = bench::run(&bench::BenchOpts {
@@ -394,6 +402,7 @@ fn run(cmd: Cmd) -> Result<bool> {
                 duration: duration.get(),
                 concurrency,
                 only: only.into_iter().filter(|k| !k.is_empty()).collect(),
+                layouts,
                 out,
             })?;
             print!("{doc}");
