@@ -21,8 +21,8 @@
 //!   ([`DEFAULT_SOCKET_BUFFER`] unless configured) instead of the kernel's autotuning, which
 //!   grows a receive queue up to `tcp_rmem`'s maximum (32 MiB) whenever the proxy falls behind:
 //!   bytes that wait there go cold in the cache before they are sent on. On a 2-CPU host the
-//!   bounded buffers moved a same-host stream from about 16 to about 22 Gbit/s (see
-//!   `docs/benchmarks.md`). They are set with SO_RCVBUFFORCE/SO_SNDBUFFORCE when the process
+//!   bounded buffers moved a same-host stream from about 16 to about 22 Gbit/s in A/B runs
+//!   (`tools/bench` measures both, see `docs/benchmarks.md`). They are set with SO_RCVBUFFORCE/SO_SNDBUFFORCE when the process
 //!   may (CAP_NET_ADMIN), else with the plain options when `net.core.rmem_max`/`wmem_max` allow
 //!   the size; a buffer the kernel would cap below the asked size would be worse than
 //!   autotuning, so then autotuning stays.

@@ -105,16 +105,21 @@ impl Layout {
 pub enum Via {
     Direct,
     Cpha(&'static str),
+    /// The userspace mode with `--socket-buffer 0`: the kernel's autotuning, for comparison.
+    CphaAutotuned,
     Socat,
-    Haproxy { splice: bool },
+    Haproxy {
+        splice: bool,
+    },
 }
 
 /// Every path, in table order.
-pub const PATHS: [Via; 7] = [
+pub const PATHS: [Via; 8] = [
     Via::Direct,
     Via::Cpha("nftables"),
     Via::Cpha("iptables"),
     Via::Cpha("userspace"),
+    Via::CphaAutotuned,
     Via::Socat,
     Via::Haproxy { splice: false },
     Via::Haproxy { splice: true },
@@ -125,6 +130,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Cpha(mode) => mode,
+            Via::CphaAutotuned => "userspace-autotuned",
             Via::Socat => "socat",
             Via::Haproxy { splice: false } => "haproxy",
             Via::Haproxy { splice: true } => "haproxy-splice",
@@ -136,6 +142,7 @@ impl Via {
             Via::Direct if layout == Layout::SameHost => "direct (loopback, no forwarder)".into(),
             Via::Direct => "direct (routed, no forwarder)".into(),
             Via::Cpha(mode) => format!("cpha forward --mode {mode}"),
+            Via::CphaAutotuned => "cpha forward --mode userspace --socket-buffer 0".into(),
             Via::Socat => "socat TCP-LISTEN,fork".into(),
             Via::Haproxy { splice: false } => "HAProxy, mode tcp".into(),
             Via::Haproxy { splice: true } => "HAProxy, mode tcp, option splice-auto".into(),
@@ -206,7 +213,7 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
             if !opts.only.is_empty() && !opts.only.iter().any(|k| k == path.key()) {
                 continue;
             }
-            let lab = if let (Via::Cpha(_), None) = (path, &opts.cpha) {
+            let lab = if let (Via::Cpha(_) | Via::CphaAutotuned, None) = (path, &opts.cpha) {
                 Err(opts.cpha_missing.clone().unwrap_or_else(|| "no cpha binary given (--cpha)".into()))
             } else {
                 PathLab::new(opts, layout).map_err(|e| format!("setting up: {e:#}"))
@@ -449,20 +456,23 @@ impl<'a> Forwarder<'a> {
         let mut fwd = Forwarder { topo, path, entry: listen, child: None, cpha_cleanup: None, tmp: None };
         match path {
             Via::Direct => fwd.entry = target,
-            Via::Cpha(mode) => {
+            Via::Cpha(_) | Via::CphaAutotuned => {
                 let cpha = opts.cpha.as_ref().ok_or_else(|| anyhow!("no cpha binary"))?;
                 fwd.cpha_cleanup = Some(cpha.clone());
                 // nftables and iptables exit 0 once their rules are in; userspace stays in the
                 // foreground. wait_ready copes with both.
-                let args = [
+                let mut args = vec![
                     "forward".to_string(),
                     "--listen".into(),
                     listen.to_string(),
                     "--to".into(),
                     target.to_string(),
                     "--mode".into(),
-                    mode.into(),
                 ];
+                match path {
+                    Via::Cpha(mode) => args.push(mode.into()),
+                    _ => args.extend(["userspace".into(), "--socket-buffer".into(), "0".into()]),
+                }
                 let mut cmd = topo.host.command(cpha);
                 // Its info lines would drown the benchmark's progress; warnings still show.
                 cmd.args(&args).env("CPHA_LOG", "warn");
@@ -698,6 +708,11 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
          iptables modes install DNAT rules in the host namespace and exit; `cpha cleanup --now` \
          removes them. The userspace mode runs in \
          the foreground until SIGTERM.\n\
+         - cpha's userspace mode runs with its default fixed 1 MiB socket buffers; the row with \
+         `--socket-buffer 0` leaves them to the kernel's autotuning, for comparison. A proxy \
+         terminates TCP twice, and the kernel does the second connection's receive work inside \
+         the proxy's splice into the target socket: on CPUs shared by client, proxy and server \
+         that, not copying, bounds its ratio to direct (docs/architecture.md, Userspace proxy).\n\
          - socat: `socat TCP-LISTEN:PORT,bind=ADDR,fork,reuseaddr TCP:SERVER:PORT`. HAProxy: \
          `haproxy -db` with one `mode tcp` frontend and one server, default threads, with and \
          without `option splice-auto`.\n\
