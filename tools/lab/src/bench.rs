@@ -201,11 +201,11 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
             bail!("unknown path {key:?}; known: {}", keys().join(", "));
         }
     }
-    let started = Instant::now();
-    let load = load_average();
     if opts.layouts.is_empty() {
         bail!("no layout to measure");
     }
+    let started = Instant::now();
+    let load = load_average();
     let mut rows = Vec::new();
     let mut labs = Vec::new();
     for layout in LAYOUTS.into_iter().filter(|l| opts.layouts.contains(l)) {
@@ -651,45 +651,50 @@ fn fmt_series(s: &Series, decimals: usize) -> String {
     }
 }
 
+/// Appends one formatted line to the write-up `md`.
+macro_rules! md_line {
+    ($md:expr, $($arg:tt)*) => {{
+        $md.push_str(&format!($($arg)*));
+        $md.push('\n');
+    }};
+}
+
 /// The Markdown write-up: the table, the ratios and how the figures were made.
 pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration) -> String {
     let mut notes = Vec::new();
     let secs = opts.duration.as_secs_f64();
     let mut md = String::new();
-    macro_rules! out {
-        ($($arg:tt)*) => {{
-            md.push_str(&format!($($arg)*));
-            md.push('\n');
-        }};
-    }
-    out!("# Benchmarks\n");
-    out!(
+    md_line!(md, "# Benchmarks\n");
+    md_line!(
+        md,
         "Single-stream throughput and new connections per second through each way of forwarding \
          the control-plane endpoint to an apiserver: cpha's three bootstrap-forward modes, socat \
          and HAProxy, against a direct path. Made by `tools/bench`, the benchmark command (not \
          part of the tests); run it again to refresh this file.\n"
     );
-    out!("- Date: {}", env.date);
-    out!("- Kernel: {}", env.kernel);
-    out!("- CPUs: {} ({})", env.cpus, env.cpu_model);
-    out!("- HAProxy: {}", env.haproxy);
-    out!("- socat: {}", env.socat);
-    out!("- cpha: {}", env.cpha);
-    out!("- Load average at the start: {}", env.load);
-    out!("- Whole run: {:.0} s\n", took.as_secs_f64());
+    md_line!(md, "- Date: {}", env.date);
+    md_line!(md, "- Kernel: {}", env.kernel);
+    md_line!(md, "- CPUs: {} ({})", env.cpus, env.cpu_model);
+    md_line!(md, "- HAProxy: {}", env.haproxy);
+    md_line!(md, "- socat: {}", env.socat);
+    md_line!(md, "- cpha: {}", env.cpha);
+    md_line!(md, "- Load average at the start: {}", env.load);
+    md_line!(md, "- Whole run: {:.0} s\n", took.as_secs_f64());
     for layout in LAYOUTS {
         let rows: Vec<&Row> = rows.iter().filter(|r| r.layout == layout).collect();
         if !rows.is_empty() {
             render_table(&mut md, opts, layout, &rows, &mut notes);
         }
     }
-    out!(
+    md_line!(
+        md,
         "Each figure is the median of {} runs of {secs:.0} s, with the lowest and highest run in \
          brackets; p99 is the median of the runs' 99th percentiles.\n",
         opts.runs
     );
-    out!("## Method\n");
-    out!(
+    md_line!(md, "## Method\n");
+    md_line!(
+        md,
         "- Three network namespaces: client (198.18.1.2) —veth— host (198.18.1.1, 198.18.2.1) \
          —veth— server (198.18.2.2), MTU 1500. Every path has its own set, so no conntrack entry \
          or TIME_WAIT socket of one path affects another. 198.18.0.0/15 is the range set aside \
@@ -732,9 +737,9 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
         env.cpus
     );
     if !notes.is_empty() {
-        out!("\n## Not measured\n");
+        md_line!(md, "\n## Not measured\n");
         for note in notes {
-            out!("- {}", note.replace('\n', " "));
+            md_line!(md, "- {}", note.replace('\n', " "));
         }
     }
     md
@@ -746,18 +751,13 @@ fn render_table(md: &mut String, opts: &BenchOpts, layout: Layout, rows: &[&Row]
     let find = |key: &str| rows.iter().find(|r| r.path.key() == key);
     let gbit_of = |key: &str| find(key).and_then(|r| r.gbit.as_ref().ok().and_then(Series::median));
     let conns_of = |key: &str| find(key).and_then(|r| r.conns.as_ref().ok().and_then(|c| c.per_sec.median()));
-    macro_rules! out {
-        ($($arg:tt)*) => {{
-            md.push_str(&format!($($arg)*));
-            md.push('\n');
-        }};
-    }
-    out!("## {}\n", layout.title());
-    out!(
+    md_line!(md, "## {}\n", layout.title());
+    md_line!(
+        md,
         "| path | Gbit/s, 1 stream | × direct | conn/s, {} concurrent | × direct | p99 ms | failed conns |",
         opts.concurrency
     );
-    out!("|---|---:|---:|---:|---:|---:|---:|");
+    md_line!(md, "|---|---:|---:|---:|---:|---:|---:|");
     let base_gbit = gbit_of("direct");
     let base_conns = conns_of("direct");
     let mut failures = Vec::new();
@@ -788,15 +788,16 @@ fn render_table(md: &mut String, opts: &BenchOpts, layout: Layout, rows: &[&Row]
                 ("not measured".into(), "–".into(), "–".into(), "–".into())
             }
         };
-        out!("| {label} | {gbit} | {gbit_ratio} | {conns} | {conns_ratio} | {p99} | {failed} |");
+        md_line!(md, "| {label} | {gbit} | {gbit_ratio} | {conns} | {conns_ratio} | {p99} | {failed} |");
     }
-    out!("");
+    md_line!(md, "");
     if !failures.is_empty() {
-        out!("Failed connections, by kind: {}.\n", failures.join("; "));
+        md_line!(md, "Failed connections, by kind: {}.\n", failures.join("; "));
     }
     let (us_gbit, socat_gbit) = (gbit_of("userspace"), gbit_of("socat"));
     let (us_conns, socat_conns) = (conns_of("userspace"), conns_of("socat"));
-    out!(
+    md_line!(
+        md,
         "cpha userspace / socat: {}× the throughput, {}× the connections per second.\n",
         fmt_ratio(us_gbit, socat_gbit),
         fmt_ratio(us_conns, socat_conns)
