@@ -63,6 +63,9 @@ pub struct BenchOpts {
     pub layouts: Vec<Layout>,
     /// Where the Markdown write-up goes.
     pub out: Option<PathBuf>,
+    /// TCP congestion control set in every namespace the benchmark makes; `None` keeps what a
+    /// new namespace inherits (the host's `net.ipv4.tcp_congestion_control`).
+    pub congestion_control: Option<String>,
 }
 
 /// Where the client, the forwarder and the server run.
@@ -172,6 +175,8 @@ pub struct Row {
     pub layout: Layout,
     pub path: Via,
     pub gbit: Result<Series, String>,
+    /// CPU-seconds the whole machine spent per GB moved in each throughput run.
+    pub cpu: Series,
     pub conns: Result<RateSeries, String>,
 }
 
@@ -204,6 +209,9 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
     if opts.layouts.is_empty() {
         bail!("no layout to measure");
     }
+    if let Some(cc) = &opts.congestion_control {
+        check_congestion_control(cc)?;
+    }
     let started = Instant::now();
     let load = load_average();
     let mut rows = Vec::new();
@@ -222,7 +230,7 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
                 Ok(_) => (Ok(Series::default()), Ok(RateSeries::default())),
                 Err(why) => (Err(why.clone()), Err(why.clone())),
             };
-            rows.push(Row { layout, path, gbit, conns });
+            rows.push(Row { layout, path, gbit, cpu: Series::default(), conns });
             labs.push(lab);
         }
     }
@@ -235,9 +243,13 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
             let label = format!("{}: {}", row.layout.key(), row.path.label(row.layout));
             if let Ok(series) = &mut row.gbit {
                 match lab.throughput(opts, row.path) {
-                    Ok(gbit) => {
-                        eprintln!("bench: round {round}/{}: {label}: {gbit:.2} Gbit/s", opts.runs);
-                        series.0.push(gbit);
+                    Ok(run) => {
+                        eprintln!(
+                            "bench: round {round}/{}: {label}: {:.2} Gbit/s, {:.2} CPU s/GB",
+                            opts.runs, run.gbit, run.cpu_s_per_gb
+                        );
+                        series.0.push(run.gbit);
+                        row.cpu.0.push(run.cpu_s_per_gb);
                     }
                     Err(err) => {
                         eprintln!("bench: {label}: throughput: {err:#}");
@@ -262,8 +274,11 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
             }
         }
     }
+    // What the namespaces really used, read back from one of them.
+    let congestion_control =
+        labs.iter().find_map(|l| l.as_ref().ok()).map_or_else(|| "unknown".into(), |l| l.congestion_control.clone());
     drop(labs);
-    let doc = render(opts, &rows, &environment(opts, load), started.elapsed());
+    let doc = render(opts, &rows, &environment(opts, load, congestion_control), started.elapsed());
     if let Some(out) = &opts.out {
         write_atomically(out, &doc)?;
         eprintln!("bench: wrote {}", out.display());
@@ -295,11 +310,17 @@ struct Topology {
 }
 
 impl Topology {
-    fn new(layout: Layout) -> Result<Topology> {
-        match layout {
-            Layout::Routed => Topology::routed(),
-            Layout::SameHost => Topology::same_host(),
+    fn new(layout: Layout, congestion_control: Option<&str>) -> Result<Topology> {
+        let topo = match layout {
+            Layout::Routed => Topology::routed()?,
+            Layout::SameHost => Topology::same_host()?,
+        };
+        if let Some(cc) = congestion_control {
+            for ns in [&topo.client, &topo.host, &topo.server] {
+                ns.sysctl("net.ipv4.tcp_congestion_control", cc)?;
+            }
         }
+        Ok(topo)
     }
 
     fn same_host() -> Result<Topology> {
@@ -340,16 +361,68 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("a literal address"), port)
 }
 
+/// Refuses an algorithm the kernel does not offer, before any namespace is made.
+fn check_congestion_control(cc: &str) -> Result<()> {
+    let path = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+    let available = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    if !available.split_whitespace().any(|a| a == cc) {
+        bail!(
+            "--congestion-control {cc:?} is not available; available: {} (load another with modprobe tcp_NAME)",
+            available.trim()
+        );
+    }
+    Ok(())
+}
+
+/// Seconds of CPU time the whole machine has spent busy (user, system, interrupts, steal) since
+/// boot. The namespaces share the machine's CPUs, so the difference over a run counts the
+/// client, the forwarder, the server and the kernel work done for each of them.
+fn busy_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_sec <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) failed");
+    }
+    Ok(busy_ticks(&stat)? as f64 / ticks_per_sec as f64)
+}
+
+/// Busy ticks from the aggregate `cpu` line of /proc/stat: everything but idle and iowait.
+/// Guest time is left out because `user` already contains it.
+fn busy_ticks(stat: &str) -> Result<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu ")).ok_or_else(|| anyhow!("/proc/stat has no cpu line"))?;
+    let fields = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse::<u64>)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing /proc/stat line {line:?}"))?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = fields[..] else {
+        bail!("/proc/stat line {line:?} has fewer than 8 fields");
+    };
+    Ok(user + nice + system + irq + softirq + steal)
+}
+
 /// One path's own namespaces with a sink and an echo server, kept for the whole run.
 struct PathLab {
     // Declared first, dropped first: the servers stop before their namespaces go.
     _servers: [Child; 2],
     topo: Topology,
+    /// `net.ipv4.tcp_congestion_control` as the client namespace has it.
+    congestion_control: String,
+}
+
+/// One throughput run.
+struct ThroughputRun {
+    gbit: f64,
+    /// CPU-seconds the whole machine was busy per GB (10^9 bytes) moved.
+    cpu_s_per_gb: f64,
 }
 
 impl PathLab {
     fn new(opts: &BenchOpts, layout: Layout) -> Result<PathLab> {
-        let topo = Topology::new(layout)?;
+        let topo = Topology::new(layout, opts.congestion_control.as_deref())?;
+        let congestion_control = topo.client.sysctl_get("net.ipv4.tcp_congestion_control")?;
         let max = "--max-duration=30m";
         let mut sink =
             topo.server.spawn(&opts.lab, &["sink", "--listen", &addr(SERVER, SINK_PORT).to_string(), max])?;
@@ -358,14 +431,15 @@ impl PathLab {
             .server
             .spawn(&opts.lab, &["serve", "--listen", &addr(SERVER, SERVE_PORT).to_string(), "--id", "server", max])?;
         serve.listening_addr(Duration::from_secs(5))?;
-        Ok(PathLab { _servers: [sink, serve], topo })
+        Ok(PathLab { _servers: [sink, serve], topo, congestion_control })
     }
 
-    /// One throughput run through a forwarder started for it; Gbit/s.
-    fn throughput(&self, opts: &BenchOpts, path: Via) -> Result<f64> {
+    /// One throughput run through a forwarder started for it.
+    fn throughput(&self, opts: &BenchOpts, path: Via) -> Result<ThroughputRun> {
         let target = addr(SERVER, SINK_PORT);
         let mut fwd = Forwarder::start(opts, &self.topo, path, addr(HOST_FRONT, FRONT_THROUGHPUT_PORT), target)?;
         fwd.wait_ready(opts, true)?;
+        let busy_before = busy_cpu_seconds()?;
         let (report, ok): (ThroughputReport, _) = run_json(
             &self.topo.client,
             &opts.lab,
@@ -379,11 +453,15 @@ impl PathLab {
                 "write",
             ],
         )?;
+        let busy = busy_cpu_seconds()? - busy_before;
         if !ok {
             bail!("throughput run failed: {report:?}");
         }
+        if report.bytes == 0 {
+            bail!("throughput run moved no bytes: {report:?}");
+        }
         fwd.stop()?;
-        Ok(report.gbit_per_sec)
+        Ok(ThroughputRun { gbit: report.gbit_per_sec, cpu_s_per_gb: busy / (report.bytes as f64 / 1e9) })
     }
 
     /// One connection-rate run through a forwarder started for it.
@@ -589,6 +667,8 @@ pub struct Environment {
     pub cpha: String,
     /// /proc/loadavg when the run started: other work on the machine skews every row.
     pub load: String,
+    /// The TCP congestion control the namespaces used.
+    pub congestion_control: String,
 }
 
 fn first_line_of(program: &str, args: &[&str], containing: &str) -> String {
@@ -603,7 +683,7 @@ fn first_line_of(program: &str, args: &[&str], containing: &str) -> String {
     }
 }
 
-fn environment(opts: &BenchOpts, load: String) -> Environment {
+fn environment(opts: &BenchOpts, load: String, congestion_control: String) -> Environment {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     Environment {
         date: first_line_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"], ""),
@@ -623,6 +703,11 @@ fn environment(opts: &BenchOpts, load: String) -> Environment {
             .map(|c| first_line_of(&c.to_string_lossy(), &["--version"], ""))
             .unwrap_or_else(|| "not built".into()),
         load,
+        congestion_control: if opts.congestion_control.is_some() {
+            format!("{congestion_control} (set by --congestion-control)")
+        } else {
+            format!("{congestion_control} (inherited from the host)")
+        },
     }
 }
 
@@ -678,6 +763,7 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
     md_line!(md, "- HAProxy: {}", env.haproxy);
     md_line!(md, "- socat: {}", env.socat);
     md_line!(md, "- cpha: {}", env.cpha);
+    md_line!(md, "- TCP congestion control in the namespaces: {}", env.congestion_control);
     md_line!(md, "- Load average at the start: {}", env.load);
     md_line!(md, "- Whole run: {:.0} s\n", took.as_secs_f64());
     for layout in LAYOUTS {
@@ -723,6 +809,16 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
          without `option splice-auto`.\n\
          - Throughput: `cpha-lab throughput --mode write`, one TCP stream from client to sink \
          with 256 KiB writes; the clock stops when the sink has read everything.\n\
+         - CPU s per GB: the CPU time the whole machine spent busy during a throughput run \
+         (/proc/stat: user, system, interrupts, steal), divided by the gigabytes (10^9 bytes) \
+         moved. It counts the client, the forwarder, the sink and the kernel's work for all of \
+         them, so a row's excess over direct is what forwarding costs per byte; it does not \
+         depend on how many CPUs there are. 0.40 s per GB is 0.5 core at 10 Gbit/s.\n\
+         - TCP congestion control: whatever the namespaces had (see above). With BBR every TCP \
+         sender paces with a timer, even over loopback and veth, which costs CPU per byte: on \
+         the machine this file was first made on, cubic gave about twice the throughput of BBR \
+         on every path. A proxy has two senders in series where the direct path has one. \
+         `tools/bench --congestion-control NAME` sets it in the benchmark's namespaces only.\n\
          - Connection rate: `cpha-lab connrate --concurrency {}`: each connection connects, reads \
          the server's greeting line, sends 5 bytes, reads their echo and closes; p99 is the \
          latency of that whole exchange. A step that takes longer than 2 s fails the connection; \
@@ -754,20 +850,26 @@ fn render_table(md: &mut String, opts: &BenchOpts, layout: Layout, rows: &[&Row]
     md_line!(md, "## {}\n", layout.title());
     md_line!(
         md,
-        "| path | Gbit/s, 1 stream | × direct | conn/s, {} concurrent | × direct | p99 ms | failed conns |",
+        "| path | Gbit/s, 1 stream | × direct | CPU s per GB | × direct | conn/s, {} concurrent | × direct | p99 ms | failed conns |",
         opts.concurrency
     );
-    md_line!(md, "|---|---:|---:|---:|---:|---:|---:|");
+    md_line!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let base_gbit = gbit_of("direct");
+    let base_cpu = find("direct").and_then(|r| r.cpu.median());
     let base_conns = conns_of("direct");
     let mut failures = Vec::new();
     for row in rows {
         let label = row.path.label(layout);
-        let (gbit, gbit_ratio) = match &row.gbit {
-            Ok(s) => (fmt_series(s, 1), fmt_ratio(s.median(), base_gbit)),
+        let (gbit, gbit_ratio, cpu, cpu_ratio) = match &row.gbit {
+            Ok(s) => (
+                fmt_series(s, 1),
+                fmt_ratio(s.median(), base_gbit),
+                fmt_series(&row.cpu, 2),
+                fmt_ratio(row.cpu.median(), base_cpu),
+            ),
             Err(e) => {
                 notes.push(format!("{}, {label}, throughput: {e}", layout.key()));
-                ("not measured".into(), "–".into())
+                ("not measured".into(), "–".into(), "–".into(), "–".into())
             }
         };
         let (conns, conns_ratio, p99, failed) = match &row.conns {
@@ -788,7 +890,10 @@ fn render_table(md: &mut String, opts: &BenchOpts, layout: Layout, rows: &[&Row]
                 ("not measured".into(), "–".into(), "–".into(), "–".into())
             }
         };
-        md_line!(md, "| {label} | {gbit} | {gbit_ratio} | {conns} | {conns_ratio} | {p99} | {failed} |");
+        md_line!(
+            md,
+            "| {label} | {gbit} | {gbit_ratio} | {cpu} | {cpu_ratio} | {conns} | {conns_ratio} | {p99} | {failed} |"
+        );
     }
     md_line!(md, "");
     if !failures.is_empty() {
@@ -826,6 +931,7 @@ mod tests {
             only: vec![],
             layouts: LAYOUTS.to_vec(),
             out: None,
+            congestion_control: None,
         }
     }
 
@@ -864,31 +970,42 @@ mod tests {
                 layout: Layout::Routed,
                 path: Via::Direct,
                 gbit: Ok(Series(vec![20.0, 22.0, 21.0])),
+                cpu: Series(vec![0.40, 0.50, 0.45]),
                 conns: rate(&[20000.0, 21000.0, 19000.0]),
             },
             Row {
                 layout: Layout::Routed,
                 path: Via::Cpha("userspace"),
                 gbit: Ok(Series(vec![10.5])),
+                cpu: Series(vec![0.90]),
                 conns: rate(&[10000.0]),
             },
-            Row { layout: Layout::SameHost, path: Via::Direct, gbit: Ok(Series(vec![30.0])), conns: rate(&[25000.0]) },
+            Row {
+                layout: Layout::SameHost,
+                path: Via::Direct,
+                gbit: Ok(Series(vec![30.0])),
+                cpu: Series(vec![0.30]),
+                conns: rate(&[25000.0]),
+            },
             Row {
                 layout: Layout::SameHost,
                 path: Via::Cpha("userspace"),
                 gbit: Ok(Series(vec![24.0])),
+                cpu: Series(vec![0.45]),
                 conns: rate(&[12500.0]),
             },
             Row {
                 layout: Layout::Routed,
                 path: Via::Cpha("nftables"),
                 gbit: Err("cpha did not build".into()),
+                cpu: Series::default(),
                 conns: Err("cpha did not build".into()),
             },
             Row {
                 layout: Layout::Routed,
                 path: Via::Socat,
                 gbit: Ok(Series(vec![7.0])),
+                cpu: Series(vec![1.8]),
                 conns: rate(&[2500.0]).map(|mut r| {
                     r.failed = 3;
                     r.error_kinds.insert("connect: timeout".into(), 3);
@@ -900,36 +1017,59 @@ mod tests {
             date: "2025-01-01 00:00 UTC".into(),
             kernel: "6.1.0".into(),
             cpus: 2,
+            congestion_control: "cubic (inherited from the host)".into(),
             ..Environment::default()
         };
         let md = render(&opts(), &rows, &env, Duration::from_secs(100));
         assert!(
             md.contains(
-                "| direct (routed, no forwarder) | 21.0 (20.0–22.0) | 1.00 | 20000 (19000–21000) | 1.00 | 2.00 | 0 |"
+                "| direct (routed, no forwarder) | 21.0 (20.0–22.0) | 1.00 | 0.45 (0.40–0.50) | 1.00 | 20000 (19000–21000) | 1.00 | 2.00 | 0 |"
             ),
             "{md}"
         );
         assert!(
-            md.contains("| cpha forward --mode userspace | 10.5 (10.5–10.5) | 0.50 | 10000 (10000–10000) | 0.50 |"),
+            md.contains("| cpha forward --mode userspace | 10.5 (10.5–10.5) | 0.50 | 0.90 (0.90–0.90) | 2.00 | 10000 (10000–10000) | 0.50 |"),
             "{md}"
         );
         assert!(md.contains("cpha userspace / socat: 1.50× the throughput, 4.00× the connections per second."), "{md}");
-        assert!(md.contains("| cpha forward --mode nftables | not measured |"), "{md}");
+        assert!(md.contains("| cpha forward --mode nftables | not measured | – | – | – |"), "{md}");
         assert!(md.contains("- routed, cpha forward --mode nftables, throughput: cpha did not build"), "{md}");
         // Each layout has its own table, with ratios to its own direct path.
         let same_host = md.split("## Client, forwarder and server on one host").nth(1).expect("same-host table");
-        assert!(same_host.contains("| direct (loopback, no forwarder) | 30.0 (30.0–30.0) | 1.00 |"), "{md}");
         assert!(
             same_host
-                .contains("| cpha forward --mode userspace | 24.0 (24.0–24.0) | 0.80 | 12500 (12500–12500) | 0.50 |"),
+                .contains("| direct (loopback, no forwarder) | 30.0 (30.0–30.0) | 1.00 | 0.30 (0.30–0.30) | 1.00 |"),
+            "{md}"
+        );
+        assert!(
+            same_host
+                .contains("| cpha forward --mode userspace | 24.0 (24.0–24.0) | 0.80 | 0.45 (0.45–0.45) | 1.50 | 12500 (12500–12500) | 0.50 |"),
             "{md}"
         );
         assert!(same_host.contains("cpha userspace / socat: –× the throughput"), "{md}");
         let routed = md.split("## Client, forwarder and server on one host").next().expect("routed table");
         assert!(routed.contains("cpha userspace / socat: 1.50× the throughput"), "{md}");
         assert!(md.contains("Kernel: 6.1.0"), "{md}");
+        assert!(md.contains("TCP congestion control in the namespaces: cubic (inherited from the host)"), "{md}");
         assert!(md.contains("| 2500 (2500–2500) | 0.12 | 2.00 | 3 |"), "{md}");
         assert!(md.contains("Failed connections, by kind: socat TCP-LISTEN,fork: connect: timeout ×3."), "{md}");
+    }
+
+    #[test]
+    fn busy_ticks_add_up_everything_but_idle_and_iowait() {
+        let stat = "cpu  100 2 30 5000 40 6 7 8 9 10\ncpu0 50 1 15 2500 20 3 3 4 0 0\nintr 1 2\n";
+        assert_eq!(busy_ticks(stat).expect("parses"), 100 + 2 + 30 + 6 + 7 + 8);
+        let short = busy_ticks("cpu  1 2 3\n").expect_err("too few fields").to_string();
+        assert!(short.contains("fewer than 8 fields"), "{short}");
+        assert!(busy_ticks("cpu0 1 2 3 4 5 6 7 8\n").is_err(), "only the aggregate line counts");
+        assert!(busy_ticks("cpu  1 2 x 4 5 6 7 8\n").is_err());
+    }
+
+    #[test]
+    fn unknown_congestion_control_is_refused_with_the_available_ones() {
+        let err = check_congestion_control("no-such-cc").expect_err("unknown").to_string();
+        // reno is always built in.
+        assert!(err.contains("available:") && err.contains("reno"), "{err}");
     }
 
     #[test]

@@ -229,9 +229,13 @@ enum Cmd {
         /// Where client, forwarder and server run (comma-separated: routed, same-host).
         #[arg(long, value_delimiter = ',', default_value = "routed,same-host")]
         layout: Vec<String>,
-        /// Where to write the Markdown write-up.
-        #[arg(long)]
+        /// Where to write the Markdown write-up (the last one given wins).
+        #[arg(long, overrides_with = "out")]
         out: Option<PathBuf>,
+        /// TCP congestion control for the benchmark's namespaces (e.g. cubic, bbr); by default
+        /// they inherit the host's net.ipv4.tcp_congestion_control.
+        #[arg(long)]
+        congestion_control: Option<String>,
     },
 }
 
@@ -386,7 +390,7 @@ fn run(cmd: Cmd) -> Result<bool> {
             emit(&report)?;
             Ok(report.error.is_none() && (200..300).contains(&report.status))
         }
-        Cmd::Bench { cpha, cpha_missing, runs, duration, concurrency, only, layout, out } => {
+        Cmd::Bench { cpha, cpha_missing, runs, duration, concurrency, only, layout, out, congestion_control } => {
             let layouts = layout
                 .iter()
                 .filter(|k| !k.is_empty())
@@ -404,6 +408,7 @@ fn run(cmd: Cmd) -> Result<bool> {
                 only: only.into_iter().filter(|k| !k.is_empty()).collect(),
                 layouts,
                 out,
+                congestion_control,
             })?;
             print!("{doc}");
             Ok(true)
