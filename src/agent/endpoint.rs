@@ -265,7 +265,7 @@ fn start_proxy(
         reuse_port,
         connect_timeout,
         drain_timeout,
-        socket_buffer: Some(userspace::DEFAULT_SOCKET_BUFFER),
+        socket_buffer: None,
     })?;
     let targets = proxy.targets();
     let stop = CancellationToken::new();

@@ -41,8 +41,8 @@ pub struct Args {
     #[arg(long, env = "CPHA_CONNECT_TIMEOUT", value_parser = super::parse_duration, default_value = "3s")]
     pub connect_timeout: Duration,
 
-    /// Userspace: send and receive buffer of each socket, in bytes (suffix K or M for KiB or MiB); 0 leaves them to the kernel's autotuning, for targets many milliseconds away.
-    #[arg(long, env = "CPHA_SOCKET_BUFFER", value_name = "BYTES", value_parser = super::parse_size, default_value = "1M")]
+    /// Userspace: a fixed send and receive buffer for each socket, in bytes (suffix K or M for KiB or MiB); 0, the default, leaves them to the kernel's autotuning.
+    #[arg(long, env = "CPHA_SOCKET_BUFFER", value_name = "BYTES", value_parser = super::parse_size, default_value = "0")]
     pub socket_buffer: usize,
 }
 

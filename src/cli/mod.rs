@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(args.to.len(), 2);
         assert_eq!(args.mode, crate::forward::Mode::Userspace);
         assert_eq!(args.drain_timeout, Duration::from_secs(30));
-        assert_eq!(args.socket_buffer, 1 << 20);
+        assert_eq!(args.socket_buffer, 0, "autotuning by default");
 
         let cli = parse(&["forward", "--listen", "0.0.0.0:8443", "--to", "10.0.0.11:6443,10.0.0.12:6443"]).unwrap();
         let Command::Forward(args) = cli.command else { panic!("not forward") };

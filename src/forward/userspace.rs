@@ -17,16 +17,14 @@
 //!   direction falls back to a copy through a 256 KiB buffer. TCP_NODELAY is set on both
 //!   sockets (apiserver traffic is request/response), with keepalive to notice dead peers. A
 //!   connection holds six descriptors (two sockets, two pipes): size `LimitNOFILE=` for it.
-//! - **Socket buffers.** Both sockets get fixed send and receive buffers
-//!   ([`DEFAULT_SOCKET_BUFFER`] unless configured) instead of the kernel's autotuning, which
-//!   grows a receive queue up to `tcp_rmem`'s maximum (32 MiB) whenever the proxy falls behind:
-//!   bytes that wait there go cold in the cache before they are sent on. On a 2-CPU host a
-//!   same-host stream went from 16.1 to 18.0 Gbit/s in `tools/bench` (which measures both) and
-//!   from about 16.5 to 22 in interleaved A/B runs; streams between other hosts did not change.
-//!   They are set with SO_RCVBUFFORCE/SO_SNDBUFFORCE when the process may (CAP_NET_ADMIN), else
-//!   with the plain options when `net.core.rmem_max`/`wmem_max` allow the size; a buffer the
-//!   kernel would cap below the asked size would be worse than autotuning, so then autotuning
-//!   stays.
+//! - **Socket buffers.** Left to the kernel's autotuning unless [`Config::socket_buffer`] fixes
+//!   them. `tools/bench` measures both: with cubic (Linux's default congestion control) a
+//!   stream between other hosts ran 0.70× direct autotuned against 0.53× with fixed 1 MiB
+//!   buffers, which cap the window; with BBR a fixed 1 MiB was worth about 10% over veth and
+//!   nothing over loopback. A fixed size is set with SO_RCVBUFFORCE/SO_SNDBUFFORCE when the
+//!   process may (CAP_NET_ADMIN), else with the plain options when `net.core.rmem_max`/
+//!   `wmem_max` allow it; a buffer the kernel would cap below the asked size would be worse than
+//!   autotuning, so then autotuning stays.
 //! - **TCP semantics.** An EOF on one side becomes a `shutdown(SHUT_WR)` on the other once
 //!   everything read before it was written; the connection ends when both directions ended. An
 //!   error on either side (a reset, a failed write) resets both.
@@ -68,10 +66,6 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
-/// Send and receive buffer size asked for on both sockets of a connection (the kernel doubles it
-/// for its bookkeeping). 1 MiB keeps a 10 Gbit/s stream going over 0.8 ms of round trip.
-pub const DEFAULT_SOCKET_BUFFER: usize = 1 << 20;
-
 /// Set once the kernel refused to splice between two TCP sockets: later connections then copy
 /// without asking again (and without spending two pipes each).
 static SPLICE_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
@@ -653,7 +647,7 @@ mod tests {
             reuse_port: false,
             connect_timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(2),
-            socket_buffer: Some(DEFAULT_SOCKET_BUFFER),
+            socket_buffer: None,
         }
     }
 
@@ -742,12 +736,12 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_flow_both_ways_intact() {
-        bytes_flow_both_ways_intact_with(Some(DEFAULT_SOCKET_BUFFER)).await;
+        bytes_flow_both_ways_intact_with(None).await;
     }
 
     #[tokio::test]
-    async fn bytes_flow_both_ways_intact_with_autotuned_buffers() {
-        bytes_flow_both_ways_intact_with(None).await;
+    async fn bytes_flow_both_ways_intact_with_fixed_buffers() {
+        bytes_flow_both_ways_intact_with(Some(1 << 20)).await;
     }
 
     async fn bytes_flow_both_ways_intact_with(socket_buffer: Option<usize>) {

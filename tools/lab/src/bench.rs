@@ -108,8 +108,8 @@ impl Layout {
 pub enum Via {
     Direct,
     Cpha(&'static str),
-    /// The userspace mode with `--socket-buffer 0`: the kernel's autotuning, for comparison.
-    CphaAutotuned,
+    /// The userspace mode with fixed 1 MiB socket buffers instead of autotuning, for comparison.
+    CphaFixedBuffers,
     Socat,
     Haproxy {
         splice: bool,
@@ -122,7 +122,7 @@ pub const PATHS: [Via; 8] = [
     Via::Cpha("nftables"),
     Via::Cpha("iptables"),
     Via::Cpha("userspace"),
-    Via::CphaAutotuned,
+    Via::CphaFixedBuffers,
     Via::Socat,
     Via::Haproxy { splice: false },
     Via::Haproxy { splice: true },
@@ -133,7 +133,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Cpha(mode) => mode,
-            Via::CphaAutotuned => "userspace-autotuned",
+            Via::CphaFixedBuffers => "userspace-1m",
             Via::Socat => "socat",
             Via::Haproxy { splice: false } => "haproxy",
             Via::Haproxy { splice: true } => "haproxy-splice",
@@ -145,7 +145,7 @@ impl Via {
             Via::Direct if layout == Layout::SameHost => "direct (loopback, no forwarder)".into(),
             Via::Direct => "direct (routed, no forwarder)".into(),
             Via::Cpha(mode) => format!("cpha forward --mode {mode}"),
-            Via::CphaAutotuned => "cpha forward --mode userspace --socket-buffer 0".into(),
+            Via::CphaFixedBuffers => "cpha forward --mode userspace --socket-buffer 1M".into(),
             Via::Socat => "socat TCP-LISTEN,fork".into(),
             Via::Haproxy { splice: false } => "HAProxy, mode tcp".into(),
             Via::Haproxy { splice: true } => "HAProxy, mode tcp, option splice-auto".into(),
@@ -221,7 +221,7 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
             if !opts.only.is_empty() && !opts.only.iter().any(|k| k == path.key()) {
                 continue;
             }
-            let lab = if let (Via::Cpha(_) | Via::CphaAutotuned, None) = (path, &opts.cpha) {
+            let lab = if let (Via::Cpha(_) | Via::CphaFixedBuffers, None) = (path, &opts.cpha) {
                 Err(opts.cpha_missing.clone().unwrap_or_else(|| "no cpha binary given (--cpha)".into()))
             } else {
                 PathLab::new(opts, layout).map_err(|e| format!("setting up: {e:#}"))
@@ -534,7 +534,7 @@ impl<'a> Forwarder<'a> {
         let mut fwd = Forwarder { topo, path, entry: listen, child: None, cpha_cleanup: None, tmp: None };
         match path {
             Via::Direct => fwd.entry = target,
-            Via::Cpha(_) | Via::CphaAutotuned => {
+            Via::Cpha(_) | Via::CphaFixedBuffers => {
                 let cpha = opts.cpha.as_ref().ok_or_else(|| anyhow!("no cpha binary"))?;
                 fwd.cpha_cleanup = Some(cpha.clone());
                 // nftables and iptables exit 0 once their rules are in; userspace stays in the
@@ -549,7 +549,7 @@ impl<'a> Forwarder<'a> {
                 ];
                 match path {
                     Via::Cpha(mode) => args.push(mode.into()),
-                    _ => args.extend(["userspace".into(), "--socket-buffer".into(), "0".into()]),
+                    _ => args.extend(["userspace".into(), "--socket-buffer".into(), "1M".into()]),
                 }
                 let mut cmd = topo.host.command(cpha);
                 // Its info lines would drown the benchmark's progress; warnings still show.
@@ -799,11 +799,12 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
          iptables modes install DNAT rules in the host namespace and exit; `cpha cleanup --now` \
          removes them. The userspace mode runs in \
          the foreground until SIGTERM.\n\
-         - cpha's userspace mode runs with its default fixed 1 MiB socket buffers; the row with \
-         `--socket-buffer 0` leaves them to the kernel's autotuning, for comparison. A proxy \
-         terminates TCP twice, and the kernel does the second connection's receive work inside \
-         the proxy's splice into the target socket: on CPUs shared by client, proxy and server \
-         that, not copying, bounds its ratio to direct (docs/architecture.md, Userspace proxy).\n\
+         - cpha's userspace mode leaves socket buffers to the kernel's autotuning, its default; \
+         the row with `--socket-buffer 1M` fixes them, for comparison. A proxy terminates TCP \
+         twice, and the kernel does the second connection's sending and receiving on the \
+         proxy's behalf: that, not copying, is its CPU per GB over direct, and on CPUs shared by \
+         client, proxy and server it bounds the throughput ratio (docs/architecture.md, \
+         Userspace proxy).\n\
          - socat: `socat TCP-LISTEN:PORT,bind=ADDR,fork,reuseaddr TCP:SERVER:PORT`. HAProxy: \
          `haproxy -db` with one `mode tcp` frontend and one server, default threads, with and \
          without `option splice-auto`.\n\
@@ -814,11 +815,12 @@ pub fn render(opts: &BenchOpts, rows: &[Row], env: &Environment, took: Duration)
          moved. It counts the client, the forwarder, the sink and the kernel's work for all of \
          them, so a row's excess over direct is what forwarding costs per byte; it does not \
          depend on how many CPUs there are. 0.40 s per GB is 0.5 core at 10 Gbit/s.\n\
-         - TCP congestion control: whatever the namespaces had (see above). With BBR every TCP \
-         sender paces with a timer, even over loopback and veth, which costs CPU per byte: on \
-         the machine this file was first made on, cubic gave about twice the throughput of BBR \
-         on every path. A proxy has two senders in series where the direct path has one. \
-         `tools/bench --congestion-control NAME` sets it in the benchmark's namespaces only.\n\
+         - TCP congestion control: what the namespaces had (see above). With BBR every TCP \
+         sender paces with a timer, even over loopback and veth, which costs CPU per byte; a \
+         proxy has two senders in series where the direct path has one. \
+         `tools/bench --congestion-control NAME` sets it in the benchmark's namespaces only. In \
+         this repository docs/benchmarks.md is made with the host's default and \
+         docs/benchmarks-cubic.md with `--congestion-control cubic`.\n\
          - Connection rate: `cpha-lab connrate --concurrency {}`: each connection connects, reads \
          the server's greeting line, sends 5 bytes, reads their echo and closes; p99 is the \
          latency of that whole exchange. A step that takes longer than 2 s fails the connection; \

@@ -223,7 +223,7 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
         /// Only these paths (comma-separated keys: direct, nftables, iptables, userspace,
-        /// userspace-autotuned, socat, haproxy, haproxy-splice).
+        /// userspace-1m, socat, haproxy, haproxy-splice).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Where client, forwarder and server run (comma-separated: routed, same-host).
