@@ -104,3 +104,41 @@ fn userspace_retarget_by_successor_drains_open_stream() {
     let status = old.wait_timeout(Duration::from_secs(10)).unwrap().expect("old proxy exits once drained");
     assert!(status.success(), "{status}");
 }
+
+/// The `skmem` receive and send buffer sizes (`rb`, `tb`) of every established TCP socket in the
+/// host namespace, from `ss -tmn`.
+fn host_socket_buffers(lab: &Lab) -> Result<Vec<(u64, u64)>> {
+    let ss = lab.host.run("ss", &["-tmnH", "state", "established"])?;
+    let field = |skmem: &str, key: &str| -> Option<u64> {
+        skmem.split([',', '(', ')']).find_map(|f| f.strip_prefix(key)).and_then(|v| v.parse().ok())
+    };
+    let sizes: Vec<(u64, u64)> = ss
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("skmem:"))
+        .map(|m| field(m, "rb").zip(field(m, "tb")).ok_or_else(|| anyhow::anyhow!("no rb/tb in {m:?}")))
+        .collect::<Result<_>>()?;
+    ensure!(sizes.len() == 2, "expected the proxy's two sockets in `ss -tmn`, got:\n{ss}");
+    Ok(sizes)
+}
+
+/// `--socket-buffer` fixes the buffers of both of a connection's sockets (the kernel reports
+/// twice the asked size); without it they are left to autotuning.
+#[test]
+fn userspace_socket_buffer_flag_sizes_both_sockets() {
+    const FIXED: u64 = 2 * (3 << 20);
+    let lab = Lab::new(false).unwrap();
+    let listen = lab.listen_addr(8443);
+    let mut proxy =
+        start(&lab, &["--socket-buffer", "3M", "--listen", &listen, "--to", &lab.server_addr(6443)]).unwrap();
+    let stream = lab.stream(&lab.client, &listen).unwrap();
+    let fixed = host_socket_buffers(&lab).unwrap();
+    assert!(fixed.iter().all(|&b| b == (FIXED, FIXED)), "{fixed:?}");
+    assert!(finish_stream(stream).unwrap().ok);
+    assert!(proxy.stop(Duration::from_secs(10)).unwrap().success());
+
+    let _proxy = start(&lab, &["--listen", &listen, "--to", &lab.server_addr(6443)]).unwrap();
+    let stream = lab.stream(&lab.client, &listen).unwrap();
+    let autotuned = host_socket_buffers(&lab).unwrap();
+    assert!(autotuned.iter().all(|&(rb, tb)| rb != FIXED && tb != FIXED), "{autotuned:?}");
+    assert!(finish_stream(stream).unwrap().ok);
+}
