@@ -18,10 +18,9 @@
 //!   sockets (apiserver traffic is request/response), with keepalive to notice dead peers. A
 //!   connection holds six descriptors (two sockets, two pipes): size `LimitNOFILE=` for it.
 //! - **Socket buffers.** Left to the kernel's autotuning unless [`Config::socket_buffer`] fixes
-//!   them. `tools/bench` measures both: with cubic (Linux's default congestion control) a
-//!   stream between other hosts ran 0.70× direct autotuned against 0.53× with fixed 1 MiB
-//!   buffers, which cap the window; with BBR a fixed 1 MiB was worth about 10% over veth and
-//!   nothing over loopback. A fixed size is set with SO_RCVBUFFORCE/SO_SNDBUFFORCE when the
+//!   them. `tools/bench` measures both: a fixed 1 MiB moved single-stream throughput by −24%
+//!   (cubic, between hosts, where it caps the window) to +12% across runs and layouts, with no
+//!   consistent sign, so the kernel's choice stands. A fixed size is set with SO_RCVBUFFORCE/SO_SNDBUFFORCE when the
 //!   process may (CAP_NET_ADMIN), else with the plain options when `net.core.rmem_max`/
 //!   `wmem_max` allow it; a buffer the kernel would cap below the asked size would be worse than
 //!   autotuning, so then autotuning stays.
