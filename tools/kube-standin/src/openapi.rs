@@ -15,9 +15,11 @@ use crate::patch;
 use crate::resources::schema::{Schema, OBJECT_META};
 use crate::resources::Kind;
 
-const META_REF: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
+/// Definition name of ObjectMeta, in both OpenAPI versions.
+pub(crate) const META_REF: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
 
-fn schema_name(kind: Kind) -> &'static str {
+/// Definition name of a kind's schema, in both OpenAPI versions.
+pub(crate) fn schema_name(kind: Kind) -> &'static str {
     match kind {
         Kind::ConfigMap => "io.k8s.api.core.v1.ConfigMap",
         Kind::EndpointSlice => "io.k8s.api.discovery.v1.EndpointSlice",
@@ -25,34 +27,48 @@ fn schema_name(kind: Kind) -> &'static str {
     }
 }
 
+/// Which OpenAPI document a schema goes into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// Swagger 2.0 (`/openapi/v2`): references under `#/definitions`, no defaults, no list-map
+    /// keys.
+    V2,
+    /// OpenAPI 3.0 (`/openapi/v3/...`): references under `#/components/schemas`.
+    V3,
+}
+
 fn gvk(kind: Kind) -> Value {
     json!([{"group": kind.group(), "version": kind.version(), "kind": kind.name()}])
 }
 
 /// The OpenAPI schema of a field; `path` decides the list/patch extensions.
-fn to_openapi(s: &Schema, path: &str) -> Value {
+pub(crate) fn to_openapi(s: &Schema, path: &str, version: Version) -> Value {
+    let v3 = version == Version::V3;
     match s {
-        Schema::Str => json!({"type": "string", "default": ""}),
+        Schema::Str if v3 => json!({"type": "string", "default": ""}),
+        Schema::Str => json!({"type": "string"}),
         Schema::Bool => json!({"type": "boolean"}),
         Schema::Int => json!({"type": "integer", "format": "int64"}),
         Schema::Bytes => json!({"type": "string", "format": "byte"}),
         Schema::Any => json!({"type": "object"}),
         Schema::Time | Schema::MicroTime => json!({"type": "string", "format": "date-time"}),
-        Schema::Always(inner) => to_openapi(inner, path),
+        Schema::Always(inner) => to_openapi(inner, path, version),
         Schema::Map(inner) => json!({
             "type": "object",
-            "additionalProperties": to_openapi(inner, path),
+            "additionalProperties": to_openapi(inner, path, version),
         }),
         Schema::List(inner) => {
-            let mut l = json!({"type": "array", "items": to_openapi(inner, path)});
+            let mut l = json!({"type": "array", "items": to_openapi(inner, path, version)});
             match path {
                 "metadata.finalizers" => {
                     l["x-kubernetes-list-type"] = "set".into();
                     l["x-kubernetes-patch-strategy"] = "merge".into();
                 }
                 "metadata.ownerReferences" => {
-                    l["x-kubernetes-list-type"] = "map".into();
-                    l["x-kubernetes-list-map-keys"] = json!(["uid"]);
+                    if v3 {
+                        l["x-kubernetes-list-type"] = "map".into();
+                        l["x-kubernetes-list-map-keys"] = json!(["uid"]);
+                    }
                     l["x-kubernetes-patch-merge-key"] = "uid".into();
                     l["x-kubernetes-patch-strategy"] = "merge".into();
                 }
@@ -64,10 +80,12 @@ fn to_openapi(s: &Schema, path: &str) -> Value {
             let mut props = Map::new();
             for (name, fs) in fields.iter() {
                 let p = if path.is_empty() { (*name).to_string() } else { format!("{path}.{name}") };
-                let v = if p == "metadata" {
-                    json!({"allOf": [{"$ref": format!("#/components/schemas/{META_REF}")}], "default": {}})
-                } else {
-                    to_openapi(fs, &p)
+                let v = match (p.as_str(), version) {
+                    ("metadata", Version::V3) => {
+                        json!({"allOf": [{"$ref": format!("#/components/schemas/{META_REF}")}], "default": {}})
+                    }
+                    ("metadata", Version::V2) => json!({"$ref": format!("#/definitions/{META_REF}")}),
+                    _ => to_openapi(fs, &p, version),
                 };
                 props.insert((*name).to_string(), v);
             }
@@ -129,7 +147,7 @@ fn list_params() -> Vec<Value> {
 fn gv_doc(kinds: &[Kind]) -> Value {
     let mut paths = Map::new();
     let mut schemas = Map::new();
-    schemas.insert(META_REF.into(), to_openapi(&OBJECT_META, "metadata"));
+    schemas.insert(META_REF.into(), to_openapi(&OBJECT_META, "metadata", Version::V3));
     for &k in kinds {
         let base = if k.group().is_empty() { "/api/v1".to_string() } else { format!("/apis/{}", k.api_version()) };
         let n = k.name();
@@ -166,7 +184,7 @@ fn gv_doc(kinds: &[Kind]) -> Value {
             format!("{base}/{}", k.plural()),
             json!({"get": op(k, "list", &format!("list{n}ForAllNamespaces"), list_params(), &[])}),
         );
-        let mut s = to_openapi(k.schema(), "");
+        let mut s = to_openapi(k.schema(), "", Version::V3);
         s["x-kubernetes-group-version-kind"] = gvk(k);
         schemas.insert(schema_name(k).into(), s);
     }

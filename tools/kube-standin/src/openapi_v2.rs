@@ -5,58 +5,13 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::resources::schema::{Schema, OBJECT_META};
+use crate::openapi::{schema_name, to_openapi, Version, META_REF};
+use crate::resources::schema::OBJECT_META;
 use crate::resources::Kind;
 
 /// What a client asks for; the answer's Content-Type is the parseable form without the `@`.
 pub const PROTOBUF_ACCEPT: &str = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
 pub const PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
-const META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
-
-fn def_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::ConfigMap => "io.k8s.api.core.v1.ConfigMap",
-        Kind::EndpointSlice => "io.k8s.api.discovery.v1.EndpointSlice",
-        Kind::Event => "io.k8s.api.events.v1.Event",
-    }
-}
-
-fn schema(s: &Schema, path: &str) -> Value {
-    match s {
-        Schema::Str => json!({"type": "string"}),
-        Schema::Bool => json!({"type": "boolean"}),
-        Schema::Int => json!({"type": "integer", "format": "int64"}),
-        Schema::Bytes => json!({"type": "string", "format": "byte"}),
-        Schema::Any => json!({"type": "object"}),
-        Schema::Time | Schema::MicroTime => json!({"type": "string", "format": "date-time"}),
-        Schema::Always(inner) => schema(inner, path),
-        Schema::Map(inner) => json!({"type": "object", "additionalProperties": schema(inner, path)}),
-        Schema::List(inner) => {
-            let mut l = json!({"type": "array", "items": schema(inner, path)});
-            match path {
-                "metadata.finalizers" => {
-                    l["x-kubernetes-list-type"] = "set".into();
-                    l["x-kubernetes-patch-strategy"] = "merge".into();
-                }
-                "metadata.ownerReferences" => {
-                    l["x-kubernetes-patch-merge-key"] = "uid".into();
-                    l["x-kubernetes-patch-strategy"] = "merge".into();
-                }
-                _ => l["x-kubernetes-list-type"] = "atomic".into(),
-            }
-            l
-        }
-        Schema::Object(fields) => {
-            let mut props = Map::new();
-            for (name, fs) in fields.iter() {
-                let p = if path.is_empty() { (*name).to_string() } else { format!("{path}.{name}") };
-                let v = if p == "metadata" { json!({"$ref": format!("#/definitions/{META}")}) } else { schema(fs, &p) };
-                props.insert((*name).to_string(), v);
-            }
-            json!({"type": "object", "properties": props})
-        }
-    }
-}
 
 fn query(name: &str, ty: &str) -> Value {
     json!({"uniqueItems": true, "type": ty, "name": name, "in": "query"})
@@ -67,7 +22,7 @@ fn path_param(name: &str) -> Value {
 }
 
 fn operation(kind: Kind, action: &str, id: &str, mut params: Vec<Value>, body: bool) -> Value {
-    let r = json!({"$ref": format!("#/definitions/{}", def_name(kind))});
+    let r = json!({"$ref": format!("#/definitions/{}", schema_name(kind))});
     if body {
         params.insert(0, json!({"name": "body", "in": "body", "required": true, "schema": r}));
     }
@@ -92,7 +47,7 @@ fn operation(kind: Kind, action: &str, id: &str, mut params: Vec<Value>, body: b
 pub fn document() -> Value {
     let mut paths = Map::new();
     let mut defs = Map::new();
-    defs.insert(META.into(), schema(&OBJECT_META, "metadata"));
+    defs.insert(META_REF.into(), to_openapi(&OBJECT_META, "metadata", Version::V2));
     for k in Kind::ALL {
         let base = if k.group().is_empty() { "/api/v1".to_string() } else { format!("/apis/{}", k.api_version()) };
         let n = k.name();
@@ -117,9 +72,9 @@ pub fn document() -> Value {
                 "parameters": [path_param("namespace")],
             }),
         );
-        let mut d = schema(k.schema(), "");
+        let mut d = to_openapi(k.schema(), "", Version::V2);
         d["x-kubernetes-group-version-kind"] = json!([{"group": k.group(), "kind": n, "version": k.version()}]);
-        defs.insert(def_name(k).into(), d);
+        defs.insert(schema_name(k).into(), d);
     }
     json!({
         "swagger": "2.0",
