@@ -253,29 +253,14 @@ fn delete_options(req: &Req<'_>) -> Result<Map<String, Value>, ApiError> {
 /// marks it terminating.
 fn deletion(kind: Kind, cur: &Value, name: &str, opts: &Map<String, Value>) -> Result<Mutation, ApiError> {
     let pre = opts.get("preconditions").cloned().unwrap_or(Value::Null);
-    if let Some(uid) = pre["uid"].as_str() {
-        if uid != meta_str(cur, "uid") {
+    for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+        let (want, have) = (pre[field].as_str(), meta_str(cur, field));
+        if let Some(want) = want.filter(|w| *w != have) {
             return Err(ApiError::conflict(
                 kind.group(),
                 kind.plural(),
                 name,
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta_str(cur, "uid")
-                ),
-            ));
-        }
-    }
-    if let Some(rv) = pre["resourceVersion"].as_str() {
-        if rv != meta_str(cur, "resourceVersion") {
-            return Err(ApiError::conflict(
-                kind.group(),
-                kind.plural(),
-                name,
-                &format!(
-                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                    meta_str(cur, "resourceVersion")
-                ),
+                &format!("Precondition failed: {label} in precondition: {want}, {label} in object meta: {have}"),
             ));
         }
     }
