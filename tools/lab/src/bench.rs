@@ -316,8 +316,13 @@ impl Topology {
             Layout::SameHost => Topology::same_host()?,
         };
         if let Some(cc) = congestion_control {
+            // The same-host layout's three roles are one namespace: set it once.
+            let mut done: Vec<&Rc<Netns>> = Vec::new();
             for ns in [&topo.client, &topo.host, &topo.server] {
-                ns.sysctl("net.ipv4.tcp_congestion_control", cc)?;
+                if !done.iter().any(|d| Rc::ptr_eq(d, ns)) {
+                    ns.sysctl("net.ipv4.tcp_congestion_control", cc)?;
+                    done.push(ns);
+                }
             }
         }
         Ok(topo)
