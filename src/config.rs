@@ -8,13 +8,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-use crate::agent::endpoint::Topology;
 use crate::exit::Coded;
 use crate::forward::{Endpoint, Mode};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     pub endpoint: EndpointSection,
@@ -32,7 +31,7 @@ pub struct Config {
     pub haproxy: crate::haproxy::HaproxySettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointSection {
     /// The control-plane endpoint, `LB_ADDRESS:PORT` as given to `kubeadm --control-plane-endpoint`.
@@ -45,6 +44,30 @@ pub struct EndpointSection {
     pub haproxy_bind: Option<Endpoint>,
 }
 
+/// The top-level sections of the configuration file, as [`Config`] names them (a test keeps
+/// the two in step), for commands that read only some of them.
+pub const SECTIONS: [&str; 7] = ["endpoint", "forward", "handover", "agent", "members", "kubernetes", "haproxy"];
+
+/// How HAProxy and the forward share the endpoint (see `agent::endpoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// HAProxy listens on a private address; the forward is retargeted to it.
+    #[default]
+    Retarget,
+    /// HAProxy binds the endpoint itself; the forward steps aside.
+    Release,
+}
+
+impl Topology {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topology::Retarget => "retarget",
+            Topology::Release => "release",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnShutdown {
@@ -55,16 +78,16 @@ pub enum OnShutdown {
     Remove,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ForwardSection {
     pub mode: Mode,
     /// Bootstrap targets used until a member answers /readyz. Default: the members' addresses.
     pub targets: Vec<Endpoint>,
     /// Longest time connections on the old path (long watches) get after a move.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub drain_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub connect_timeout: Duration,
     pub on_shutdown: OnShutdown,
 }
@@ -81,19 +104,24 @@ impl Default for ForwardSection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct HandoverSection {
     /// Consecutive healthy checks of HAProxy before handing over.
     pub rise: u32,
     /// Consecutive unhealthy checks before falling back.
     pub fall: u32,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub interval: Duration,
     pub fallback: bool,
     /// Timeout of one /readyz probe of a member.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub probe_timeout: Duration,
+    /// How often HAProxy's master and admin sockets are checked: when neither accepts a
+    /// connection (twice in a row) HAProxy is gone and the endpoint falls back at once,
+    /// without waiting for `fall` unhealthy checks.
+    #[serde(deserialize_with = "crate::units::duration")]
+    pub liveness_interval: Duration,
 }
 
 impl Default for HandoverSection {
@@ -104,11 +132,12 @@ impl Default for HandoverSection {
             interval: Duration::from_secs(1),
             fallback: true,
             probe_timeout: Duration::from_secs(1),
+            liveness_interval: Duration::from_millis(200),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct AgentSection {
     /// Local HTTP port for /metrics, /healthz, /readyz and /status.
@@ -125,10 +154,44 @@ impl Default for AgentSection {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 15m: {e}")))
+/// What flags and environment variables may change over the file. Every subcommand that reads
+/// the configuration takes the same overrides, so `check-config` and `render` see exactly the
+/// settings `run` uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub listen: Option<Endpoint>,
+    pub topology: Option<Topology>,
+    pub haproxy_bind: Option<Endpoint>,
+    pub forward_mode: Option<Mode>,
+    pub status_listen: Option<SocketAddr>,
+}
+
+impl Overrides {
+    pub fn apply(&self, c: &mut Config) {
+        if let Some(l) = self.listen {
+            c.endpoint.listen = l;
+        }
+        if let Some(t) = self.topology {
+            c.endpoint.topology = t;
+        }
+        if let Some(h) = self.haproxy_bind {
+            c.endpoint.haproxy_bind = Some(h);
+        }
+        if let Some(m) = self.forward_mode {
+            c.forward.mode = m;
+        }
+        if let Some(s) = self.status_listen {
+            c.agent.status_listen = s;
+        }
+    }
+}
+
+/// The one configuration loader: the file, then the overrides, then validation.
+pub fn load(path: &Path, overrides: &Overrides) -> anyhow::Result<Config> {
+    let mut config = Config::load(path)?;
+    overrides.apply(&mut config);
+    config.validate()?;
+    Ok(config)
 }
 
 impl Config {
@@ -166,6 +229,9 @@ impl Config {
         if self.handover.interval < Duration::from_millis(100) {
             return bad("handover.interval must be at least 100ms".into());
         }
+        if self.handover.liveness_interval < Duration::from_millis(50) {
+            return bad("handover.livenessInterval must be at least 50ms".into());
+        }
         if self.endpoint.topology == Topology::Retarget {
             if listen.ip().is_unspecified() && self.endpoint.haproxy_bind.is_none() {
                 return bad(format!(
@@ -183,5 +249,39 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "endpoint:\n  listen: 192.0.2.10:6443\n";
+
+    #[test]
+    fn sections_name_every_field_of_the_file() {
+        for section in SECTIONS {
+            let text = format!("{MINIMAL}{section}: {{}}\n");
+            let text = if section == "endpoint" { MINIMAL.to_string() } else { text };
+            Config::parse(&text).unwrap_or_else(|e| panic!("{section}: {e:#}"));
+        }
+        let err = Config::parse(&format!("{MINIMAL}metrics: {{}}\n")).unwrap_err().to_string();
+        assert!(err.contains("unknown field `metrics`"), "{err}");
+        for section in SECTIONS {
+            assert!(err.contains(&format!("`{section}`")), "{section} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn overrides_apply_before_validation() {
+        let mut config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(config.haproxy_bind(), "192.0.2.10:9445".parse().unwrap());
+        let o = Overrides { haproxy_bind: Some("192.0.2.11:9445".parse().unwrap()), ..Overrides::default() };
+        o.apply(&mut config);
+        assert_eq!(config.haproxy_bind(), "192.0.2.11:9445".parse().unwrap());
+        let o = Overrides { haproxy_bind: Some("192.0.2.10:6443".parse().unwrap()), ..Overrides::default() };
+        o.apply(&mut config);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("equals endpoint.listen"), "{err}");
     }
 }

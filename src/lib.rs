@@ -27,7 +27,9 @@ pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod notify;
+pub mod signals;
 pub mod sysinfo;
 #[cfg(test)]
 mod testutil;
+pub mod units;
 pub mod yaml;

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub backend_servers_up: Gauge,
     /// 1 while a bootstrap forward carries new connections.
     pub forward_installed: Gauge,
+    /// 1 while a request through the endpoint itself reaches a ready apiserver.
+    pub endpoint_carried: Gauge,
 }
 
 impl Metrics {
@@ -121,6 +123,11 @@ impl Metrics {
             "forward_installed",
             "Whether the bootstrap forward carries new connections",
             self.forward_installed.clone(),
+        );
+        r.register(
+            "endpoint_carried",
+            "Whether a request through the endpoint itself reaches a ready apiserver",
+            self.endpoint_carried.clone(),
         );
         r
     }

@@ -342,8 +342,15 @@ fn reloads(m: &Metrics, result: Outcome) -> u64 {
     m.reloads.get_or_create(&ResultLabel { result }).get()
 }
 
+/// The members resolved as the agent resolves them.
+async fn servers(set: &MemberSet) -> Vec<cpha::haproxy::Server> {
+    let resolved = cpha::haproxy::resolve::resolve(set, &Default::default(), Duration::from_secs(5)).await;
+    assert!(resolved.unresolved.is_empty(), "{:?}", resolved.unresolved);
+    resolved.servers
+}
+
 async fn apply(hp: &mut Haproxy, set: &MemberSet, bind: SocketAddr) -> ApplyReport {
-    match hp.apply(&RenderInput { members: set, bind }).await {
+    match hp.apply(&RenderInput { servers: &servers(set).await, bind }).await {
         Ok(r) => r,
         Err(e) => panic!("apply failed: {e}"),
     }
@@ -371,7 +378,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     let report = apply(&mut hp, &ab, frontend).await;
     assert!(!report.running && report.file_written, "{report}");
     assert_eq!(report.method, Some(ApplyMethod::File));
-    assert_eq!(lab.config(), hp.render(&RenderInput { members: &ab, bind: frontend }).await.unwrap().text);
+    assert_eq!(lab.config(), hp.render(&RenderInput { servers: &servers(&ab).await, bind: frontend }).unwrap().text);
 
     lab.start_haproxy().await;
     wait_up(&mut hp, 2).await;
@@ -391,7 +398,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     assert_eq!(report.added, ["c"]);
     assert_eq!(report.draining, ["a"]);
     assert!(report.file_written);
-    assert_eq!(lab.config(), hp.render(&RenderInput { members: &bc, bind: frontend }).await.unwrap().text);
+    assert_eq!(lab.config(), hp.render(&RenderInput { servers: &servers(&bc).await, bind: frontend }).unwrap().text);
     assert!(!lab.config().contains(&a.addr.to_string()));
 
     let snap = hp.snapshot().await.unwrap();
@@ -416,7 +423,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     assert!(report.added.is_empty() && report.draining.is_empty(), "{report}");
     let snap = hp.snapshot().await.unwrap();
     assert_eq!(snap.get("c").unwrap().socket_addr(), Some(d.addr), "{snap}");
-    assert_eq!(lab.config(), hp.render(&RenderInput { members: &bd, bind: frontend }).await.unwrap().text);
+    assert_eq!(lab.config(), hp.render(&RenderInput { servers: &servers(&bd).await, bind: frontend }).unwrap().text);
 
     // The drain timeout passes with a's connection still open: it is shut down, a deleted.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -490,7 +497,7 @@ async fn a_change_outside_the_server_list_reloads_once_and_is_read_back() {
     assert_eq!(after.master.reloads, before.master.reloads + 1, "exactly one reload: {after:?}");
     assert_eq!(reload.new_workers, after.worker_pids());
     assert!(after.worker_pids().iter().all(|p| !before.worker_pids().contains(p)), "new workers: {after:?}");
-    assert_eq!(lab.config(), hp.render(&RenderInput { members: &ab, bind: moved }).await.unwrap().text);
+    assert_eq!(lab.config(), hp.render(&RenderInput { servers: &servers(&ab).await, bind: moved }).unwrap().text);
     assert_eq!(reloads(&metrics, Outcome::Ok), 1);
     assert_eq!(applies(&metrics, ApplyMethod::Reload, Outcome::Ok), 1);
     assert!(t0.elapsed() < Duration::from_secs(10));
@@ -543,7 +550,7 @@ async fn invalid_templates_and_candidates_leave_the_file_and_haproxy_untouched()
     let mut settings = lab.settings();
     settings.template = Some(bad.clone());
     let mut other = Haproxy::new(settings.clone(), metrics.clone()).unwrap();
-    let err = other.apply(&RenderInput { members: &ab, bind: frontend }).await.unwrap_err();
+    let err = other.apply(&RenderInput { servers: &servers(&ab).await, bind: frontend }).await.unwrap_err();
     assert!(matches!(err, ApplyError::Render(RenderError::Render { .. })), "{err:?}");
     assert!(err.to_string().contains("global.admin_sock") && err.to_string().contains("unknown.tera"), "{err}");
 
@@ -564,7 +571,7 @@ async fn invalid_templates_and_candidates_leave_the_file_and_haproxy_untouched()
     .unwrap();
     settings.template = Some(refused);
     let mut other = Haproxy::new(settings, metrics.clone()).unwrap();
-    let err = other.apply(&RenderInput { members: &ab, bind: frontend }).await.unwrap_err();
+    let err = other.apply(&RenderInput { servers: &servers(&ab).await, bind: frontend }).await.unwrap_err();
     assert!(matches!(err, ApplyError::Check(cpha::haproxy::CheckError::Refused { .. })), "{err:?}");
     assert!(err.to_string().contains("bogus-directive"), "{err}");
 
@@ -611,7 +618,7 @@ async fn reconcile_at_start_fixes_a_stale_haproxy() {
     assert_eq!(added, ["b", "c"]);
     assert_eq!(lab.procs().await.master.reloads, before.master.reloads, "servers alone need no reload");
     wait_up(&mut hp, 2).await;
-    assert_eq!(lab.config(), hp.render(&RenderInput { members: &bc, bind: frontend }).await.unwrap().text);
+    assert_eq!(lab.config(), hp.render(&RenderInput { servers: &servers(&bc).await, bind: frontend }).unwrap().text);
     lab.stop_haproxy();
 
     // HAProxy started from a hand-written file: the rest of the file differs, so one reload.
@@ -648,8 +655,7 @@ async fn health_reports_up_servers_and_readyz_failures() {
     let mut hp = Haproxy::new(lab.settings(), metrics.clone()).unwrap();
     // `localhost` is resolved by cpha; HAProxy gets the address.
     let set = members(&format!("a={} b={} local=localhost:{}", a.addr, b.addr, a.addr.port()));
-    let report = apply(&mut hp, &set, frontend).await;
-    assert!(report.unresolved.is_empty(), "{report}");
+    apply(&mut hp, &set, frontend).await;
     let health = hp.health().await;
     assert_eq!(health, cpha::haproxy::Health::default(), "HAProxy is not running yet");
     lab.start_haproxy().await;

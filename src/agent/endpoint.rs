@@ -15,29 +15,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::actuator::EndpointActuator;
+use super::controller::{Adopted, Carrier};
+pub use crate::config::Topology;
 use crate::forward::{self, conntrack, userspace, ForwardSpec, InstalledState, KernelBackend};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Topology {
-    #[default]
-    Retarget,
-    Release,
-}
-
-/// Where new connections to the endpoint go now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase", tag = "to", content = "targets")]
-pub enum Carrier {
-    /// The forward, to these members.
-    Forward(Vec<SocketAddr>),
-    /// HAProxy.
-    Haproxy,
-}
 
 pub struct Endpoint {
     listen: SocketAddr,
@@ -298,4 +282,38 @@ fn enable_migrate_req() {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await.context("kernel rule task panicked")?
+}
+
+impl EndpointActuator for Endpoint {
+    fn backend_name(&self) -> &'static str {
+        Endpoint::backend_name(self)
+    }
+
+    async fn adopt(&mut self) -> anyhow::Result<Adopted> {
+        Ok(match Endpoint::adopt(self).await? {
+            Some(Carrier::Haproxy) => Adopted::Haproxy,
+            Some(Carrier::Forward(targets)) => Adopted::Forward(targets),
+            None => Adopted::Nothing,
+        })
+    }
+
+    async fn forward_to(&mut self, targets: Vec<SocketAddr>) -> anyhow::Result<()> {
+        Endpoint::forward_to(self, targets).await
+    }
+
+    async fn hand_to_haproxy(&mut self) -> anyhow::Result<()> {
+        Endpoint::hand_to_haproxy(self).await
+    }
+
+    async fn reassert(&mut self) -> anyhow::Result<()> {
+        Endpoint::reassert(self).await
+    }
+
+    async fn housekeeping(&mut self) -> anyhow::Result<()> {
+        self.tick().await
+    }
+
+    async fn shutdown(&mut self, keep: bool) -> anyhow::Result<()> {
+        Endpoint::shutdown(self, keep).await
+    }
 }

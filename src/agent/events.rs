@@ -16,15 +16,7 @@ use crate::kube::{CredentialSource, KubeSettings};
 use crate::members::source::SourceSettings;
 use crate::members::MemberSet;
 
-/// One thing worth an Event.
-#[derive(Debug, Clone)]
-pub struct Note {
-    pub warning: bool,
-    /// PascalCase, e.g. `HandedOver`.
-    pub reason: &'static str,
-    pub action: &'static str,
-    pub message: String,
-}
+pub use super::controller::Note;
 
 /// Where notes go; a full queue drops the note rather than wait.
 #[derive(Clone)]

@@ -1,57 +1,98 @@
 //! `cpha run`: the agent. It owns the endpoint (the bootstrap forward, then the handover to
 //! HAProxy), keeps HAProxy's apiserver backend equal to the member set, and reports.
 //!
-//! Data flow:
 //! ```text
-//! member source ──Update──► agent loop ──desired members──► haproxy::Haproxy (Runtime API / file / reload)
-//!                              │  ▲
-//!          health every tick   │  └── haproxy.health(): answers + UP servers
-//!                              ▼
-//!                     state::Machine ──Action──► endpoint::Endpoint (forward ⇄ HAProxy)
+//!  member source ─Update─► bridge (resolve once) ─┐        ┌─► EndpointActuator (forward ⇄ HAProxy)
+//!  HAProxy worker ─Health, Applied──────────────┤        ├─► HAProxy worker (apply, read)
+//!  probes ─Liveness, Probed, EndpointChecked────┼► driver ┼─► Probes (readyz, endpoint, sockets)
+//!  signals ─Reload, Resync, Stop────────────────┤   │    └─► Reporter (sd-notify, metrics, /status, Events)
+//!  clock ─Tick──────────────────────────────────┘   ▼
+//!                                           controller (pure: inputs → effects)
 //! ```
-//! The loop is the only writer of agent state; everything it learns goes to `/status`,
-//! metrics and sd-notify STATUS=.
+//! - [`controller`]: every decision, pure, with its state machine.
+//! - [`driver`]: the loop that feeds the controller and carries out its effects.
+//! - [`actuator`]: the traits the driver uses, with the real HAProxy and probe actuators.
+//! - [`endpoint`]: the forward and the handover in both topologies (the endpoint actuator).
+//! - [`probe`], [`server`], [`status`], [`events`]: `/readyz` probes, the status port, the
+//!   `/status` snapshot, Kubernetes Events.
+//! - this file: wiring (tasks, supervision, SIGHUP's reload, the real reporter).
 
+pub mod actuator;
+pub mod controller;
+pub mod driver;
 pub mod endpoint;
 pub mod events;
+#[cfg(test)]
+mod fake;
 pub mod probe;
 pub mod server;
-pub mod state;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, OnShutdown};
-use crate::haproxy::{Haproxy, RenderInput};
-use crate::members::source::{self as members_source, Update};
-use crate::members::MemberSet;
-use crate::metrics::{Metrics, StateLabel, TransitionLabels};
+use crate::config::{self, Config, OnShutdown, Overrides, Topology};
+use crate::haproxy::{resolve, Haproxy, Template};
+use crate::kube::KubeSettings;
+use crate::members::source::{self as members_source, MembersSettings, Update};
+use crate::members::{MemberSet, ServerName};
+use crate::metrics::{Metrics, SourceLabel, StateLabel, TransitionLabels};
 use crate::notify;
-use endpoint::{Carrier, Endpoint, EndpointConfig};
+use actuator::{HaproxyBackend, NetProbes, Reporter};
+use controller::{Carrier, Controller, Input, Note, View};
+use driver::{Driver, Ended, HaproxyHandle, Reloaded};
+use endpoint::{Endpoint, EndpointConfig};
 use server::Shared;
-use state::{Action, Machine, Phase, Thresholds};
 use status::AgentStatus;
 
 /// How `cpha run` was started: the configuration file and the overrides from flags/env.
 pub struct Options {
     pub config: PathBuf,
-    pub overrides: Box<dyn Fn(&mut Config) + Send + Sync>,
+    pub overrides: Overrides,
 }
 
 impl Options {
     pub fn load(&self) -> anyhow::Result<Config> {
-        let mut config = Config::load(&self.config)?;
-        (self.overrides)(&mut config);
-        config.validate()?;
-        Ok(config)
+        config::load(&self.config, &self.overrides)
     }
+}
+
+/// The controller's settings from a configuration.
+pub fn controller_settings(config: &Config) -> controller::Settings {
+    let h = &config.handover;
+    controller::Settings {
+        topology: config.endpoint.topology,
+        rise: h.rise,
+        fall: h.fall,
+        fallback: h.fallback,
+        interval: h.interval,
+        probe_interval: h.interval * 5,
+        liveness_interval: h.liveness_interval,
+        min_apply_interval: config.haproxy.min_apply_interval,
+        bootstrap_targets: config.forward.targets.iter().map(|e| e.0).collect(),
+    }
+}
+
+/// Everything SIGHUP re-reads, validated as a whole: nothing is used unless all of it is good.
+fn reload(options: &Options) -> Result<(Config, Reloaded), String> {
+    let config = options.load().map_err(|e| format!("{e:#}"))?;
+    config.haproxy.check().map_err(|e| format!("haproxy: {e}"))?;
+    Template::from_settings(&config.haproxy).map_err(|e| format!("haproxy: {e}"))?;
+    let reloaded = Reloaded {
+        controller: controller_settings(&config),
+        haproxy: config.haproxy.clone(),
+        bind: config.haproxy_bind(),
+    };
+    Ok((config, reloaded))
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -61,434 +102,320 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(Agent::start(options, config)?.run())
+    runtime.block_on(agent(options, config))
 }
 
-struct Agent {
-    options: Options,
-    config: Config,
-    metrics: Arc<Metrics>,
-    shared: Arc<Shared>,
-    endpoint: Endpoint,
-    haproxy: Haproxy,
-    machine: Machine,
-    members: MemberSet,
-    members_origin: String,
-    dirty: bool,
-    last_apply: Option<Instant>,
-    status: AgentStatus,
-    root: CancellationToken,
-    source: Option<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)>,
-    updates_tx: mpsc::Sender<Update>,
-    updates: mpsc::Receiver<Update>,
-    known_tx: tokio::sync::watch::Sender<MemberSet>,
-    phase_since: SystemTime,
-    ticks: u64,
-    events: events::Events,
-}
+async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let shared = Arc::new(Shared {
+        registry: metrics.register(),
+        status: RwLock::new(AgentStatus::default()),
+        heartbeat: RwLock::new(Instant::now()),
+        stale_after: config.handover.interval * 10 + Duration::from_secs(5),
+    });
+    let root = CancellationToken::new();
+    let (ended_tx, mut ended) = mpsc::channel::<(String, anyhow::Result<()>)>(8);
+    let listener = server::bind(config.agent.status_listen).await?;
+    let status_server = tokio::spawn(server::serve(listener, shared.clone(), root.child_token()));
+    supervise("the status server", status_server, root.clone(), ended_tx.clone());
 
-impl Agent {
-    fn start(options: Options, config: Config) -> anyhow::Result<Agent> {
-        let metrics = Arc::new(Metrics::default());
-        let shared = Arc::new(Shared {
-            registry: metrics.register(),
-            status: RwLock::new(AgentStatus::default()),
-            heartbeat: RwLock::new(Instant::now()),
-            stale_after: config.handover.interval * 10 + Duration::from_secs(5),
-        });
-        let seed: Vec<SocketAddr> = config.forward.targets.iter().map(|e| e.0).collect();
-        let endpoint = Endpoint::new(&endpoint_config(&config), &seed)?;
-        let haproxy = Haproxy::new(config.haproxy.clone(), metrics.clone())
-            .map_err(|e| crate::exit::Coded::config(format!("haproxy: {e}")))?;
-        let machine = Machine::new(Phase::Forwarding, thresholds(&config));
-        let (updates_tx, updates) = mpsc::channel(32);
-        let (known_tx, _) = tokio::sync::watch::channel(MemberSet::new());
-        let status = AgentStatus {
+    let endpoint = Endpoint::new(&endpoint_config(&config), &bootstrap_targets(&config))?;
+    let haproxy = Haproxy::new(config.haproxy.clone(), metrics.clone())
+        .map_err(|e| crate::exit::Coded::config(format!("haproxy: {e}")))?;
+    let (inputs_tx, inputs) = mpsc::channel(64);
+    let (haproxy_handle, worker) =
+        HaproxyHandle::spawn(HaproxyBackend { haproxy, bind: config.haproxy_bind() }, inputs_tx.clone());
+    supervise("the HAProxy worker", worker, root.clone(), ended_tx.clone());
+
+    let (known_tx, known_rx) = watch::channel(MemberSet::new());
+    let (sticky_tx, sticky_rx) = watch::channel(BTreeMap::new());
+    let mut sources = Sources {
+        root: root.clone(),
+        stop: None,
+        current: None,
+        metrics: metrics.clone(),
+        inputs: inputs_tx.clone(),
+        known: known_rx.clone(),
+        sticky: sticky_rx,
+        ended: ended_tx.clone(),
+        resolve_timeout: config.haproxy.runtime_timeout,
+    };
+    sources.start(&config.members, &config.kubernetes);
+    let events = match (config.agent.events, events::regarding(&config.members.source)) {
+        (true, Some(reference)) => events::spawn(config.kubernetes.clone(), reference, known_rx, root.child_token()),
+        _ => events::Events::disabled(),
+    };
+    let reporter = AgentReporter {
+        metrics: metrics.clone(),
+        shared: shared.clone(),
+        events,
+        known: known_tx,
+        sticky: sticky_tx,
+        base: AgentStatus {
             endpoint: config.endpoint.listen.to_string(),
-            topology: format!("{:?}", config.endpoint.topology).to_lowercase(),
+            topology: config.endpoint.topology.as_str().to_string(),
             forward_backend: endpoint.backend_name().to_string(),
             ..AgentStatus::default()
-        };
-        Ok(Agent {
-            options,
-            config,
-            metrics,
-            shared,
-            endpoint,
-            haproxy,
-            machine,
-            members: MemberSet::new(),
-            members_origin: "none yet".into(),
-            dirty: false,
-            last_apply: None,
-            status,
-            root: CancellationToken::new(),
-            source: None,
-            updates_tx,
-            updates,
-            known_tx,
-            phase_since: SystemTime::now(),
-            ticks: 0,
-            events: events::Events::disabled(),
-        })
-    }
+        },
+        wall: (SystemTime::now(), Instant::now()),
+    };
+    reporter.zero(&metrics);
 
-    async fn run(mut self) -> anyhow::Result<()> {
-        let listener = server::bind(self.config.agent.status_listen).await?;
-        tokio::spawn(server::serve(listener, self.shared.clone(), self.root.child_token()));
-        self.start_source();
-        self.start_events();
-
-        let Signals { mut term, mut int, mut hup, mut usr1 } = Signals::new()?;
-
-        // The endpoint first: READY=1 means kubeadm can use it.
-        match self.endpoint.adopt().await? {
-            Some(Carrier::Haproxy) => self.set_phase(Phase::Balanced),
-            _ => {
-                if !self.bootstrap_forward(&mut term, &mut int).await? {
-                    self.shutdown().await;
-                    return Ok(());
-                }
+    let on_shutdown = Arc::new(RwLock::new(config.forward.on_shutdown));
+    let running_endpoint = config.endpoint.clone();
+    let keep = on_shutdown.clone();
+    let probes = NetProbes {
+        endpoint: dial_address(&config),
+        timeout: config.handover.probe_timeout,
+        admin_socket: config.haproxy.admin_socket.clone(),
+        master_socket: config.haproxy.master_socket.clone(),
+    };
+    let mut driver = Driver {
+        controller: Controller::new(controller_settings(&config), tokio::time::Instant::now().into_std()),
+        endpoint,
+        haproxy: haproxy_handle,
+        probes,
+        reporter,
+        inputs_tx,
+        inputs,
+        signals: crate::signals::listen()?,
+        reload: Box::new(move || {
+            let (config, reloaded) = reload(&options)?;
+            if config.endpoint != running_endpoint {
+                tracing::warn!("endpoint.listen and endpoint.topology changes take effect at the next restart");
             }
+            sources.start(&config.members, &config.kubernetes);
+            *on_shutdown.write().expect("lock") = config.forward.on_shutdown;
+            Ok(reloaded)
+        }),
+    };
+    let result = tokio::select! {
+        result = driver.run() => result,
+        Some((task, result)) = ended.recv() => Err(match result {
+            Ok(()) => anyhow::anyhow!("{task} stopped"),
+            Err(err) => err.context(format!("{task} failed")),
+        }),
+    };
+    let keep = *keep.read().expect("lock") == OnShutdown::Keep;
+    let ended = match &result {
+        Ok(Ended::Aborted) => Ended::Aborted,
+        _ => driver.shutdown(keep).await,
+    };
+    root.cancel();
+    if ended == Ended::Aborted {
+        tracing::warn!("stopped without waiting for the forward's connections to drain");
+    }
+    result.map(|_| ())
+}
+
+/// Reports a task's end on `ended`, unless `token` was cancelled (shutdown, or a restart).
+fn supervise<T: Into<TaskResult> + Send + 'static>(
+    name: &'static str,
+    task: tokio::task::JoinHandle<T>,
+    token: CancellationToken,
+    ended: mpsc::Sender<(String, anyhow::Result<()>)>,
+) {
+    tokio::spawn(async move {
+        let result = match task.await {
+            Ok(r) => r.into().0,
+            Err(err) => Err(anyhow::anyhow!("panicked: {err}")),
+        };
+        if !token.is_cancelled() {
+            let _ = ended.send((name.to_string(), result)).await;
         }
-        self.publish();
-        notify::ready(&self.sentence());
-        tracing::info!("{}", self.sentence());
+    });
+}
 
-        let mut tick = tokio::time::interval(self.config.handover.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
-            tokio::select! {
-                _ = term.recv() => break Ok(()),
-                _ = int.recv() => break Ok(()),
-                _ = hup.recv() => self.reload_config(),
-                _ = usr1.recv() => {
-                    tracing::info!("SIGUSR1: forcing a resync of HAProxy and the forward");
-                    self.dirty = true;
-                    self.last_apply = None;
-                    if let Err(err) = self.endpoint.reassert().await {
-                        tracing::error!("SIGUSR1: restoring the forward failed: {err:#}");
-                        self.status.last_error = Some(format!("resync: {err:#}"));
-                    }
-                }
-                Some(update) = self.updates.recv() => self.on_update(update),
-                _ = tick.tick() => {
-                    if let Err(err) = self.on_tick().await {
-                        tracing::error!("{err:#}");
-                        self.status.last_error = Some(format!("{err:#}"));
-                    }
-                }
-            }
-            if let Some((_, task)) = &self.source {
-                if task.is_finished() {
-                    let (_, task) = self.source.take().expect("checked");
-                    match task.await {
-                        Ok(Ok(())) => break Err(anyhow::anyhow!("the member source stopped")),
-                        Ok(Err(err)) => break Err(err.context("the member source failed")),
-                        Err(err) => break Err(anyhow::anyhow!("the member source task failed: {err}")),
-                    }
-                }
-            }
-            self.publish();
-        };
-        self.shutdown().await;
-        result
+/// What a supervised task returns.
+struct TaskResult(anyhow::Result<()>);
+
+impl From<()> for TaskResult {
+    fn from((): ()) -> Self {
+        TaskResult(Ok(()))
     }
+}
 
-    fn start_source(&mut self) {
-        if let Some((stop, _)) = self.source.take() {
+impl From<anyhow::Result<()>> for TaskResult {
+    fn from(r: anyhow::Result<()>) -> Self {
+        TaskResult(r)
+    }
+}
+
+/// The member source and its bridge, restarted when SIGHUP changes their settings.
+struct Sources {
+    root: CancellationToken,
+    stop: Option<CancellationToken>,
+    current: Option<(MembersSettings, KubeSettings)>,
+    metrics: Arc<Metrics>,
+    inputs: mpsc::Sender<Input>,
+    known: watch::Receiver<MemberSet>,
+    sticky: watch::Receiver<BTreeMap<ServerName, SocketAddr>>,
+    ended: mpsc::Sender<(String, anyhow::Result<()>)>,
+    resolve_timeout: Duration,
+}
+
+impl Sources {
+    fn start(&mut self, members: &MembersSettings, kube: &KubeSettings) {
+        let wanted = (members.clone(), kube.clone());
+        if self.current.as_ref() == Some(&wanted) {
+            return;
+        }
+        if let Some(stop) = self.stop.take() {
+            tracing::info!("member source settings changed: restarting the source");
             stop.cancel();
         }
         let stop = self.root.child_token();
+        let (tx, rx) = mpsc::channel(32);
         let task = tokio::spawn(members_source::run(
-            self.config.members.clone(),
-            self.config.kubernetes.clone(),
+            members.clone(),
+            kube.clone(),
             self.metrics.clone(),
-            self.updates_tx.clone(),
-            self.known_tx.subscribe(),
+            tx,
+            self.known.clone(),
             stop.clone(),
         ));
-        self.source = Some((stop, task));
+        supervise("the member source", task, stop.clone(), self.ended.clone());
+        tokio::spawn(bridge(rx, self.inputs.clone(), self.sticky.clone(), self.resolve_timeout));
+        self.stop = Some(stop);
+        self.current = Some(wanted);
     }
+}
 
-    fn start_events(&mut self) {
-        self.events = match (self.config.agent.events, events::regarding(&self.config.members.source)) {
-            (true, Some(reference)) => events::spawn(
-                self.config.kubernetes.clone(),
-                reference,
-                self.known_tx.subscribe(),
-                self.root.child_token(),
-            ),
-            _ => events::Events::disabled(),
-        };
-    }
-
-    /// Installs the forward to the bootstrap targets (or the first member set). False when a
-    /// signal asked to stop while waiting for members.
-    async fn bootstrap_forward(
-        &mut self,
-        term: &mut tokio::signal::unix::Signal,
-        int: &mut tokio::signal::unix::Signal,
-    ) -> anyhow::Result<bool> {
-        let mut targets: Vec<SocketAddr> = self.config.forward.targets.iter().map(|e| e.0).collect();
-        if targets.is_empty() {
-            notify::status("waiting for a member list to forward the endpoint to");
-            tracing::info!("no forward.targets configured: waiting for the first member list to forward to");
-            while targets.is_empty() {
-                let update = tokio::select! {
-                    u = self.updates.recv() => u.context("the member source ended before giving a member list")?,
-                    _ = term.recv() => return Ok(false),
-                    _ = int.recv() => return Ok(false),
-                };
-                self.on_update(update);
-                targets = member_addresses(&self.members).await;
-            }
-        }
-        self.endpoint.forward_to(targets).await?;
-        self.metrics.forward_installed.set(1);
-        self.set_phase(Phase::Forwarding);
-        Ok(true)
-    }
-
-    fn on_update(&mut self, update: Update) {
-        match update {
+/// Member updates to controller inputs: accepted sets resolved once, with the one policy
+/// (`haproxy::resolve`: bounded, usable addresses only, a name keeps its address while it
+/// still resolves to it), so the forward and HAProxy never disagree on where a member is.
+async fn bridge(
+    mut updates: mpsc::Receiver<Update>,
+    inputs: mpsc::Sender<Input>,
+    sticky: watch::Receiver<BTreeMap<ServerName, SocketAddr>>,
+    timeout: Duration,
+) {
+    while let Some(update) = updates.recv().await {
+        let input = match update {
             Update::Accepted { set, origin } => {
                 tracing::info!(members = %set, origin = %origin, "member set accepted");
-                self.members = set.clone();
-                self.members_origin = origin.to_string();
-                self.known_tx.send_replace(set);
-                self.status.source_problem = None;
-                self.dirty = true;
+                let previous = sticky.borrow().clone();
+                let resolved = resolve::resolve(&set, &previous, timeout).await;
+                for u in &resolved.unresolved {
+                    tracing::warn!("{u}");
+                }
+                Input::MembersAccepted { set, origin: origin.to_string(), resolved }
             }
             Update::Rejected { source, reason } => {
                 tracing::warn!(source, "member update rejected, keeping the last good set: {reason}");
-                self.events.note(events::Note {
-                    warning: true,
-                    reason: "MembersRejected",
-                    action: "ValidateMembers",
-                    message: format!("{source}: {reason}; keeping {}", self.members),
-                });
-                self.status.last_rejected_update = Some(format!("{source}: {reason}"));
+                Input::MembersRejected { source: source.to_string(), reason }
             }
             Update::Problem { source, message, .. } => {
                 tracing::warn!(source, "{message}; keeping the last good set");
-                self.status.source_problem = Some(format!("{source}: {message}"));
+                Input::SourceProblem { source: source.to_string(), message }
             }
-        }
-    }
-
-    async fn on_tick(&mut self) -> anyhow::Result<()> {
-        self.ticks += 1;
-        self.shared.beat();
-        notify::watchdog();
-        self.apply_if_due().await;
-
-        let health = self.haproxy.health().await;
-        if health.answers && !self.status.haproxy_answers {
-            // HAProxy (re)started: whatever it runs is brought to the desired state.
-            tracing::info!("HAProxy answers: reconciling it with the member set");
-            self.dirty = true;
-        }
-        self.status.haproxy_answers = health.answers;
-        self.status.haproxy_servers_up = health.up;
-        self.status.haproxy_servers_total = health.total;
-        let healthy = health.answers && health.up > 0;
-        match self.machine.observe(healthy) {
-            Action::Stay => {}
-            Action::HandOver => {
-                let from =
-                    if self.status.phase == Phase::Fallback.as_str() { Phase::Fallback } else { Phase::Forwarding };
-                self.record_transition(from, Phase::HandingOver);
-                notify::status("handing the endpoint over to HAProxy");
-                match self.endpoint.hand_to_haproxy().await {
-                    Ok(()) => {
-                        self.machine.handover_done(true, from);
-                        self.metrics.forward_installed.set(0);
-                        self.set_phase(Phase::Balanced);
-                    }
-                    Err(err) => {
-                        self.machine.handover_done(false, from);
-                        self.set_phase(from);
-                        return Err(err.context("handover to HAProxy failed; the forward keeps the endpoint"));
-                    }
-                }
-            }
-            Action::FallBack => {
-                let all = member_addresses(&self.members).await;
-                let mut ready = probe::ready_members(&all, self.config.handover.probe_timeout).await;
-                if ready.is_empty() {
-                    tracing::warn!("HAProxy is unhealthy and no member answers /readyz: forwarding to every member");
-                    ready = all;
-                }
-                if ready.is_empty() {
-                    self.machine.fallback_done(false);
-                    anyhow::bail!("HAProxy is unhealthy and no member address is known to fall back to");
-                }
-                match self.endpoint.forward_to(ready).await {
-                    Ok(()) => {
-                        self.machine.fallback_done(true);
-                        self.metrics.forward_installed.set(1);
-                        self.set_phase(Phase::Fallback);
-                    }
-                    Err(err) => {
-                        self.machine.fallback_done(false);
-                        return Err(err.context("fallback to the forward failed"));
-                    }
-                }
-            }
-        }
-        // While the forward carries the endpoint, keep it pointed at members that are ready.
-        if self.endpoint.forwarding() && self.ticks.is_multiple_of(5) {
-            self.refresh_forward_targets().await?;
-        }
-        self.endpoint.tick().await
-    }
-
-    async fn refresh_forward_targets(&mut self) -> anyhow::Result<()> {
-        let all = member_addresses(&self.members).await;
-        if all.is_empty() {
-            return Ok(());
-        }
-        let ready = probe::ready_members(&all, self.config.handover.probe_timeout).await;
-        if ready.is_empty() {
-            return Ok(());
-        }
-        if self.endpoint.carrier() != Some(&Carrier::Forward(ready.clone())) {
-            tracing::info!(targets = ?ready, "forwarding to the members that answer /readyz");
-            self.endpoint.forward_to(ready).await?;
-        }
-        Ok(())
-    }
-
-    async fn apply_if_due(&mut self) {
-        if !self.dirty || self.members.is_empty() {
+        };
+        if inputs.send(input).await.is_err() {
             return;
         }
-        if let Some(last) = self.last_apply {
-            if last.elapsed() < self.config.haproxy.min_apply_interval {
-                return;
-            }
-        }
-        self.last_apply = Some(Instant::now());
-        let input = RenderInput { members: &self.members, bind: self.config.haproxy_bind() };
-        match self.haproxy.apply(&input).await {
-            Ok(report) => {
-                tracing::info!(%report, "HAProxy in step with the members");
-                self.status.last_apply = Some(report.to_string());
-                self.dirty = false;
-            }
-            Err(err) => {
-                // Nothing changed on a failed apply: the next tick after the interval tries again.
-                tracing::error!("applying members to HAProxy failed: {err:#}");
-                self.status.last_error = Some(format!("apply: {err:#}"));
-            }
-        }
     }
+}
 
-    fn reload_config(&mut self) {
-        match self.options.load() {
-            Ok(config) => {
-                tracing::info!("SIGHUP: configuration re-read");
-                let source_changed = format!("{:?}{:?}", config.members, config.kubernetes)
-                    != format!("{:?}{:?}", self.config.members, self.config.kubernetes);
-                self.machine.set_thresholds(thresholds(&config));
-                if let Err(err) = self.haproxy.set_settings(config.haproxy.clone()) {
-                    tracing::error!(
-                        "SIGHUP: the new haproxy settings are invalid, keeping the running configuration: {err}"
-                    );
-                    self.status.last_error = Some(format!("config reload: haproxy: {err}"));
-                    return;
-                }
-                if config.endpoint.listen != self.config.endpoint.listen
-                    || config.endpoint.topology != self.config.endpoint.topology
-                {
-                    tracing::warn!("endpoint.listen and endpoint.topology changes take effect at the next restart");
-                }
-                self.config = Config { endpoint: self.config.endpoint.clone(), ..config };
-                if source_changed {
-                    self.start_source();
-                }
-                self.dirty = true;
-            }
-            Err(err) => {
-                tracing::error!("SIGHUP: the new configuration is invalid, keeping the running one: {err:#}");
-                self.status.last_error = Some(format!("config reload: {err:#}"));
-            }
+/// What the agent tells the world: sd-notify, metrics, `/status`, Events.
+struct AgentReporter {
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    events: events::Events,
+    known: watch::Sender<MemberSet>,
+    sticky: watch::Sender<BTreeMap<ServerName, SocketAddr>>,
+    /// The parts of `/status` that never change.
+    base: AgentStatus,
+    /// A wall-clock reading and the monotonic one taken with it, to date phase changes.
+    wall: (SystemTime, Instant),
+}
+
+impl AgentReporter {
+    /// Every state and transition series exists from the start, at 0.
+    fn zero(&self, metrics: &Metrics) {
+        for state in controller::Phase::NAMES {
+            metrics.state.get_or_create(&StateLabel { state: state.into() }).set(0);
+        }
+        for (from, to) in controller::TRANSITIONS {
+            metrics.transitions.get_or_create(&TransitionLabels { from: from.into(), to: to.into() }).inc_by(0);
         }
     }
+}
 
-    fn set_phase(&mut self, phase: Phase) {
-        let old = self.machine.phase();
-        if self.status.phase != phase.as_str() {
-            if !self.status.phase.is_empty() {
-                self.record_transition_str(&self.status.phase.clone(), phase.as_str());
-            }
-            self.phase_since = SystemTime::now();
-            self.status.phase = phase.as_str().to_string();
-            for p in Phase::ALL {
-                self.metrics.state.get_or_create(&StateLabel { state: p.as_str().into() }).set(i64::from(p == phase));
-            }
-            let sentence = self.sentence();
-            tracing::info!(from = old.as_str(), "{sentence}");
-            notify::status(&sentence);
-            let (warning, reason, action) = match phase {
-                Phase::Balanced => (false, "HandedOver", "HandOver"),
-                Phase::Fallback => (true, "FellBack", "FallBack"),
-                Phase::Forwarding => (false, "Forwarding", "Forward"),
-                Phase::HandingOver => (false, "HandingOver", "HandOver"),
-            };
-            self.events.note(events::Note { warning, reason, action, message: sentence });
-        }
+impl Reporter for AgentReporter {
+    fn ready(&mut self, sentence: &str) {
+        notify::ready(sentence);
     }
 
-    fn record_transition(&self, from: Phase, to: Phase) {
-        self.record_transition_str(from.as_str(), to.as_str());
+    fn status(&mut self, sentence: &str) {
+        notify::status(sentence);
     }
 
-    fn record_transition_str(&self, from: &str, to: &str) {
+    fn event(&mut self, note: Note) {
+        self.events.note(note);
+    }
+
+    fn transition(&mut self, from: &'static str, to: &'static str) {
         self.metrics.transitions.get_or_create(&TransitionLabels { from: from.into(), to: to.into() }).inc();
     }
 
-    fn sentence(&self) -> String {
-        match self.endpoint.carrier() {
-            Some(Carrier::Haproxy) => format!("{}: HAProxy carries {}", self.status.phase, self.config.endpoint.listen),
-            Some(Carrier::Forward(t)) => format!(
-                "{}: {} forwards {} to {}",
-                self.status.phase,
-                self.endpoint.backend_name(),
-                self.config.endpoint.listen,
-                t.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-            ),
-            None => format!("{}: the endpoint is not carried yet", self.status.phase),
-        }
+    fn rejected(&mut self, source: &str) {
+        self.metrics.member_updates_rejected.get_or_create(&SourceLabel { source: source.into() }).inc();
     }
 
-    fn publish(&mut self) {
-        self.status.endpoint_carried = self.endpoint.carrier().is_some();
-        self.status.carrier = match self.endpoint.carrier() {
-            Some(Carrier::Haproxy) => "haproxy".into(),
-            Some(Carrier::Forward(t)) => t.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-            None => "none".into(),
+    fn known(&mut self, set: MemberSet) {
+        self.known.send_replace(set);
+    }
+
+    fn publish(&mut self, view: &View) {
+        self.sticky.send_if_modified(|s| {
+            let new: BTreeMap<_, _> = view.servers.iter().map(|s| (s.name.clone(), s.addr)).collect();
+            let changed = *s != new;
+            *s = new;
+            changed
+        });
+        for state in controller::Phase::NAMES {
+            self.metrics.state.get_or_create(&StateLabel { state: state.into() }).set(i64::from(state == view.phase));
+        }
+        self.metrics.forward_installed.set(i64::from(matches!(view.carrier, Some(Carrier::Forward(_)))));
+        self.metrics.endpoint_carried.set(i64::from(view.endpoint_carried));
+        let since = self.wall.0 + view.phase_since.saturating_duration_since(self.wall.1);
+        let status = AgentStatus {
+            phase: view.phase.to_string(),
+            phase_since: since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
+            endpoint_carried: view.endpoint_carried,
+            endpoint_check: view.endpoint_check.as_ref().map(|r| match r {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.clone(),
+            }),
+            carrier: match &view.carrier {
+                Some(Carrier::Haproxy) => "haproxy".into(),
+                Some(Carrier::Forward(t)) => t.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                None => "none".into(),
+            },
+            members: view.members.clone(),
+            members_origin: view.members_origin.clone(),
+            unresolved: view.unresolved.clone(),
+            ready_members: view.ready_members.iter().map(ToString::to_string).collect(),
+            last_rejected_update: view.last_rejected_update.clone(),
+            source_problem: view.source_problem.clone(),
+            haproxy_answers: view.haproxy.answers,
+            haproxy_alive: view.haproxy_alive,
+            haproxy_servers_up: view.haproxy.up,
+            haproxy_servers_total: view.haproxy.total,
+            last_apply: view.last_apply.clone(),
+            last_error: view.last_error.clone(),
+            ..self.base.clone()
         };
-        self.status.members = self.members.iter().map(ToString::to_string).collect();
-        self.status.members_origin = self.members_origin.clone();
-        self.status.phase_since =
-            self.phase_since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
-        self.metrics.backend_servers_up.set(self.status.haproxy_servers_up as i64);
-        *self.shared.status.write().expect("status lock") = self.status.clone();
+        *self.shared.status.write().expect("status lock") = status;
     }
 
-    async fn shutdown(&mut self) {
-        let keep = self.config.forward.on_shutdown == OnShutdown::Keep;
-        notify::stopping(if keep { "stopping; the forward stays in place" } else { "stopping; removing the forward" });
-        tracing::info!(keep_forward = keep, "shutting down");
-        self.root.cancel();
-        if let Err(err) = self.endpoint.shutdown(keep).await {
-            tracing::error!("while releasing the endpoint: {err:#}");
-        }
-        if let Some((_, task)) = self.source.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
+    fn heartbeat(&mut self) {
+        self.shared.beat();
+        notify::watchdog();
+    }
+
+    fn stopping(&mut self, sentence: &str) {
+        notify::stopping(sentence);
     }
 }
 
@@ -503,42 +430,36 @@ fn endpoint_config(config: &Config) -> EndpointConfig {
     }
 }
 
-fn thresholds(config: &Config) -> Thresholds {
-    Thresholds { rise: config.handover.rise, fall: config.handover.fall, fallback: config.handover.fallback }
+fn bootstrap_targets(config: &Config) -> Vec<SocketAddr> {
+    config.forward.targets.iter().map(|e| e.0).collect()
 }
 
-/// The members' addresses; DNS names are resolved with the system resolver.
-async fn member_addresses(members: &MemberSet) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    for m in members.iter() {
-        if let Some(addr) = m.socket_addr() {
-            out.push(addr);
-        } else {
-            match tokio::net::lookup_host(m.address().to_string()).await {
-                Ok(mut addrs) => out.extend(addrs.next()),
-                Err(err) => tracing::warn!(member = %m, "cannot resolve member: {err}"),
-            }
-        }
+/// Where a client on this host dials the endpoint: the listen address, or for a wildcard one a
+/// concrete local address of its family (HAProxy's private address in the retarget topology).
+fn dial_address(config: &Config) -> SocketAddr {
+    let listen = config.endpoint.listen.0;
+    if !listen.ip().is_unspecified() {
+        return listen;
     }
-    out.truncate(crate::forward::spec::MAX_TARGETS);
-    out
+    let bind = config.haproxy_bind();
+    if config.endpoint.topology == Topology::Retarget && !bind.ip().is_unspecified() {
+        return SocketAddr::new(bind.ip(), listen.port());
+    }
+    let local = crate::sysinfo::local_addresses().unwrap_or_default();
+    let ip = local
+        .into_iter()
+        .find(|ip| !ip.is_loopback() && ip.is_ipv4() == listen.is_ipv4() && !is_link_local(ip))
+        .unwrap_or(if listen.is_ipv4() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+        });
+    SocketAddr::new(ip, listen.port())
 }
 
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-    usr1: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
-            usr1: signal(SignalKind::user_defined1())?,
-        })
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
     }
 }

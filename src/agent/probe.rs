@@ -19,16 +19,22 @@ use tokio_rustls::TlsConnector;
 
 /// Whether `addr` answers `GET /readyz` with 200 within `timeout`.
 pub async fn readyz(addr: SocketAddr, timeout: Duration) -> bool {
+    match readyz_status(addr, timeout).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::debug!(%addr, "readyz probe: {err}");
+            false
+        }
+    }
+}
+
+/// `GET /readyz` on `addr`: `Ok` for 200, else what went wrong, in words.
+pub async fn readyz_status(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     match tokio::time::timeout(timeout, get_status(addr)).await {
-        Ok(Ok(status)) => status == 200,
-        Ok(Err(err)) => {
-            tracing::debug!(%addr, "readyz probe failed: {err}");
-            false
-        }
-        Err(_) => {
-            tracing::debug!(%addr, "readyz probe timed out");
-            false
-        }
+        Ok(Ok(200)) => Ok(()),
+        Ok(Ok(status)) => Err(format!("{addr} answered /readyz with HTTP {status}")),
+        Ok(Err(err)) => Err(format!("{addr}: {err}")),
+        Err(_) => Err(format!("{addr}: no answer within {timeout:?}")),
     }
 }
 

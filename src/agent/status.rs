@@ -13,8 +13,11 @@ pub struct AgentStatus {
     pub phase: String,
     /// Unix seconds of the last phase change.
     pub phase_since: u64,
-    /// Whether the endpoint answers (forward in place or handed over): what READY=1 means.
+    /// Whether a request through the endpoint itself reached a ready apiserver (what
+    /// `/readyz` answers); READY=1 only needs the forward or HAProxy in place.
     pub endpoint_carried: bool,
+    /// The last check through the endpoint: "ok" or what failed.
+    pub endpoint_check: Option<String>,
     pub endpoint: String,
     pub topology: String,
     /// nftables, iptables or userspace.
@@ -24,9 +27,15 @@ pub struct AgentStatus {
     pub members: Vec<String>,
     /// cache, or the live source that gave the current set.
     pub members_origin: String,
+    /// DNS members that did not resolve at the last update.
+    pub unresolved: Vec<String>,
+    /// Members that answered `/readyz` at the last probe.
+    pub ready_members: Vec<String>,
     pub last_rejected_update: Option<String>,
     pub source_problem: Option<String>,
     pub haproxy_answers: bool,
+    /// HAProxy's master or admin socket accepts connections.
+    pub haproxy_alive: bool,
     pub haproxy_servers_up: usize,
     pub haproxy_servers_total: usize,
     pub last_apply: Option<String>,
@@ -36,11 +45,16 @@ pub struct AgentStatus {
 impl AgentStatus {
     pub fn render_text(&self) -> String {
         let mut s = format!(
-            "phase       {}\nendpoint    {} ({} topology, {} forward)\ncarrier     {}\nmembers     {} ({})\nhaproxy     {}\n",
+            "phase       {}\nendpoint    {} ({} topology, {} forward; {})\ncarrier     {}\nmembers     {} ({})\nhaproxy     {}\n",
             self.phase,
             self.endpoint,
             self.topology,
             self.forward_backend,
+            match (&self.endpoint_check, self.endpoint_carried) {
+                (_, true) => "answers".to_string(),
+                (Some(why), false) => format!("not answering: {why}"),
+                (None, false) => "not checked yet".to_string(),
+            },
             self.carrier,
             if self.members.is_empty() { "none".to_string() } else { self.members.join(", ") },
             self.members_origin,

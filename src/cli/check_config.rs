@@ -3,15 +3,13 @@
 
 use anyhow::Context;
 
-use crate::config::Config;
 use crate::exit::Coded;
 
 /// The same flags as `cpha render`.
 pub type Args = super::render::Args;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
-    config.validate()?;
+    let config = args.config.load()?;
     let members = match super::render::members_for(&config, args.members.as_deref()) {
         Ok(set) => set,
         Err(_) if args.members.is_none() => {
@@ -32,9 +30,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     result?;
     println!(
         "{}: valid ({} members source, {} topology, endpoint {}, HAProxy frontend {}; haproxy -c accepts the rendered file)",
-        args.config.display(),
+        args.config.path.display(),
         config.members.source_name(),
-        format!("{:?}", config.endpoint.topology).to_lowercase(),
+        config.endpoint.topology.as_str(),
         config.endpoint.listen,
         config.haproxy_bind()
     );

@@ -12,7 +12,7 @@ only if another NAT user (kube-proxy, for example) keeps the netns NAT hooks reg
 process: stop it with SIGTERM. Exits 0 when there is nothing to remove.")]
 pub struct Args {
     /// Longest wait for forwarded connections to close before the table is removed anyway.
-    #[arg(long, env = "CPHA_CLEANUP_DRAIN_TIMEOUT", value_parser = super::parse_duration, default_value = "30s")]
+    #[arg(long, env = "CPHA_CLEANUP_DRAIN_TIMEOUT", value_parser = crate::units::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
 
     /// Remove everything at once, without waiting for forwarded connections.

@@ -34,15 +34,15 @@ pub struct Args {
     pub reuse_port: bool,
 
     /// Userspace: longest wait for open connections after SIGTERM before they are closed.
-    #[arg(long, env = "CPHA_DRAIN_TIMEOUT", value_parser = super::parse_duration, default_value = "30s")]
+    #[arg(long, env = "CPHA_DRAIN_TIMEOUT", value_parser = crate::units::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
 
     /// Userspace: how long to try a target before moving to the next one.
-    #[arg(long, env = "CPHA_CONNECT_TIMEOUT", value_parser = super::parse_duration, default_value = "3s")]
+    #[arg(long, env = "CPHA_CONNECT_TIMEOUT", value_parser = crate::units::parse_duration, default_value = "3s")]
     pub connect_timeout: Duration,
 
     /// Userspace: a fixed send and receive buffer for each socket, in bytes (suffix K or M for KiB or MiB); 0, the default, leaves them to the kernel's autotuning.
-    #[arg(long, env = "CPHA_SOCKET_BUFFER", value_name = "BYTES", value_parser = super::parse_size, default_value = "0")]
+    #[arg(long, env = "CPHA_SOCKET_BUFFER", value_name = "BYTES", value_parser = crate::units::parse_size, default_value = "0")]
     pub socket_buffer: usize,
 }
 
@@ -85,7 +85,12 @@ fn run_userspace(args: &Args, spec: ForwardSpec) -> anyhow::Result<()> {
         remove_kernel_forwards();
         let shutdown = CancellationToken::new();
         let aborted = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone(), aborted.clone()));
+        match crate::signals::listen() {
+            Ok(signals) => {
+                tokio::spawn(crate::signals::stop_then_abort(signals, shutdown.clone(), aborted.clone()));
+            }
+            Err(err) => tracing::error!("cannot install signal handlers ({err}); stop the proxy with SIGKILL"),
+        }
         let status = format!("forwarding {listening} to {} (userspace)", join(&spec.targets));
         tracing::info!("{status}");
         // The line tests and scripts wait for before connecting.
@@ -124,26 +129,6 @@ fn remove_kernel_forwards() {
             Err(err) => tracing::debug!("{} not checked: {err:#}", backend.name()),
         }
     }
-}
-
-async fn signals(shutdown: CancellationToken, aborted: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the proxy with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping; open connections get the drain timeout"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping; open connections get the drain timeout"),
-    }
-    shutdown.cancel();
-    // A second signal does not wait for the drain.
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::warn!("second signal: not waiting for open connections");
-    aborted.cancel();
 }
 
 pub fn join(targets: &[std::net::SocketAddr]) -> String {

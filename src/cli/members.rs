@@ -24,10 +24,6 @@ use crate::members::source::{self, MembersConfig, MembersSettings, Origin, Sourc
 use crate::members::MemberSet;
 use crate::metrics::Metrics;
 
-/// Top-level sections of the agent's configuration owned by other commands; `cpha members`
-/// skips them and warns about any other key (a typo of `members:` would otherwise go unseen).
-const OTHER_SECTIONS: [&str; 5] = ["endpoint", "forward", "haproxy", "handover", "metrics"];
-
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Without --watch, waits for the configured source (up to --timeout), prints its members one \
 per line and exits: 0 with a set, 1 when the source refused the list or has none, 69 when it could not be read \
@@ -48,7 +44,7 @@ pub struct Args {
     pub output: Output,
 
     /// Without --watch: how long to wait for the source.
-    #[arg(long, value_parser = super::parse_duration, default_value = "30s")]
+    #[arg(long, value_parser = crate::units::parse_duration, default_value = "30s")]
     pub timeout: Duration,
 
     #[command(flatten)]
@@ -149,7 +145,7 @@ pub struct KubeFlags {
 
     /// How often missing credentials are looked for [default: 2s].
     #[arg(long = "kube-poll-interval", env = "CPHA_KUBE_POLL_INTERVAL", value_name = "DURATION",
-          value_parser = super::parse_duration)]
+          value_parser = crate::units::parse_duration)]
     pub poll_interval: Option<Duration>,
 
     /// Talk to the known members directly before the configured server [default: true].
@@ -159,12 +155,12 @@ pub struct KubeFlags {
 
     /// Server-side timeout of each watch request [default: 30s].
     #[arg(long = "kube-watch-timeout", env = "CPHA_KUBE_WATCH_TIMEOUT", value_name = "DURATION",
-          value_parser = super::parse_duration)]
+          value_parser = crate::units::parse_duration)]
     pub watch_timeout: Option<Duration>,
 
     /// Connect timeout per API server [default: 5s].
     #[arg(long = "kube-connect-timeout", env = "CPHA_KUBE_CONNECT_TIMEOUT", value_name = "DURATION",
-          value_parser = super::parse_duration)]
+          value_parser = crate::units::parse_duration)]
     pub connect_timeout: Option<Duration>,
 }
 
@@ -261,7 +257,8 @@ impl MemberSections {
 
     /// Top-level keys that belong to no known section.
     pub fn unknown_sections(&self) -> Vec<&str> {
-        self.other.keys().map(String::as_str).filter(|k| !OTHER_SECTIONS.contains(k)).collect()
+        // The agent's own list of sections: a typo of `members:` would otherwise go unseen.
+        self.other.keys().map(String::as_str).filter(|k| !crate::config::SECTIONS.contains(k)).collect()
     }
 }
 
@@ -301,7 +298,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn run_async(args: &Args, members: &MembersSettings, kube: &KubeSettings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    match crate::signals::listen() {
+        Ok(signals) => {
+            tokio::spawn(crate::signals::stop_then_abort(signals, shutdown.clone(), CancellationToken::new()));
+        }
+        Err(err) => tracing::error!("cannot handle SIGTERM/SIGINT: {err}"),
+    }
     let (tx, mut rx) = mpsc::channel(16);
     let metrics = Arc::new(Metrics::default());
     // Nobody publishes members here besides the pipeline itself.
@@ -353,24 +355,6 @@ async fn run_async(args: &Args, members: &MembersSettings, kube: &KubeSettings) 
             }
         }
     }
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("cannot handle SIGTERM/SIGINT: {e}");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        () = shutdown.cancelled() => return,
-    }
-    tracing::info!("stopping");
-    shutdown.cancel();
 }
 
 /// Writes updates to stdout, one line each.
@@ -437,7 +421,7 @@ mod tests {
     #[test]
     fn sections_skip_the_rest_of_the_agent_config() {
         let text = "endpoint: {address: 10.0.0.10:6443}\nhaproxy:\n  socket: /run/haproxy.sock\nmembr: {}\n\
-                    members:\n  source: static\n  static: [10.0.0.11]\nkubernetes:\n  directToMembers: false\n";
+                    agent: {events: false}\nmembers:\n  source: static\n  static: [10.0.0.11]\nkubernetes:\n  directToMembers: false\n";
         let s = MemberSections::parse(text).unwrap();
         assert_eq!(s.unknown_sections(), ["membr"]);
         assert_eq!(s.members.source, Some(SourceKind::Static));

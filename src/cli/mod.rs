@@ -9,8 +9,6 @@ pub mod render;
 pub mod run;
 pub mod status;
 
-use std::time::Duration;
-
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -49,6 +47,62 @@ pub enum Command {
     CheckConfig(check_config::Args),
 }
 
+/// The agent's configuration file and the flags (each with an environment variable) that
+/// override it: the same for `run`, `render` and `check-config`, so all three see one set of
+/// settings (`crate::config::load`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// The agent's configuration file (YAML).
+    #[arg(long = "config", env = "CPHA_CONFIG", default_value = "/etc/cpha/config.yaml", value_name = "FILE")]
+    pub path: std::path::PathBuf,
+
+    /// Overrides endpoint.listen.
+    #[arg(long, env = "CPHA_LISTEN", value_name = "ADDR:PORT")]
+    pub listen: Option<crate::forward::Endpoint>,
+
+    /// Overrides endpoint.topology.
+    #[arg(long, env = "CPHA_TOPOLOGY", value_enum)]
+    pub topology: Option<TopologyArg>,
+
+    /// Overrides endpoint.haproxyBind.
+    #[arg(long, env = "CPHA_HAPROXY_BIND", value_name = "ADDR:PORT")]
+    pub haproxy_bind: Option<crate::forward::Endpoint>,
+
+    /// Overrides forward.mode.
+    #[arg(long, env = "CPHA_FORWARD_MODE", value_enum)]
+    pub forward_mode: Option<crate::forward::Mode>,
+
+    /// Overrides agent.statusListen (metrics, health and status port).
+    #[arg(long, env = "CPHA_STATUS_LISTEN", value_name = "ADDR:PORT")]
+    pub status_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopologyArg {
+    Retarget,
+    Release,
+}
+
+impl ConfigArgs {
+    pub fn overrides(&self) -> crate::config::Overrides {
+        crate::config::Overrides {
+            listen: self.listen,
+            topology: self.topology.map(|t| match t {
+                TopologyArg::Retarget => crate::config::Topology::Retarget,
+                TopologyArg::Release => crate::config::Topology::Release,
+            }),
+            haproxy_bind: self.haproxy_bind,
+            forward_mode: self.forward_mode,
+            status_listen: self.status_listen,
+        }
+    }
+
+    /// The file, the overrides, validated.
+    pub fn load(&self) -> anyhow::Result<crate::config::Config> {
+        crate::config::load(&self.path, &self.overrides())
+    }
+}
+
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
@@ -60,28 +114,6 @@ impl Cli {
             Command::Render(args) => render::run(args),
             Command::CheckConfig(args) => check_config::run(args),
         }
-    }
-}
-
-/// Parses durations such as `30s`, `500ms`, `2m`, `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 500ms or 2m: {e}"))
-}
-
-/// `1048576`, `1024K` or `1M`; at most 64 MiB, which no LAN round trip needs.
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let (digits, unit) = match s.strip_suffix(['K', 'k']) {
-        Some(d) => (d, 1 << 10),
-        None => match s.strip_suffix(['M', 'm']) {
-            Some(d) => (d, 1 << 20),
-            None => (s, 1),
-        },
-    };
-    let n: usize =
-        digits.parse().map_err(|_| format!("{s:?} is not a size: use bytes, or a number followed by K or M"))?;
-    match n.checked_mul(unit) {
-        Some(bytes) if bytes <= 64 << 20 => Ok(bytes),
-        _ => Err(format!("{s} is more than 64M")),
     }
 }
 
@@ -111,7 +143,7 @@ mod tests {
         assert_eq!(args.listen.0, "10.0.0.10:6443".parse().unwrap());
         assert_eq!(args.to.len(), 2);
         assert_eq!(args.mode, crate::forward::Mode::Userspace);
-        assert_eq!(args.drain_timeout, Duration::from_secs(30));
+        assert_eq!(args.drain_timeout, std::time::Duration::from_secs(30));
         assert_eq!(args.socket_buffer, 0, "autotuning by default");
 
         let cli = parse(&["forward", "--listen", "0.0.0.0:8443", "--to", "10.0.0.11:6443,10.0.0.12:6443"]).unwrap();
@@ -136,17 +168,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a size"), "{err}");
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("512K"), Ok(512 << 10));
-        assert_eq!(parse_size("2m"), Ok(2 << 20));
-        assert_eq!(parse_size("0"), Ok(0));
-        assert!(parse_size("65M").unwrap_err().contains("more than 64M"));
-        assert!(parse_size("-1").unwrap_err().contains("not a size"));
-        assert!(parse_size("18446744073709551615K").unwrap_err().contains("more than 64M"));
     }
 
     #[test]

@@ -1,22 +1,20 @@
 //! `cpha render`: print the haproxy.cfg cpha would write, for a given member set.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 
 use crate::config::Config;
 use crate::exit::Coded;
-use crate::haproxy::{Haproxy, RenderInput};
+use crate::haproxy::{resolve, Haproxy, RenderInput};
 use crate::members::source::SourceSettings;
 use crate::members::{self, MemberSet};
 use crate::metrics::Metrics;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The agent's configuration file (YAML).
-    #[arg(long, env = "CPHA_CONFIG", default_value = "/etc/cpha/config.yaml")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
 
     /// Members to render, written as in the ConfigMap (`10.0.0.11:6443, cp2=10.0.0.12`). Default: the
     /// configuration's static members, else the last good set in the state file (check-config
@@ -26,8 +24,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
-    config.validate()?;
+    let config = args.config.load()?;
     let members = members_for(&config, args.members.as_deref())?;
     print!("{}", render(&config, &members)?);
     Ok(())
@@ -54,12 +51,17 @@ pub fn members_for(config: &Config, given: Option<&str>) -> anyhow::Result<Membe
     Err(Coded::usage("no members to render: give --members, or members.static in the configuration").into())
 }
 
-/// Renders haproxy.cfg for `members` with the configuration's HAProxy settings.
+/// Renders haproxy.cfg for `members` with the configuration's HAProxy settings, the members
+/// resolved as the agent resolves them.
 pub fn render(config: &Config, members: &MemberSet) -> anyhow::Result<String> {
     let haproxy = Haproxy::new(config.haproxy.clone(), Arc::new(Metrics::default()))
         .map_err(|e| Coded::config(format!("haproxy: {e}")))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    let input = RenderInput { members, bind: config.haproxy_bind() };
-    let rendered = runtime.block_on(haproxy.render(&input)).map_err(|e| Coded::config(format!("haproxy.cfg: {e}")))?;
+    let resolved = runtime.block_on(resolve::resolve(members, &Default::default(), config.haproxy.runtime_timeout));
+    for u in &resolved.unresolved {
+        tracing::warn!("{u}");
+    }
+    let input = RenderInput { servers: &resolved.servers, bind: config.haproxy_bind() };
+    let rendered = haproxy.render(&input).map_err(|e| Coded::config(format!("haproxy.cfg: {e}")))?;
     Ok(rendered.text)
 }

@@ -6,7 +6,8 @@
 //! - [`mod@render`]: haproxy.cfg from a tera template (the built-in `haproxy.cfg.tera`, or the
 //!   operator's), with a digest of everything outside the server list.
 //! - [`check`]: `haproxy -c` on a candidate file before it replaces the live one.
-//! - [`resolve`]: members to servers (DNS names resolved to IP addresses at apply time).
+//! - [`resolve`]: members to servers (DNS names resolved to IP addresses). The agent resolves
+//!   once per member update and drives both the forward and HAProxy from the result.
 //! - [`runtime`]: the Runtime API and master CLI client; commands built from parsed values.
 //! - [`state`]: parsers for `show servers state`, `show stat`, `show proc`, `show info`.
 //! - [`plan`]: the Runtime API changes that turn the running backend into the desired one (pure).
@@ -16,7 +17,7 @@
 //!
 //! ```text
 //! let mut haproxy = Haproxy::new(settings, metrics)?;       // settings checked, template compiled
-//! haproxy.apply(&RenderInput { members: &set, bind }).await // -> ApplyReport | ApplyError
+//! haproxy.apply(&RenderInput { servers: &desired, bind }).await // -> ApplyReport | ApplyError
 //! haproxy.health().await                                    // -> Health { answers, up, total, draining }
 //! haproxy.snapshot().await                                  // -> BackendSnapshot (servers, states, sessions)
 //! haproxy.set_settings(new_settings)?;                      // SIGHUP; the next apply reloads if needed
@@ -88,16 +89,17 @@ pub use runtime::RuntimeError;
 pub use settings::{Balance, HaproxySettings, ReloadMethod, SettingsError};
 pub use state::{BackendSnapshot, ServerSnapshot, ServerStatus};
 
-use crate::members::{MemberSet, ServerName};
+use crate::members::ServerName;
 use crate::metrics::{ApplyLabels, ApplyMethod, Metrics, Outcome, ResultLabel};
 use runtime::{AdminState, Cli, Command};
 use settings::Checked;
 
-/// What the backend should hold: the member set and the frontend's bind address (the
-/// load-balancer address itself in the release topology, a private one in the retarget one).
+/// What the backend should hold: the servers (members already resolved to addresses, see
+/// [`resolve`]) and the frontend's bind address (the load-balancer address itself in the
+/// release topology, a private one in the retarget one).
 #[derive(Debug, Clone, Copy)]
 pub struct RenderInput<'a> {
-    pub members: &'a MemberSet,
+    pub servers: &'a [Server],
     pub bind: SocketAddr,
 }
 
@@ -144,7 +146,6 @@ pub struct ApplyReport {
     /// Why a reload was needed.
     pub reload_reasons: Vec<String>,
     pub reload: Option<ReloadReport>,
-    pub unresolved: Vec<Unresolved>,
     /// The backend as read back after the change.
     pub snapshot: Option<BackendSnapshot>,
 }
@@ -180,9 +181,6 @@ impl fmt::Display for ApplyReport {
             if let Some(s) = &self.snapshot {
                 write!(f, "; {}/{} UP", s.up(), Health::of(s).total)?;
             }
-        }
-        for u in &self.unresolved {
-            write!(f, "; {u}")?;
         }
         Ok(())
     }
@@ -227,8 +225,6 @@ pub struct Haproxy {
     drains: BTreeMap<String, Instant>,
     /// Names of the last desired servers.
     desired: BTreeSet<String>,
-    /// Addresses given to servers at the last apply (keeps DNS members stable).
-    addresses: BTreeMap<ServerName, SocketAddr>,
     last_reload: Option<Instant>,
 }
 
@@ -247,7 +243,6 @@ impl Haproxy {
             master,
             drains: BTreeMap::new(),
             desired: BTreeSet::new(),
-            addresses: BTreeMap::new(),
             last_reload: None,
         })
     }
@@ -268,10 +263,9 @@ impl Haproxy {
         &self.settings
     }
 
-    /// Resolves the members and renders the file, without touching anything.
-    pub async fn render(&self, input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
-        let resolved = resolve::resolve(input.members, &self.addresses, self.settings.runtime_timeout).await;
-        self.template.render(&self.settings, &self.checked, input.bind, &resolved.servers)
+    /// Renders the file, without touching anything.
+    pub fn render(&self, input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
+        self.template.render(&self.settings, &self.checked, input.bind, input.servers)
     }
 
     /// Brings the file and the running HAProxy to `input`; see the module documentation.
@@ -301,13 +295,9 @@ impl Haproxy {
         input: &RenderInput<'_>,
         method: &mut ApplyMethod,
     ) -> Result<ApplyReport, ApplyError> {
-        let resolved = resolve::resolve(input.members, &self.addresses, self.settings.runtime_timeout).await;
-        for u in &resolved.unresolved {
-            tracing::warn!("{u}");
-        }
-        let rendered = self.template.render(&self.settings, &self.checked, input.bind, &resolved.servers)?;
-        let servers = resolved.servers;
-        let mut report = ApplyReport { unresolved: resolved.unresolved, ..ApplyReport::default() };
+        let rendered = self.template.render(&self.settings, &self.checked, input.bind, input.servers)?;
+        let servers = input.servers.to_vec();
+        let mut report = ApplyReport::default();
         let live = std::fs::read_to_string(&self.settings.config_path).ok();
         match self.probe().await? {
             Probe::NotRunning => {
@@ -336,7 +326,6 @@ impl Haproxy {
             }
         }
         self.desired = servers.iter().map(|s| s.name.to_string()).collect();
-        self.addresses = servers.iter().map(|s| (s.name.clone(), s.addr)).collect();
         Ok(report)
     }
 

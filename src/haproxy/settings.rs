@@ -34,24 +34,24 @@ pub struct HaproxySettings {
     pub balance: Balance,
     pub reload: ReloadMethod,
     /// Shortest time between two reloads.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub min_reload_interval: Duration,
     /// Shortest time between two applies; the agent coalesces updates that arrive meanwhile.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub min_apply_interval: Duration,
     /// Longest time a removed server keeps its open connections before they are shut down.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub drain_timeout: Duration,
     /// Longest wait for a reload to be confirmed by the master CLI.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub reload_timeout: Duration,
     /// Longest wait for one Runtime API or master CLI command.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub runtime_timeout: Duration,
     pub health_check: HealthCheckSettings,
     pub timeouts: TimeoutSettings,
     /// Bound on how long old workers may keep connections after a reload.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub hard_stop_after: Duration,
     /// Connections HAProxy accepts at once; `null` (the default) lets HAProxy derive it from
     /// its file-descriptor limit, so it starts whatever `LimitNOFILE` the host gives it.
@@ -176,16 +176,16 @@ impl<'de> Deserialize<'de> for ReloadMethod {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct HealthCheckSettings {
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub inter: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub fast_inter: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub down_inter: Duration,
     pub fall: u32,
     pub rise: u32,
     /// Read timeout of one check (`timeout check`).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub timeout: Duration,
     /// Verify the apiservers' certificates against this CA (the cluster CA,
     /// `/etc/kubernetes/pki/ca.crt`). Without it the check's TLS is not verified.
@@ -209,18 +209,18 @@ impl Default for HealthCheckSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct TimeoutSettings {
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub connect: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub client: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub server: Duration,
     /// Inactivity timeout once a connection is established; watches stay open 30 minutes or more.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub tunnel: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub client_fin: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::duration")]
     pub server_fin: Duration,
 }
 
@@ -235,12 +235,6 @@ impl Default for TimeoutSettings {
             server_fin: Duration::from_secs(30),
         }
     }
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 250ms, 30s or 1h: {e}")))
 }
 
 /// A setting that cannot be used.

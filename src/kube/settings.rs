@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// Kubeconfig files tried when none is configured: kubeadm's `admin.conf`, then
 /// `super-admin.conf`, which on Kubernetes 1.29+ has rights before `admin.conf`'s
@@ -36,16 +36,16 @@ pub struct KubernetesConfig {
     /// Wait for missing credentials instead of failing (default true).
     pub wait_for_credentials: Option<bool>,
     /// How often missing credentials are looked for (default 2s).
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::units::optional_duration")]
     pub poll_interval: Option<Duration>,
     /// Talk to the known members directly before the configured server (default true).
     pub direct_to_members: Option<bool>,
     /// Server-side timeout of each watch request; a silent connection is given up five seconds
     /// after it (default 30s).
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::units::optional_duration")]
     pub watch_timeout: Option<Duration>,
     /// TCP and TLS connect timeout per API server (default 5s).
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::units::optional_duration")]
     pub connect_timeout: Option<Duration>,
 }
 
@@ -229,16 +229,6 @@ pub fn parse_server(url: &str) -> Result<http::Uri, KubeConfigError> {
         return Err(invalid("server", format!("{url:?} must not have a path or query")));
     }
     Ok(uri)
-}
-
-/// Durations written like `30s`, `500ms` or `2m` in YAML.
-pub(crate) mod duration {
-    use super::*;
-
-    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text = Option::<String>::deserialize(d)?;
-        text.map(|t| crate::cli::parse_duration(&t).map_err(serde::de::Error::custom)).transpose()
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::parse_entries;
-use crate::kube::settings::duration;
 use crate::members::{MemberSet, MembersError, ParseOptions, DEFAULT_PORT};
 
 /// Where the state file lives unless configured.
@@ -69,9 +68,9 @@ pub struct EndpointSliceConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct FileConfig {
     pub path: Option<PathBuf>,
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::units::optional_duration")]
     pub poll_interval: Option<Duration>,
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::units::optional_duration")]
     pub settle: Option<Duration>,
 }
 

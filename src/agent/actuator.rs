@@ -1,0 +1,146 @@
+//! The actuators the driver carries the controller's effects out with, behind small traits so
+//! the whole agent can run against in-memory fakes (`agent::fake`) in unit tests:
+//!
+//! - [`EndpointActuator`]: the forward and the handover (real: `agent::endpoint::Endpoint`).
+//! - [`HaproxyActuator`]: haproxy.cfg and the Runtime API (real: [`HaproxyBackend`]).
+//! - [`Probes`]: members' `/readyz`, a request through the endpoint, HAProxy's sockets (real:
+//!   [`NetProbes`]).
+//! - [`Reporter`]: what the agent tells the world (sd-notify, metrics, `/status`, Events).
+//!
+//! The clock is tokio's: the controller is given the time with every input, and tests pause
+//! tokio's clock to drive it.
+
+// NOTE: these traits are used through generics only (never `dyn`), inside this crate; the
+// futures of the ones the driver spawns are declared `Send`.
+#![allow(async_fn_in_trait)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::controller::{Adopted, Note, View};
+use crate::haproxy::{Haproxy, HaproxySettings, Health, RenderInput, Server};
+use crate::members::MemberSet;
+
+pub trait EndpointActuator {
+    /// nftables, iptables or userspace.
+    fn backend_name(&self) -> &'static str;
+    /// Reads what an earlier run left in the kernel.
+    async fn adopt(&mut self) -> anyhow::Result<Adopted>;
+    /// Installs or retargets the forward.
+    async fn forward_to(&mut self, targets: Vec<SocketAddr>) -> anyhow::Result<()>;
+    /// Moves new connections to HAProxy.
+    async fn hand_to_haproxy(&mut self) -> anyhow::Result<()>;
+    /// Puts back what the current carrier needs, if it was removed by hand.
+    async fn reassert(&mut self) -> anyhow::Result<()>;
+    /// Periodic housekeeping (drained rules removed, stopped proxies reaped).
+    async fn housekeeping(&mut self) -> anyhow::Result<()>;
+    /// Ends the hold on the endpoint; `keep` leaves a kernel forward in place.
+    async fn shutdown(&mut self, keep: bool) -> anyhow::Result<()>;
+}
+
+/// Runs in its own task, so an apply that waits (make-before-break, a rate-limited reload)
+/// never holds up the fast paths.
+pub trait HaproxyActuator: Send + 'static {
+    /// Brings haproxy.cfg and the running HAProxy to `servers`; a one-line report.
+    fn apply(&mut self, servers: Vec<Server>) -> impl Future<Output = Result<String, String>> + Send;
+    /// Reads the backend (and completes drains that are due).
+    fn health(&mut self) -> impl Future<Output = Health> + Send;
+    /// New settings (already validated by the configuration loader).
+    fn set_settings(&mut self, settings: HaproxySettings, bind: SocketAddr) -> Result<(), String>;
+}
+
+pub trait Probes: Clone + Send + Sync + 'static {
+    /// The members among `candidates` that answer `/readyz`, in the given order.
+    fn ready_members(&self, candidates: Vec<SocketAddr>) -> impl Future<Output = Vec<SocketAddr>> + Send;
+    /// A TLS request to the endpoint itself, as a client makes it; `Ok` when it reached a
+    /// member's `/readyz` and got 200.
+    fn endpoint(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Whether HAProxy's process accepts connections on its master or admin socket. Only a
+    /// refused connection (or a missing socket) counts as gone; a slow answer is alive.
+    fn haproxy_alive(&self) -> impl Future<Output = bool> + Send;
+}
+
+pub trait Reporter {
+    fn ready(&mut self, sentence: &str);
+    fn status(&mut self, sentence: &str);
+    fn event(&mut self, note: Note);
+    fn transition(&mut self, from: &'static str, to: &'static str);
+    fn rejected(&mut self, source: &str);
+    /// The member set the agent now uses (the source talks to these members directly).
+    fn known(&mut self, set: MemberSet);
+    /// The controller's view, after every input.
+    fn publish(&mut self, view: &View);
+    /// The loop is alive (systemd watchdog, `/healthz`).
+    fn heartbeat(&mut self);
+    fn stopping(&mut self, sentence: &str);
+}
+
+/// The real HAProxy actuator: [`Haproxy`] and the frontend address it binds.
+pub struct HaproxyBackend {
+    pub haproxy: Haproxy,
+    pub bind: SocketAddr,
+}
+
+impl HaproxyActuator for HaproxyBackend {
+    async fn apply(&mut self, servers: Vec<Server>) -> Result<String, String> {
+        let input = RenderInput { servers: &servers, bind: self.bind };
+        match self.haproxy.apply(&input).await {
+            Ok(report) => {
+                tracing::info!(%report, "HAProxy in step with the members");
+                Ok(report.to_string())
+            }
+            Err(err) => {
+                tracing::error!("applying members to HAProxy failed: {err}");
+                Err(err.to_string())
+            }
+        }
+    }
+
+    async fn health(&mut self) -> Health {
+        self.haproxy.health().await
+    }
+
+    fn set_settings(&mut self, settings: HaproxySettings, bind: SocketAddr) -> Result<(), String> {
+        self.haproxy.set_settings(settings).map_err(|e| e.to_string())?;
+        self.bind = bind;
+        Ok(())
+    }
+}
+
+/// The real probes.
+#[derive(Clone)]
+pub struct NetProbes {
+    /// Where a client dials the endpoint from this host.
+    pub endpoint: SocketAddr,
+    pub timeout: Duration,
+    pub admin_socket: PathBuf,
+    pub master_socket: PathBuf,
+}
+
+impl Probes for NetProbes {
+    async fn ready_members(&self, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        super::probe::ready_members(&candidates, self.timeout).await
+    }
+
+    async fn endpoint(&self) -> Result<(), String> {
+        super::probe::readyz_status(self.endpoint, self.timeout).await
+    }
+
+    async fn haproxy_alive(&self) -> bool {
+        let admin = unix_alive(&self.admin_socket);
+        let master = unix_alive(&self.master_socket);
+        let (admin, master) = tokio::join!(admin, master);
+        admin || master
+    }
+}
+
+async fn unix_alive(path: &std::path::Path) -> bool {
+    match tokio::time::timeout(Duration::from_millis(250), tokio::net::UnixStream::connect(path)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => !matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound),
+        // Accepting slowly is still alive: that is the slow path's business.
+        Err(_) => true,
+    }
+}

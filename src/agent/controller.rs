@@ -1,0 +1,778 @@
+//! The agent's decisions, pure: no I/O, no tokio, no clock of its own. Inputs go in (a member
+//! update, a health observation of HAProxy, a probe result, a tick, a configuration reload, a
+//! signal, an actuator's result), each with the time it happened; effects come out (apply this
+//! desired HAProxy state, point the forward at these targets, hand the endpoint to HAProxy,
+//! probe, post an Event, tell systemd). The driver (`agent::driver`) carries the effects out
+//! with actuators and feeds their results back as inputs.
+//!
+//! ```text
+//!            bootstrap forward installed          rise healthy checks        handover done
+//! Starting ───────────────────────────► Forwarding ──────────────────► HandingOver ──────────► Balanced
+//!    │  adopted: forward at HAProxy          ▲  ▲                          │  ▲                   │
+//!    └────────────────────────────────────── │ ─│──────────────────────────│──│──────► Balanced   │ fall unhealthy checks,
+//!                                            │  └──── handover failed ─────┘  │                   │ or HAProxy gone (at once)
+//!                                            │                    rise healthy│                   ▼
+//!                                            │                                └──────────────  Fallback
+//! ```
+//! The phase carries its data (the forward's targets, where a handover came from) and exists
+//! only here; status, metrics and sd-notify are derived from it.
+//!
+//! Health has two speeds. "HAProxy answers but has no UP server" goes through hysteresis
+//! (`rise` to hand over, `fall` to fall back), because checks flap. "HAProxy is gone" (neither
+//! its master nor its admin socket accepts a connection, twice in a row) falls back at once:
+//! nothing listens, every connection to it fails, and waiting only adds failures.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::Topology;
+use crate::haproxy::resolve::{Resolved, Unresolved};
+use crate::haproxy::{Health, Server};
+use crate::members::{MemberSet, ServerName};
+
+/// The controller's settings: what a configuration reload may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub topology: Topology,
+    /// Consecutive healthy observations of HAProxy before handing over.
+    pub rise: u32,
+    /// Consecutive unhealthy observations before falling back.
+    pub fall: u32,
+    pub fallback: bool,
+    /// How often HAProxy's backend is read (and the endpoint checked).
+    pub interval: Duration,
+    /// How often the members' `/readyz` is probed while nothing changes.
+    pub probe_interval: Duration,
+    /// How often HAProxy's sockets are checked for the fast "gone" path.
+    pub liveness_interval: Duration,
+    /// Applies to HAProxy are at least this far apart (leading edge, then coalesced).
+    pub min_apply_interval: Duration,
+    /// `forward.targets`: where the bootstrap forward points before any member is known.
+    pub bootstrap_targets: Vec<SocketAddr>,
+}
+
+/// What an earlier run left in the kernel, read at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adopted {
+    /// No forward: install one.
+    Nothing,
+    /// A forward to these members carries the endpoint.
+    Forward(Vec<SocketAddr>),
+    /// HAProxy carries the endpoint (a forward retargeted at it, or a release that is draining).
+    Haproxy,
+}
+
+/// The phase of the endpoint, with what each phase needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing carries the endpoint yet: waiting for a target to forward to.
+    Starting,
+    /// The bootstrap forward carries the endpoint to these targets.
+    Forwarding { targets: Vec<SocketAddr> },
+    /// Moving new connections to HAProxy; until that is done the forward still carries them.
+    HandingOver { from: Box<Phase> },
+    /// HAProxy carries the endpoint.
+    Balanced,
+    /// HAProxy failed: the forward carries the endpoint again, to these (ready) members.
+    Fallback { targets: Vec<SocketAddr> },
+}
+
+/// Every transition the controller makes, for metrics that exist from the start.
+pub const TRANSITIONS: [(&str, &str); 7] = [
+    ("starting", "forwarding"),
+    ("starting", "balanced"),
+    ("forwarding", "handing-over"),
+    ("fallback", "handing-over"),
+    ("handing-over", "balanced"),
+    ("handing-over", "forwarding"),
+    ("balanced", "fallback"),
+];
+
+impl Phase {
+    pub const NAMES: [&'static str; 5] = ["starting", "forwarding", "handing-over", "balanced", "fallback"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Forwarding { .. } => "forwarding",
+            Phase::HandingOver { .. } => "handing-over",
+            Phase::Balanced => "balanced",
+            Phase::Fallback { .. } => "fallback",
+        }
+    }
+
+    /// Where new connections to the endpoint go in this phase.
+    pub fn carrier(&self) -> Option<Carrier> {
+        match self {
+            Phase::Starting => None,
+            Phase::Forwarding { targets } | Phase::Fallback { targets } => Some(Carrier::Forward(targets.clone())),
+            Phase::HandingOver { from } => from.carrier(),
+            Phase::Balanced => Some(Carrier::Haproxy),
+        }
+    }
+}
+
+/// Where new connections to the endpoint go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carrier {
+    Forward(Vec<SocketAddr>),
+    Haproxy,
+}
+
+/// The desired state, computed once from an accepted member set: both the forward and HAProxy
+/// are driven from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub members: MemberSet,
+    pub servers: Vec<Server>,
+    pub unresolved: Vec<Unresolved>,
+}
+
+impl Desired {
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for s in &self.servers {
+            if !out.contains(&s.addr) {
+                out.push(s.addr);
+            }
+        }
+        out.truncate(crate::forward::spec::MAX_TARGETS);
+        out
+    }
+
+    /// The address each server has, so a later resolution keeps DNS members where they are.
+    pub fn sticky(&self) -> BTreeMap<ServerName, SocketAddr> {
+        self.servers.iter().map(|s| (s.name.clone(), s.addr)).collect()
+    }
+}
+
+/// Something that happened, as the driver observed it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The agent started and read what the kernel holds.
+    Started { adopted: Adopted },
+    /// A member source gave a valid set, resolved to addresses (one policy, in the driver).
+    MembersAccepted { set: MemberSet, origin: String, resolved: Resolved },
+    /// A member source refused an update (it was invalid).
+    MembersRejected { source: String, reason: String },
+    /// A member source cannot be read right now.
+    SourceProblem { source: String, message: String },
+    /// HAProxy's backend as read through its admin socket.
+    Haproxy(Health),
+    /// Whether HAProxy's process answers on its sockets at all.
+    Liveness { alive: bool },
+    /// The members among `probed` that answered `/readyz`.
+    Probed { probed: Vec<SocketAddr>, ready: Vec<SocketAddr> },
+    /// A request through the endpoint itself, as a client makes it: `Ok` when a member's
+    /// `/readyz` answered 200 through it.
+    EndpointChecked(Result<(), String>),
+    /// The last `Effect::Apply` finished.
+    Applied(Result<String, String>),
+    /// The last endpoint effect (forward, handover, reassert) finished.
+    EndpointDone(Result<(), String>),
+    /// Time passed (the driver wakes at [`Controller::next_wake`]).
+    Tick,
+    /// A new, valid configuration (SIGHUP).
+    Reconfigure(Settings),
+    /// SIGHUP with a configuration that was refused: nothing changes.
+    ReconfigureRefused(String),
+    /// SIGUSR1: re-apply HAProxy and put the forward back as it should be.
+    Resync,
+}
+
+/// Something to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Install or retarget the forward to these targets (also bringing it back in a fallback).
+    Forward(Vec<SocketAddr>),
+    /// Move new connections to HAProxy.
+    HandToHaproxy,
+    /// Put back what the carrier needs in the kernel, if something removed it.
+    Reassert,
+    /// Bring HAProxy (file and runtime) to these servers.
+    Apply(Vec<Server>),
+    /// Read HAProxy's backend.
+    ReadHaproxy,
+    /// Check HAProxy's sockets.
+    CheckLiveness,
+    /// Probe these members' `/readyz`.
+    Probe(Vec<SocketAddr>),
+    /// Make a request through the endpoint itself.
+    CheckEndpoint,
+    /// Tell the member source which addresses the agent uses now (for talking to members directly).
+    Known(MemberSet),
+    /// A phase change, for `cpha_transitions_total`.
+    Transition {
+        from: &'static str,
+        to: &'static str,
+    },
+    /// A member update refused (also after resolution), for the rejected counter.
+    Rejected {
+        source: String,
+    },
+    Event(Note),
+    /// READY=1 with this sentence: the endpoint is carried and the first apply is known.
+    Ready(String),
+    /// STATUS= this sentence.
+    Status(String),
+    /// The agent cannot go on (the bootstrap forward could not be installed).
+    Fail(String),
+}
+
+/// A Kubernetes Event worth posting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub message: String,
+}
+
+/// What an endpoint effect in flight will mean once it is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    Bootstrap(Vec<SocketAddr>),
+    HandOver,
+    FallBack(Vec<SocketAddr>),
+    Retarget(Vec<SocketAddr>),
+    Reassert,
+}
+
+/// The controller's view, for `/status`, metrics and `cpha status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    pub phase: &'static str,
+    pub phase_since: Instant,
+    pub carrier: Option<Carrier>,
+    /// A carrier is installed and a request through the endpoint reached a ready member.
+    pub endpoint_carried: bool,
+    pub endpoint_check: Option<Result<(), String>>,
+    pub members: Vec<String>,
+    /// The servers HAProxy and the forward are driven to.
+    pub servers: Vec<Server>,
+    pub members_origin: String,
+    pub unresolved: Vec<String>,
+    pub ready_members: Vec<SocketAddr>,
+    pub last_rejected_update: Option<String>,
+    pub source_problem: Option<String>,
+    pub haproxy: Health,
+    pub haproxy_alive: bool,
+    pub last_apply: Option<String>,
+    pub last_error: Option<String>,
+    pub ready_sent: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Apply {
+    /// Nothing to do.
+    Idle,
+    /// The desired state differs from what was last applied: apply when allowed.
+    Due,
+    /// An apply runs; `again` when a newer desired state arrived meanwhile.
+    Running { again: bool },
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Controller {
+    settings: Settings,
+    /// When the controller was made: earlier than every input.
+    created: Instant,
+    phase: Phase,
+    phase_since: Instant,
+    pending: Option<Pending>,
+    desired: Option<Desired>,
+    origin: String,
+    apply: Apply,
+    last_apply_started: Option<Instant>,
+    /// The first apply (or its failure) is known, or nothing was known to apply.
+    first_apply_known: bool,
+    ready_sent: bool,
+    healthy_run: u32,
+    unhealthy_run: u32,
+    haproxy: Health,
+    gone_run: u32,
+    alive: bool,
+    ready_members: Option<Vec<SocketAddr>>,
+    endpoint_check: Option<Result<(), String>>,
+    next_read: Instant,
+    next_liveness: Instant,
+    next_probe: Instant,
+    probing: bool,
+    last_rejected: Option<String>,
+    source_problem: Option<String>,
+    last_apply: Option<String>,
+    last_error: Option<String>,
+}
+
+/// Consecutive "gone" liveness checks before the fast fallback: one refused connect may be a
+/// socket being replaced.
+const GONE_AFTER: u32 = 2;
+
+impl Controller {
+    pub fn new(settings: Settings, now: Instant) -> Self {
+        Self {
+            settings,
+            created: now,
+            phase: Phase::Starting,
+            phase_since: now,
+            pending: None,
+            desired: None,
+            origin: "none yet".into(),
+            apply: Apply::Idle,
+            last_apply_started: None,
+            first_apply_known: false,
+            ready_sent: false,
+            healthy_run: 0,
+            unhealthy_run: 0,
+            haproxy: Health::default(),
+            gone_run: 0,
+            alive: false,
+            ready_members: None,
+            endpoint_check: None,
+            next_read: now,
+            next_liveness: now,
+            next_probe: now,
+            probing: false,
+            last_rejected: None,
+            source_problem: None,
+            last_apply: None,
+            last_error: None,
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn desired(&self) -> Option<&Desired> {
+        self.desired.as_ref()
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// When the driver should next send [`Input::Tick`].
+    pub fn next_wake(&self) -> Instant {
+        let mut wake = self.next_liveness.min(self.next_read);
+        if !self.probing && self.desired.is_some() {
+            wake = wake.min(self.next_probe);
+        }
+        if let (Apply::Due, Some(at)) = (self.apply, self.apply_allowed_at()) {
+            wake = wake.min(at);
+        }
+        wake
+    }
+
+    pub fn view(&self) -> View {
+        let carrier = self.phase.carrier();
+        View {
+            phase: self.phase.name(),
+            phase_since: self.phase_since,
+            endpoint_carried: carrier.is_some() && matches!(self.endpoint_check, Some(Ok(()))),
+            carrier,
+            endpoint_check: self.endpoint_check.clone(),
+            members: self.desired.iter().flat_map(|d| d.members.iter().map(ToString::to_string)).collect(),
+            servers: self.desired.as_ref().map(|d| d.servers.clone()).unwrap_or_default(),
+            members_origin: self.origin.clone(),
+            unresolved: self.desired.iter().flat_map(|d| d.unresolved.iter().map(ToString::to_string)).collect(),
+            ready_members: self.ready_members.clone().unwrap_or_default(),
+            last_rejected_update: self.last_rejected.clone(),
+            source_problem: self.source_problem.clone(),
+            haproxy: self.haproxy,
+            haproxy_alive: self.alive,
+            last_apply: self.last_apply.clone(),
+            last_error: self.last_error.clone(),
+            ready_sent: self.ready_sent,
+        }
+    }
+
+    /// One input at `now`; returns what to do, in order.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let carried_before = self.view().endpoint_carried;
+        match input {
+            Input::Started { adopted } => self.started(now, adopted, &mut out),
+            Input::MembersAccepted { set, origin, resolved } => self.accepted(set, origin, resolved, &mut out),
+            // The source counted this rejection itself.
+            Input::MembersRejected { source, reason } => self.reject(source, reason, &mut out),
+            Input::SourceProblem { source, message } => {
+                self.source_problem = Some(format!("{source}: {message}"));
+            }
+            Input::Haproxy(health) => self.observe(now, health, &mut out),
+            Input::Liveness { alive } => self.liveness(now, alive, &mut out),
+            Input::Probed { probed, ready } => self.probed(probed, ready, &mut out),
+            Input::EndpointChecked(result) => self.endpoint_check = Some(result),
+            Input::Applied(result) => self.applied(result),
+            Input::EndpointDone(result) => self.endpoint_done(now, result, &mut out),
+            Input::Tick => {}
+            Input::Reconfigure(settings) => {
+                // The HAProxy settings may have changed what is rendered: apply again.
+                self.settings = settings;
+                self.healthy_run = 0;
+                self.unhealthy_run = 0;
+                self.mark_due();
+            }
+            Input::ReconfigureRefused(reason) => {
+                self.last_error = Some(format!("configuration reload refused: {reason}"))
+            }
+            Input::Resync => {
+                if self.pending.is_none() && self.phase.carrier().is_some() {
+                    self.pending = Some(Pending::Reassert);
+                    out.push(Effect::Reassert);
+                }
+                self.mark_due();
+                self.last_apply_started = None;
+            }
+        }
+        self.schedule(now, &mut out);
+        self.maybe_ready(&mut out);
+        if self.ready_sent && carried_before != self.view().endpoint_carried {
+            out.push(Effect::Status(self.sentence()));
+        }
+        out
+    }
+
+    fn started(&mut self, now: Instant, adopted: Adopted, out: &mut Vec<Effect>) {
+        match adopted {
+            Adopted::Haproxy => self.enter(now, Phase::Balanced, None, out),
+            Adopted::Forward(targets) => self.enter(now, Phase::Forwarding { targets }, None, out),
+            Adopted::Nothing => {
+                let targets = self.settings.bootstrap_targets.clone();
+                self.bootstrap(targets, out);
+            }
+        }
+    }
+
+    /// Installs the bootstrap forward once there is somewhere to send it.
+    fn bootstrap(&mut self, targets: Vec<SocketAddr>, out: &mut Vec<Effect>) {
+        if self.phase != Phase::Starting || self.pending.is_some() {
+            return;
+        }
+        if targets.is_empty() {
+            out.push(Effect::Status("waiting for a member list to forward the endpoint to".into()));
+            return;
+        }
+        self.pending = Some(Pending::Bootstrap(targets.clone()));
+        out.push(Effect::Forward(targets));
+    }
+
+    fn accepted(&mut self, set: MemberSet, origin: String, resolved: Resolved, out: &mut Vec<Effect>) {
+        if resolved.servers.is_empty() && !set.is_empty() {
+            // A set that resolves to nothing would empty the backend: refuse it like an
+            // invalid one (FIELD-NOTES lesson 22).
+            let why = resolved.unresolved.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            out.push(Effect::Rejected { source: origin.clone() });
+            self.reject(origin, format!("no member resolves to a usable address ({why})"), out);
+            return;
+        }
+        self.source_problem = None;
+        let desired = Desired { members: set.clone(), servers: resolved.servers, unresolved: resolved.unresolved };
+        let changed =
+            self.desired.as_ref().map(|d| (&d.members, &d.servers)) != Some((&desired.members, &desired.servers));
+        self.origin = origin;
+        self.desired = Some(desired);
+        out.push(Effect::Known(set));
+        if !changed {
+            return;
+        }
+        self.mark_due();
+        // New members: probe them now rather than at the next round; until then the members
+        // known to be ready stay the forward's choice.
+        let addresses = self.desired_addresses();
+        if let Some(ready) = &mut self.ready_members {
+            ready.retain(|a| addresses.contains(a));
+        }
+        self.next_probe = self.created;
+        match self.phase.clone() {
+            Phase::Starting => {
+                let targets = self.desired_addresses();
+                self.bootstrap(targets, out);
+            }
+            Phase::Forwarding { targets } | Phase::Fallback { targets } => {
+                let want = self.forward_targets();
+                if !want.is_empty() && want != targets && self.pending.is_none() {
+                    self.pending = Some(Pending::Retarget(want.clone()));
+                    out.push(Effect::Forward(want));
+                }
+            }
+            Phase::HandingOver { .. } | Phase::Balanced => {}
+        }
+    }
+
+    fn reject(&mut self, source: String, reason: String, out: &mut Vec<Effect>) {
+        let keeping = match &self.desired {
+            Some(d) => d.members.to_string(),
+            None => "no set yet".into(),
+        };
+        out.push(Effect::Event(Note {
+            warning: true,
+            reason: "MembersRejected",
+            action: "ValidateMembers",
+            message: format!("{source}: {reason}; keeping {keeping}"),
+        }));
+        self.last_rejected = Some(format!("{source}: {reason}"));
+    }
+
+    fn observe(&mut self, now: Instant, health: Health, out: &mut Vec<Effect>) {
+        if health.answers && !self.haproxy.answers {
+            // HAProxy (re)started: whatever it runs is brought to the desired state.
+            self.mark_due();
+        }
+        self.haproxy = health;
+        if health.answers {
+            self.alive = true;
+            self.gone_run = 0;
+        }
+        if health.answers && health.up > 0 {
+            self.healthy_run = self.healthy_run.saturating_add(1);
+            self.unhealthy_run = 0;
+        } else {
+            self.unhealthy_run = self.unhealthy_run.saturating_add(1);
+            self.healthy_run = 0;
+        }
+        if self.pending.is_some() {
+            return;
+        }
+        match self.phase.clone() {
+            Phase::Forwarding { .. } | Phase::Fallback { .. } if self.healthy_run >= self.settings.rise => {
+                let from = self.phase.clone();
+                self.enter(now, Phase::HandingOver { from: Box::new(from) }, None, out);
+                self.pending = Some(Pending::HandOver);
+                out.push(Effect::HandToHaproxy);
+            }
+            Phase::Balanced if self.settings.fallback && self.unhealthy_run >= self.settings.fall => {
+                self.fall_back(out);
+            }
+            _ => {}
+        }
+    }
+
+    fn liveness(&mut self, _now: Instant, alive: bool, out: &mut Vec<Effect>) {
+        if alive {
+            self.gone_run = 0;
+            self.alive = true;
+            return;
+        }
+        self.gone_run = self.gone_run.saturating_add(1);
+        if self.gone_run < GONE_AFTER {
+            return;
+        }
+        if self.alive || self.haproxy.answers {
+            // Seen gone: the next time it answers is a (re)start to reconcile.
+            self.haproxy = Health::default();
+        }
+        self.alive = false;
+        self.healthy_run = 0;
+        if self.phase == Phase::Balanced && self.settings.fallback && self.pending.is_none() {
+            self.fall_back(out);
+        }
+    }
+
+    fn fall_back(&mut self, out: &mut Vec<Effect>) {
+        let targets = self.forward_targets();
+        if targets.is_empty() {
+            self.last_error = Some("HAProxy is unhealthy and no member address is known to fall back to".into());
+            self.unhealthy_run = 0;
+            return;
+        }
+        self.pending = Some(Pending::FallBack(targets.clone()));
+        out.push(Effect::Forward(targets));
+    }
+
+    fn probed(&mut self, probed: Vec<SocketAddr>, ready: Vec<SocketAddr>, out: &mut Vec<Effect>) {
+        self.probing = false;
+        if probed != self.desired_addresses() {
+            return; // an answer about an older member set
+        }
+        let none_ready = ready.is_empty();
+        self.ready_members = Some(ready);
+        // While the forward carries the endpoint, keep it on members that are ready; when none
+        // is (all restarting at once), the targets it has are as good as any.
+        if self.pending.is_some() || none_ready {
+            return;
+        }
+        if let Phase::Forwarding { targets } | Phase::Fallback { targets } = &self.phase {
+            let want = self.forward_targets();
+            if !want.is_empty() && &want != targets {
+                self.pending = Some(Pending::Retarget(want.clone()));
+                out.push(Effect::Forward(want));
+            }
+        }
+    }
+
+    fn applied(&mut self, result: Result<String, String>) {
+        self.first_apply_known = true;
+        let again = matches!(self.apply, Apply::Running { again: true });
+        match result {
+            Ok(report) => {
+                self.last_apply = Some(report);
+                self.apply = if again { Apply::Due } else { Apply::Idle };
+            }
+            Err(err) => {
+                // Nothing changed on a failed apply: try again once the interval allows.
+                self.last_error = Some(format!("apply: {err}"));
+                self.apply = Apply::Due;
+            }
+        }
+    }
+
+    fn endpoint_done(&mut self, now: Instant, result: Result<(), String>, out: &mut Vec<Effect>) {
+        let Some(pending) = self.pending.take() else { return };
+        match (pending, result) {
+            (Pending::Bootstrap(targets), Ok(())) => self.enter(now, Phase::Forwarding { targets }, None, out),
+            (Pending::Bootstrap(_), Err(err)) => {
+                out.push(Effect::Fail(format!("installing the bootstrap forward: {err}")))
+            }
+            (Pending::HandOver, Ok(())) => {
+                self.healthy_run = 0;
+                let note = Note { warning: false, reason: "HandedOver", action: "HandOver", message: String::new() };
+                self.enter(now, Phase::Balanced, Some(note), out);
+            }
+            (Pending::HandOver, Err(err)) => {
+                self.healthy_run = 0;
+                self.last_error = Some(format!("handover to HAProxy failed; the forward keeps the endpoint: {err}"));
+                let Phase::HandingOver { from } = self.phase.clone() else { return };
+                self.enter(now, *from, None, out);
+            }
+            (Pending::FallBack(targets), Ok(())) => {
+                self.unhealthy_run = 0;
+                let note = Note { warning: true, reason: "FellBack", action: "FallBack", message: String::new() };
+                self.enter(now, Phase::Fallback { targets }, Some(note), out);
+            }
+            (Pending::FallBack(_), Err(err)) => {
+                // Stay balanced; the next `fall` unhealthy checks (or "gone") try again.
+                self.unhealthy_run = 0;
+                self.gone_run = 0;
+                self.last_error = Some(format!("fallback to the forward failed: {err}"));
+            }
+            (Pending::Retarget(targets), Ok(())) => {
+                if let Phase::Forwarding { targets: t } | Phase::Fallback { targets: t } = &mut self.phase {
+                    *t = targets;
+                    out.push(Effect::Status(self.sentence()));
+                }
+            }
+            (Pending::Retarget(_), Err(err)) => self.last_error = Some(format!("retargeting the forward: {err}")),
+            (Pending::Reassert, Ok(())) => {}
+            (Pending::Reassert, Err(err)) => self.last_error = Some(format!("resync of the forward: {err}")),
+        }
+    }
+
+    /// Moves to `phase`, recording the transition with its true origin.
+    fn enter(&mut self, now: Instant, phase: Phase, note: Option<Note>, out: &mut Vec<Effect>) {
+        let from = self.phase.name();
+        self.phase = phase;
+        self.phase_since = now;
+        let to = self.phase.name();
+        if from != to {
+            out.push(Effect::Transition { from, to });
+        }
+        let sentence = self.sentence();
+        if let Some(mut note) = note {
+            note.message = sentence.clone();
+            out.push(Effect::Event(note));
+        }
+        out.push(Effect::Status(sentence));
+    }
+
+    fn schedule(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        if now >= self.next_liveness {
+            self.next_liveness = now + self.settings.liveness_interval;
+            out.push(Effect::CheckLiveness);
+        }
+        if now >= self.next_read {
+            self.next_read = now + self.settings.interval;
+            out.push(Effect::ReadHaproxy);
+            if self.phase.carrier().is_some() {
+                out.push(Effect::CheckEndpoint);
+            }
+        }
+        if !self.probing && now >= self.next_probe {
+            let addresses = self.desired_addresses();
+            if !addresses.is_empty() {
+                self.probing = true;
+                self.next_probe = now + self.settings.probe_interval;
+                out.push(Effect::Probe(addresses));
+            }
+        }
+        if self.apply == Apply::Due {
+            if let (Some(desired), Some(at)) = (&self.desired, self.apply_allowed_at()) {
+                if now >= at {
+                    self.apply = Apply::Running { again: false };
+                    self.last_apply_started = Some(now);
+                    out.push(Effect::Apply(desired.servers.clone()));
+                }
+            }
+        }
+    }
+
+    fn maybe_ready(&mut self, out: &mut Vec<Effect>) {
+        if self.ready_sent || self.phase.carrier().is_none() {
+            return;
+        }
+        if self.desired.is_some() && !self.first_apply_known {
+            return;
+        }
+        self.ready_sent = true;
+        out.push(Effect::Ready(self.sentence()));
+    }
+
+    fn mark_due(&mut self) {
+        if self.desired.is_none() {
+            return;
+        }
+        self.apply = match self.apply {
+            Apply::Running { .. } => Apply::Running { again: true },
+            _ => Apply::Due,
+        };
+    }
+
+    /// When an apply may start: at once after `minApplyInterval` has passed since the last one.
+    fn apply_allowed_at(&self) -> Option<Instant> {
+        match self.apply {
+            Apply::Running { .. } => None,
+            _ => Some(match self.last_apply_started {
+                Some(last) => last + self.settings.min_apply_interval,
+                None => self.created,
+            }),
+        }
+    }
+
+    fn desired_addresses(&self) -> Vec<SocketAddr> {
+        self.desired.as_ref().map(Desired::addresses).unwrap_or_default()
+    }
+
+    /// Where a forward should point: the desired members that answered `/readyz`; before any
+    /// probe answered (or when none is ready), every desired member; before any member is
+    /// known, the bootstrap targets.
+    fn forward_targets(&self) -> Vec<SocketAddr> {
+        let all = self.desired_addresses();
+        if all.is_empty() {
+            return self.settings.bootstrap_targets.clone();
+        }
+        match &self.ready_members {
+            Some(ready) if !ready.is_empty() => ready.clone(),
+            _ => all,
+        }
+    }
+
+    /// A human sentence for STATUS= and the log.
+    pub fn sentence(&self) -> String {
+        let phase = self.phase.name();
+        let verified = match &self.endpoint_check {
+            Some(Ok(())) => "",
+            Some(Err(_)) => " (no ready apiserver answers through it yet)",
+            None => " (not checked yet)",
+        };
+        match self.phase.carrier() {
+            Some(Carrier::Haproxy) => format!("{phase}: HAProxy carries the endpoint{verified}"),
+            Some(Carrier::Forward(t)) => format!(
+                "{phase}: the forward sends the endpoint to {}{verified}",
+                t.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            None => format!("{phase}: the endpoint is not carried yet"),
+        }
+    }
+}

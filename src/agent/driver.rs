@@ -1,0 +1,268 @@
+//! The driver: the only loop of `cpha run`. It turns what happens (signals, member updates,
+//! actuator results, the clock) into controller inputs, and the controller's effects into
+//! actuator calls. It decides nothing itself.
+//!
+//! Endpoint effects run inline (bounded by [`ENDPOINT_BOUND`]) and report back at once; HAProxy
+//! applies and reads go to the HAProxy worker task; probes run as tasks. So an apply that waits
+//! never delays a fallback, and nothing the loop awaits is unbounded.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter};
+use super::controller::{Controller, Effect, Input, Settings};
+use crate::haproxy::{HaproxySettings, Server};
+
+/// The longest one endpoint action (an nft transaction, a proxy start) may take.
+pub const ENDPOINT_BOUND: Duration = Duration::from_secs(30);
+
+pub use crate::signals::Signal;
+
+/// A configuration re-read on SIGHUP, validated as a whole before any part of it is used.
+pub struct Reloaded {
+    pub controller: Settings,
+    pub haproxy: HaproxySettings,
+    pub bind: SocketAddr,
+}
+
+/// Commands to the HAProxy worker.
+pub enum HaproxyCommand {
+    Apply(Vec<Server>),
+    Settings(Box<HaproxySettings>, SocketAddr),
+}
+
+/// The HAProxy side of the driver: applies in order, health reads coalesced.
+#[derive(Clone)]
+pub struct HaproxyHandle {
+    commands: mpsc::Sender<HaproxyCommand>,
+    read: Arc<Notify>,
+}
+
+impl HaproxyHandle {
+    /// Starts the worker task for `actuator`; its results arrive on `inputs`.
+    pub fn spawn<H: HaproxyActuator>(
+        actuator: H,
+        inputs: mpsc::Sender<Input>,
+    ) -> (HaproxyHandle, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let (commands, rx) = mpsc::channel(8);
+        let read = Arc::new(Notify::new());
+        let task = tokio::spawn(worker(actuator, rx, read.clone(), inputs));
+        (HaproxyHandle { commands, read }, task)
+    }
+
+    async fn send(&self, command: HaproxyCommand) -> anyhow::Result<()> {
+        self.commands.send(command).await.map_err(|_| anyhow::anyhow!("the HAProxy worker stopped"))
+    }
+}
+
+async fn worker<H: HaproxyActuator>(
+    mut actuator: H,
+    mut commands: mpsc::Receiver<HaproxyCommand>,
+    read: Arc<Notify>,
+    inputs: mpsc::Sender<Input>,
+) -> anyhow::Result<()> {
+    loop {
+        let input = tokio::select! {
+            biased;
+            command = commands.recv() => match command {
+                None => return Ok(()),
+                Some(HaproxyCommand::Apply(servers)) => Input::Applied(actuator.apply(servers).await),
+                Some(HaproxyCommand::Settings(settings, bind)) => {
+                    if let Err(err) = actuator.set_settings(*settings, bind) {
+                        tracing::error!("new HAProxy settings not taken: {err}");
+                    }
+                    continue;
+                }
+            },
+            () = read.notified() => Input::Haproxy(actuator.health().await),
+        };
+        if inputs.send(input).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// A stop signal: shut down as configured.
+    Stopped,
+    /// A second stop signal during the drain.
+    Aborted,
+}
+
+pub struct Driver<E, P, R> {
+    pub controller: Controller,
+    pub endpoint: E,
+    pub haproxy: HaproxyHandle,
+    pub probes: P,
+    pub reporter: R,
+    pub inputs_tx: mpsc::Sender<Input>,
+    pub inputs: mpsc::Receiver<Input>,
+    pub signals: mpsc::Receiver<Signal>,
+    /// Loads and validates the configuration again (SIGHUP).
+    pub reload: Box<dyn FnMut() -> Result<Reloaded, String>>,
+}
+
+impl<E: EndpointActuator, P: Probes, R: Reporter> Driver<E, P, R> {
+    /// Adopts what the kernel holds and runs until a stop signal or a fatal error.
+    pub async fn run(&mut self) -> anyhow::Result<Ended> {
+        let adopted = self.endpoint.adopt().await?;
+        if adopted != super::controller::Adopted::Nothing {
+            tracing::info!(?adopted, backend = self.endpoint.backend_name(), "adopted what an earlier run installed");
+        }
+        self.input(Input::Started { adopted }).await?;
+        loop {
+            let wake = Instant::from_std(self.controller.next_wake());
+            let input = tokio::select! {
+                signal = self.signals.recv() => match signal {
+                    Some(Signal::Stop) | None => return Ok(Ended::Stopped),
+                    Some(Signal::Resync) => {
+                        tracing::info!("SIGUSR1: resync of HAProxy and the forward");
+                        Input::Resync
+                    }
+                    Some(Signal::Reload) => match (self.reload)() {
+                        Ok(reloaded) => {
+                            tracing::info!("SIGHUP: configuration re-read");
+                            self.haproxy.send(HaproxyCommand::Settings(Box::new(reloaded.haproxy), reloaded.bind)).await?;
+                            Input::Reconfigure(reloaded.controller)
+                        }
+                        Err(reason) => {
+                            tracing::error!("SIGHUP: the new configuration is refused, the running one kept: {reason}");
+                            Input::ReconfigureRefused(reason)
+                        }
+                    },
+                },
+                Some(input) = self.inputs.recv() => input,
+                () = tokio::time::sleep_until(wake) => Input::Tick,
+            };
+            self.input(input).await?;
+        }
+    }
+
+    /// Waits for a second stop signal while `shutdown` runs; true when it came (abort).
+    pub async fn shutdown(&mut self, keep: bool) -> Ended {
+        let sentence = if keep { "stopping; the forward stays in place" } else { "stopping; removing the forward" };
+        self.reporter.stopping(sentence);
+        tracing::info!(keep_forward = keep, "shutting down");
+        let signals = &mut self.signals;
+        let endpoint = &mut self.endpoint;
+        tokio::select! {
+            result = endpoint.shutdown(keep) => {
+                if let Err(err) = result {
+                    tracing::error!("while releasing the endpoint: {err:#}");
+                }
+                Ended::Stopped
+            }
+            Some(Signal::Stop) = signals.recv() => {
+                tracing::warn!("second stop signal: not waiting for the drain");
+                Ended::Aborted
+            }
+        }
+    }
+
+    async fn input(&mut self, input: Input) -> anyhow::Result<()> {
+        let now = Instant::now().into_std();
+        let effects = self.controller.handle(now, input);
+        self.execute(effects).await?;
+        self.reporter.publish(&self.controller.view());
+        Ok(())
+    }
+
+    async fn execute(&mut self, effects: Vec<Effect>) -> anyhow::Result<()> {
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            let done = match effect {
+                Effect::Forward(targets) => {
+                    tracing::info!(?targets, "forwarding the endpoint");
+                    Some(bounded(self.endpoint.forward_to(targets)).await)
+                }
+                Effect::HandToHaproxy => Some(bounded(self.endpoint.hand_to_haproxy()).await),
+                Effect::Reassert => Some(bounded(self.endpoint.reassert()).await),
+                Effect::Apply(servers) => {
+                    self.haproxy.send(HaproxyCommand::Apply(servers)).await?;
+                    None
+                }
+                Effect::ReadHaproxy => {
+                    self.reporter.heartbeat();
+                    self.haproxy.read.notify_one();
+                    if let Err(err) = bounded(self.endpoint.housekeeping()).await {
+                        tracing::warn!("endpoint housekeeping: {err}");
+                    }
+                    None
+                }
+                Effect::CheckLiveness => {
+                    self.reporter.heartbeat();
+                    let (probes, tx) = (self.probes.clone(), self.inputs_tx.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(Input::Liveness { alive: probes.haproxy_alive().await }).await;
+                    });
+                    None
+                }
+                Effect::Probe(probed) => {
+                    let (probes, tx) = (self.probes.clone(), self.inputs_tx.clone());
+                    tokio::spawn(async move {
+                        let ready = probes.ready_members(probed.clone()).await;
+                        let _ = tx.send(Input::Probed { probed, ready }).await;
+                    });
+                    None
+                }
+                Effect::CheckEndpoint => {
+                    let (probes, tx) = (self.probes.clone(), self.inputs_tx.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(Input::EndpointChecked(probes.endpoint().await)).await;
+                    });
+                    None
+                }
+                Effect::Known(set) => {
+                    self.reporter.known(set);
+                    None
+                }
+                Effect::Transition { from, to } => {
+                    self.reporter.transition(from, to);
+                    None
+                }
+                Effect::Rejected { source } => {
+                    self.reporter.rejected(&source);
+                    None
+                }
+                Effect::Event(note) => {
+                    self.reporter.event(note);
+                    None
+                }
+                Effect::Ready(sentence) => {
+                    tracing::info!("ready: {sentence}");
+                    self.reporter.ready(&sentence);
+                    None
+                }
+                Effect::Status(sentence) => {
+                    tracing::info!("{sentence}");
+                    self.reporter.status(&sentence);
+                    None
+                }
+                Effect::Fail(message) => anyhow::bail!(message),
+            };
+            if let Some(result) = done {
+                if let Err(err) = &result {
+                    tracing::error!("{err}");
+                }
+                let now = Instant::now().into_std();
+                queue.extend(self.controller.handle(now, Input::EndpointDone(result)));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn bounded(action: impl std::future::Future<Output = anyhow::Result<()>>) -> Result<(), String> {
+    match tokio::time::timeout(ENDPOINT_BOUND, action).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(format!("{err:#}")),
+        Err(_) => Err(format!("no result within {ENDPOINT_BOUND:?}")),
+    }
+}

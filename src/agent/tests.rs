@@ -1,0 +1,585 @@
+//! The sequences an operator meets, through the pure controller (no root, no netns, no I/O),
+//! and through the driver with in-memory actuators.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::controller::{Adopted, Controller, Effect, Input, Phase, Settings};
+use crate::config::Topology;
+use crate::haproxy::resolve::{Resolved, Unresolved};
+use crate::haproxy::{Health, Server};
+use crate::members::{parse, MemberSet, ParseOptions};
+
+fn settings() -> Settings {
+    Settings {
+        topology: Topology::Retarget,
+        rise: 2,
+        fall: 3,
+        fallback: true,
+        interval: Duration::from_secs(1),
+        probe_interval: Duration::from_secs(5),
+        liveness_interval: Duration::from_millis(200),
+        min_apply_interval: Duration::from_secs(2),
+        bootstrap_targets: vec![],
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn set(text: &str) -> MemberSet {
+    parse(text, &ParseOptions::default()).unwrap()
+}
+
+/// IP members as the resolver gives them.
+fn accepted(text: &str) -> Input {
+    let set = set(text);
+    let servers = set.iter().map(|m| Server { name: m.name().clone(), addr: m.socket_addr().unwrap() }).collect();
+    Input::MembersAccepted { set, origin: "configmap".into(), resolved: Resolved { servers, unresolved: vec![] } }
+}
+
+const HEALTHY: Health = Health { answers: true, up: 3, total: 3, draining: 0 };
+const NO_UP: Health = Health { answers: true, up: 0, total: 3, draining: 0 };
+
+/// A controller and a clock that only moves when told to.
+struct Run {
+    c: Controller,
+    t0: Instant,
+    now: Instant,
+}
+
+impl Run {
+    fn new(settings: Settings) -> Run {
+        let t0 = Instant::now();
+        Run { c: Controller::new(settings, t0), t0, now: t0 }
+    }
+
+    fn at(&mut self, ms: u64) -> &mut Self {
+        self.now = self.t0 + Duration::from_millis(ms);
+        self
+    }
+
+    fn input(&mut self, input: Input) -> Vec<Effect> {
+        self.c.handle(self.now, input)
+    }
+
+    /// The effects that change something (the periodic reads and probes left out).
+    fn acts(&mut self, input: Input) -> Vec<Effect> {
+        self.input(input)
+            .into_iter()
+            .filter(|e| {
+                !matches!(
+                    e,
+                    Effect::ReadHaproxy
+                        | Effect::CheckLiveness
+                        | Effect::CheckEndpoint
+                        | Effect::Probe(_)
+                        | Effect::Status(_)
+                        | Effect::Known(_)
+                )
+            })
+            .collect()
+    }
+
+    /// Runs an endpoint effect's result back in.
+    fn done(&mut self) -> Vec<Effect> {
+        self.acts(Input::EndpointDone(Ok(())))
+    }
+
+    fn phase(&self) -> &'static str {
+        self.c.phase().name()
+    }
+}
+
+fn transitions(effects: &[Effect]) -> Vec<(&'static str, &'static str)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Transition { from, to } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has_apply(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Apply(_)))
+}
+
+fn ready(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Ready(_)))
+}
+
+/// Three members, forwarded to and applied once, HAProxy not healthy yet.
+fn forwarding() -> Run {
+    let mut r = Run::new(settings());
+    assert!(r.acts(Input::Started { adopted: Adopted::Nothing }).is_empty(), "nothing to forward to yet");
+    let e = r.acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3"));
+    assert!(e.contains(&Effect::Forward(vec![addr("10.0.0.1:6443"), addr("10.0.0.2:6443"), addr("10.0.0.3:6443")])));
+    assert!(has_apply(&e), "{e:?}");
+    let e = r.done();
+    assert_eq!(transitions(&e), [("starting", "forwarding")]);
+    assert!(!ready(&e), "READY waits for the first apply");
+    let e = r.acts(Input::Applied(Ok("file written".into())));
+    assert!(ready(&e), "{e:?}");
+    r
+}
+
+fn balanced() -> Run {
+    let mut r = forwarding();
+    r.at(1000).acts(Input::Haproxy(HEALTHY));
+    let e = r.at(2000).acts(Input::Haproxy(HEALTHY));
+    assert_eq!(e[..2], [Effect::Transition { from: "forwarding", to: "handing-over" }, Effect::HandToHaproxy]);
+    // HAProxy answering for the first time is reconciled, once the interval allows.
+    assert!(matches!(&e[2..], [Effect::Apply(s)] if s.len() == 3), "{e:?}");
+    let e = r.done();
+    assert_eq!(transitions(&e), [("handing-over", "balanced")]);
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "HandedOver")), "{e:?}");
+    assert_eq!(r.phase(), "balanced");
+    assert!(r.acts(Input::Applied(Ok("runtime".into()))).is_empty());
+    r
+}
+
+#[test]
+fn bootstrap_to_the_configured_targets_is_ready_at_once() {
+    let mut r = Run::new(Settings { bootstrap_targets: vec![addr("10.0.0.9:6443")], ..settings() });
+    let e = r.acts(Input::Started { adopted: Adopted::Nothing });
+    assert_eq!(e, [Effect::Forward(vec![addr("10.0.0.9:6443")])]);
+    assert_eq!(r.phase(), "starting", "until the forward is in place");
+    let e = r.done();
+    assert_eq!(transitions(&e), [("starting", "forwarding")]);
+    assert!(ready(&e), "no member set known: READY needs only the forward");
+    assert!(!r.c.view().endpoint_carried, "not verified through the endpoint yet");
+}
+
+#[test]
+fn bootstrap_waits_for_members_and_ready_waits_for_the_first_apply() {
+    let r = forwarding();
+    assert!(r.c.view().ready_sent);
+}
+
+#[test]
+fn a_failed_bootstrap_forward_stops_the_agent() {
+    let mut r = Run::new(Settings { bootstrap_targets: vec![addr("10.0.0.9:6443")], ..settings() });
+    r.acts(Input::Started { adopted: Adopted::Nothing });
+    let e = r.acts(Input::EndpointDone(Err("nft: permission denied".into())));
+    assert!(matches!(&e[..], [Effect::Fail(m)] if m.contains("permission denied")), "{e:?}");
+}
+
+#[test]
+fn handover_records_each_transition_once_with_its_true_origin() {
+    balanced();
+}
+
+#[test]
+fn a_failed_handover_goes_back_and_counts_anew() {
+    let mut r = forwarding();
+    r.at(1000).acts(Input::Haproxy(HEALTHY));
+    r.at(2000).acts(Input::Haproxy(HEALTHY));
+    r.acts(Input::Applied(Ok("runtime".into())));
+    let e = r.acts(Input::EndpointDone(Err("nft: busy".into())));
+    assert_eq!(transitions(&e), [("handing-over", "forwarding")]);
+    assert_eq!(r.phase(), "forwarding");
+    assert!(r.c.view().last_error.unwrap().contains("nft: busy"));
+    assert!(r.at(3000).acts(Input::Haproxy(HEALTHY)).is_empty(), "counting starts anew");
+    assert_eq!(r.at(4000).acts(Input::Haproxy(HEALTHY))[1], Effect::HandToHaproxy);
+}
+
+#[test]
+fn falls_back_after_fall_unhealthy_checks_to_ready_members_and_returns() {
+    let mut r = balanced();
+    r.acts(Input::Probed {
+        probed: vec![addr("10.0.0.1:6443"), addr("10.0.0.2:6443"), addr("10.0.0.3:6443")],
+        ready: vec![addr("10.0.0.2:6443")],
+    });
+    assert!(r.at(3000).acts(Input::Haproxy(NO_UP)).is_empty());
+    assert!(r.at(4000).acts(Input::Haproxy(NO_UP)).is_empty());
+    let e = r.at(5000).acts(Input::Haproxy(NO_UP));
+    assert_eq!(e, [Effect::Forward(vec![addr("10.0.0.2:6443")])]);
+    let e = r.done();
+    assert_eq!(transitions(&e), [("balanced", "fallback")]);
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "FellBack" && n.warning)));
+    r.at(6000).acts(Input::Haproxy(HEALTHY));
+    let e = r.at(7000).acts(Input::Haproxy(HEALTHY));
+    assert_eq!(transitions(&e), [("fallback", "handing-over")]);
+    let e = r.done();
+    assert_eq!(transitions(&e), [("handing-over", "balanced")]);
+}
+
+#[test]
+fn haproxy_gone_falls_back_at_once_but_not_on_one_refused_connect() {
+    let mut r = balanced();
+    assert!(r.at(2200).acts(Input::Liveness { alive: false }).is_empty(), "one refused connect is not gone");
+    assert!(r.at(2400).acts(Input::Liveness { alive: true }).is_empty());
+    assert!(r.at(2600).acts(Input::Liveness { alive: false }).is_empty());
+    let e = r.at(2800).acts(Input::Liveness { alive: false });
+    assert_eq!(e, [Effect::Forward(vec![addr("10.0.0.1:6443"), addr("10.0.0.2:6443"), addr("10.0.0.3:6443")])]);
+    r.done();
+    assert_eq!(r.phase(), "fallback");
+    // HAProxy back: a (re)start to reconcile, then the handover.
+    r.at(3000).acts(Input::Haproxy(HEALTHY));
+    let e = r.at(4000).acts(Input::Haproxy(HEALTHY));
+    assert!(e.contains(&Effect::HandToHaproxy), "{e:?}");
+    assert!(has_apply(&e), "HAProxy answering again is reconciled: {e:?}");
+}
+
+#[test]
+fn no_fallback_when_disabled() {
+    let mut r = Run::new(Settings { fallback: false, bootstrap_targets: vec![addr("10.0.0.9:6443")], ..settings() });
+    r.acts(Input::Started { adopted: Adopted::Haproxy });
+    for i in 0..10 {
+        assert!(r.at(i * 1000).acts(Input::Haproxy(NO_UP)).is_empty());
+        assert!(r.acts(Input::Liveness { alive: false }).is_empty());
+    }
+    assert_eq!(r.phase(), "balanced");
+}
+
+#[test]
+fn restart_adopted_at_haproxy_falls_back_when_haproxy_is_unhealthy() {
+    let mut r = Run::new(settings());
+    let e = r.acts(Input::Started { adopted: Adopted::Haproxy });
+    assert_eq!(r.phase(), "balanced");
+    assert_eq!(transitions(&e), [("starting", "balanced")]);
+    assert!(ready(&e), "{e:?}");
+    r.acts(accepted("10.0.0.1 10.0.0.2"));
+    for (i, t) in [1000, 2000].into_iter().enumerate() {
+        assert!(
+            !r.at(t).acts(Input::Haproxy(Health::default())).iter().any(|e| matches!(e, Effect::Forward(_))),
+            "{i}"
+        );
+    }
+    let e = r.at(3000).acts(Input::Haproxy(Health::default()));
+    assert!(e.contains(&Effect::Forward(vec![addr("10.0.0.1:6443"), addr("10.0.0.2:6443")])), "{e:?}");
+}
+
+#[test]
+fn restart_adopted_at_haproxy_while_healthy_hands_over_no_second_time() {
+    let mut r = Run::new(settings());
+    r.acts(Input::Started { adopted: Adopted::Haproxy });
+    r.acts(accepted("10.0.0.1 10.0.0.2"));
+    for t in 1..20 {
+        let e = r.at(t * 1000).acts(Input::Haproxy(HEALTHY));
+        assert!(transitions(&e).is_empty() && !e.contains(&Effect::HandToHaproxy), "{e:?}");
+    }
+}
+
+#[test]
+fn restart_adopted_forward_hands_over_when_haproxy_is_healthy() {
+    let mut r = Run::new(settings());
+    let e = r.acts(Input::Started { adopted: Adopted::Forward(vec![addr("10.0.0.1:6443")]) });
+    assert_eq!(transitions(&e), [("starting", "forwarding")]);
+    assert!(!e.iter().any(|e| matches!(e, Effect::Forward(_))), "an adopted forward is not installed again");
+    r.at(1000).acts(Input::Haproxy(HEALTHY));
+    assert_eq!(r.at(2000).acts(Input::Haproxy(HEALTHY)).last(), Some(&Effect::HandToHaproxy));
+}
+
+#[test]
+fn an_unresolvable_member_list_keeps_the_last_good_state() {
+    let mut r = balanced();
+    let before = r.c.desired().cloned();
+    r.at(10_000);
+    let set = set("cp1=cp1.invalid cp2=cp2.invalid");
+    let unresolved =
+        set.iter().map(|m| Unresolved { member: m.to_string(), reason: "no such host".into(), kept: None }).collect();
+    let e = r.acts(Input::MembersAccepted {
+        set,
+        origin: "configmap".into(),
+        resolved: Resolved { servers: vec![], unresolved },
+    });
+    assert!(!has_apply(&e), "nothing drained: {e:?}");
+    assert!(e.contains(&Effect::Rejected { source: "configmap".into() }), "counted: {e:?}");
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "MembersRejected")));
+    assert_eq!(r.c.desired().cloned(), before);
+    assert!(r.c.view().last_rejected_update.unwrap().contains("no member resolves"));
+}
+
+#[test]
+fn an_explicitly_empty_set_is_applied() {
+    let mut r = balanced();
+    let e = r.at(10_000).acts(Input::MembersAccepted {
+        set: MemberSet::new(),
+        origin: "configmap".into(),
+        resolved: Resolved::default(),
+    });
+    assert_eq!(e, [Effect::Apply(vec![])], "allowEmpty lets an empty set through the source");
+}
+
+#[test]
+fn applies_at_once_then_exactly_when_the_interval_allows_coalesced() {
+    let mut r = balanced();
+    // The last apply started at 2 s; an edit at 3.5 s waits until 4 s, not for a tick.
+    assert!(!has_apply(&r.at(3500).acts(accepted("10.0.0.1 10.0.0.2"))));
+    assert!(r.c.next_wake() <= r.t0 + Duration::from_millis(4000));
+    assert!(!has_apply(&r.at(3900).acts(Input::Tick)));
+    assert!(!has_apply(&r.at(3950).acts(accepted("10.0.0.1 10.0.0.4"))), "coalesced");
+    let e = r.at(4000).acts(Input::Tick);
+    assert_eq!(
+        e,
+        [Effect::Apply(vec![
+            Server { name: "m-10.0.0.1-6443".parse().unwrap(), addr: addr("10.0.0.1:6443") },
+            Server { name: "m-10.0.0.4-6443".parse().unwrap(), addr: addr("10.0.0.4:6443") },
+        ])]
+    );
+    // One apply at a time: an edit while it runs is applied after it, once allowed.
+    assert!(!has_apply(&r.at(4100).acts(accepted("10.0.0.5"))));
+    assert!(!has_apply(&r.at(6500).acts(Input::Tick)), "still running");
+    let e = r.at(6600).acts(Input::Applied(Ok("runtime".into())));
+    assert!(has_apply(&e), "interval passed while it ran: at once: {e:?}");
+    r.acts(Input::Applied(Ok("runtime".into())));
+    // Quiet for longer than the interval: the next edit is applied the moment it arrives.
+    assert!(has_apply(&r.at(12_000).acts(accepted("10.0.0.6"))));
+}
+
+#[test]
+fn a_failed_apply_is_retried_once_the_interval_allows() {
+    let mut r = balanced();
+    r.at(5000).acts(accepted("10.0.0.1"));
+    let e = r.at(5100).acts(Input::Applied(Err("haproxy -c: bad".into())));
+    assert!(!has_apply(&e));
+    assert!(r.c.view().last_error.unwrap().contains("haproxy -c: bad"));
+    assert!(has_apply(&r.at(7000).acts(Input::Tick)));
+}
+
+#[test]
+fn sighup_refused_changes_nothing_and_accepted_changes_thresholds() {
+    let mut r = forwarding();
+    r.at(1000).acts(Input::Haproxy(HEALTHY));
+    let e = r.acts(Input::ReconfigureRefused("haproxy.balance: unknown".into()));
+    assert!(e.is_empty(), "{e:?}");
+    assert_eq!(r.c.settings(), &settings());
+    assert!(r.at(2000).acts(Input::Haproxy(HEALTHY)).contains(&Effect::HandToHaproxy), "the run was kept");
+    r.done();
+    r.acts(Input::Applied(Ok("runtime".into())));
+    let e = r.at(5000).acts(Input::Reconfigure(Settings { fall: 1, ..settings() }));
+    assert!(has_apply(&e), "new settings may render differently: {e:?}");
+    r.acts(Input::Applied(Ok("runtime".into())));
+    let e = r.at(6000).acts(Input::Haproxy(NO_UP));
+    assert!(matches!(&e[..], [Effect::Forward(_)]), "fall is 1 now: {e:?}");
+}
+
+#[test]
+fn sigusr1_reasserts_the_forward_and_applies_now() {
+    let mut r = balanced();
+    let e = r.at(500).acts(Input::Resync);
+    assert_eq!(e[0], Effect::Reassert);
+    assert!(has_apply(&e), "even within minApplyInterval: {e:?}");
+    r.done();
+    assert_eq!(r.phase(), "balanced");
+}
+
+#[test]
+fn a_member_update_during_a_handover_is_applied_and_waits_for_the_move() {
+    let mut r = forwarding();
+    r.at(3000).acts(Input::Haproxy(HEALTHY));
+    r.at(4000).acts(Input::Haproxy(HEALTHY));
+    // HAProxy's first answer at 3 s started a reconcile; the edit waits for it.
+    let e = r.at(4100).acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3 10.0.0.4"));
+    assert!(e.is_empty(), "no retarget while the handover is in flight, no second apply: {e:?}");
+    r.done();
+    assert_eq!(r.phase(), "balanced");
+    let e = r.at(5000).acts(Input::Applied(Ok("runtime".into())));
+    assert!(matches!(&e[..], [Effect::Apply(s)] if s.len() == 4), "{e:?}");
+}
+
+#[test]
+fn forwarding_follows_the_members_that_answer_readyz() {
+    let mut r = forwarding();
+    let all = vec![addr("10.0.0.1:6443"), addr("10.0.0.2:6443"), addr("10.0.0.3:6443")];
+    assert!(r.acts(Input::Probed { probed: vec![addr("10.0.0.1:6443")], ready: vec![] }).is_empty(), "stale answer");
+    let e = r.acts(Input::Probed { probed: all.clone(), ready: vec![addr("10.0.0.3:6443")] });
+    assert_eq!(e, [Effect::Forward(vec![addr("10.0.0.3:6443")])]);
+    r.done();
+    assert_eq!(r.c.phase(), &Phase::Forwarding { targets: vec![addr("10.0.0.3:6443")] });
+    assert!(r.acts(Input::Probed { probed: all.clone(), ready: vec![] }).is_empty(), "none ready: keep the last");
+    // A failed retarget keeps the phase's targets.
+    r.acts(Input::Probed { probed: all.clone(), ready: vec![addr("10.0.0.1:6443")] });
+    r.acts(Input::EndpointDone(Err("nft: busy".into())));
+    assert_eq!(r.c.phase(), &Phase::Forwarding { targets: vec![addr("10.0.0.3:6443")] });
+}
+
+#[test]
+fn flapping_around_the_thresholds_moves_nothing() {
+    let mut r = forwarding();
+    let moves = |e: Vec<Effect>| e.into_iter().filter(|e| !matches!(e, Effect::Apply(_))).collect::<Vec<_>>();
+    for i in 0..20 {
+        let health = if i % 2 == 0 { HEALTHY } else { NO_UP };
+        assert!(moves(r.at(1000 * i).acts(Input::Haproxy(health))).is_empty(), "{i}");
+    }
+    let mut r = balanced();
+    for i in 0..20 {
+        let health = if i % 3 == 2 { HEALTHY } else { NO_UP };
+        assert!(r.at(3000 + 1000 * i).acts(Input::Haproxy(health)).is_empty(), "{i}");
+    }
+    assert_eq!(r.phase(), "balanced");
+}
+
+#[test]
+fn readiness_is_what_a_request_through_the_endpoint_sees() {
+    let mut r = balanced();
+    assert!(!r.c.view().endpoint_carried);
+    let e = r.input(Input::EndpointChecked(Ok(())));
+    assert!(r.c.view().endpoint_carried);
+    assert!(e.iter().any(|e| matches!(e, Effect::Status(_))), "a change of truth is announced");
+    r.input(Input::EndpointChecked(Err("10.0.0.10:6443: connection refused".into())));
+    let v = r.c.view();
+    assert!(!v.endpoint_carried);
+    assert!(r.c.sentence().contains("no ready apiserver"), "{}", r.c.sentence());
+}
+
+#[test]
+fn periodic_work_is_scheduled_by_time() {
+    let mut r = forwarding();
+    let e = r.at(200).input(Input::Tick);
+    assert!(e.contains(&Effect::CheckLiveness), "{e:?}");
+    assert!(!e.contains(&Effect::ReadHaproxy));
+    let e = r.at(1000).input(Input::Tick);
+    assert!(e.contains(&Effect::ReadHaproxy) && e.contains(&Effect::CheckEndpoint), "{e:?}");
+}
+
+// ----------------------------------------------------------------------------------------------
+// The driver with in-memory actuators.
+
+mod driver {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::agent::driver::{Driver, Ended, HaproxyHandle, Reloaded, Signal};
+    use crate::agent::fake::{FakeEndpoint, FakeHaproxy, FakeProbes, FakeReporter, Log};
+
+    struct Rig {
+        endpoint: Log,
+        haproxy: FakeHaproxy,
+        probes: FakeProbes,
+        reporter: FakeReporter,
+        inputs: mpsc::Sender<Input>,
+        signals: mpsc::Sender<Signal>,
+        task: tokio::task::JoinHandle<anyhow::Result<Ended>>,
+    }
+
+    fn rig(adopted: Adopted, reload: Result<Settings, String>) -> Rig {
+        let endpoint = Log::default();
+        let haproxy = FakeHaproxy {
+            log: Log::default(),
+            health: Arc::new(Mutex::new(Health::default())),
+            fail: Arc::new(AtomicBool::new(false)),
+        };
+        let probes = FakeProbes {
+            alive: Arc::new(AtomicBool::new(false)),
+            ready: Arc::new(Mutex::new(vec![])),
+            endpoint_ok: Arc::new(AtomicBool::new(true)),
+        };
+        let reporter = FakeReporter::default();
+        let (inputs_tx, inputs) = mpsc::channel(64);
+        let (signals_tx, signals) = mpsc::channel(8);
+        let (handle, _worker) = HaproxyHandle::spawn(haproxy.clone(), inputs_tx.clone());
+        let mut driver = Driver {
+            controller: Controller::new(settings(), tokio::time::Instant::now().into_std()),
+            endpoint: FakeEndpoint { log: endpoint.clone(), adopted, fail: Arc::new(AtomicBool::new(false)) },
+            haproxy: handle,
+            probes: probes.clone(),
+            reporter: reporter.clone(),
+            inputs_tx: inputs_tx.clone(),
+            inputs,
+            signals,
+            reload: Box::new(move || {
+                reload.clone().map(|controller| Reloaded {
+                    controller,
+                    haproxy: Default::default(),
+                    bind: "192.0.2.10:9445".parse().unwrap(),
+                })
+            }),
+        };
+        let task = tokio::task::spawn_local(async move {
+            let ended = driver.run().await?;
+            driver.shutdown(true).await;
+            Ok(ended)
+        });
+        Rig { endpoint, haproxy, probes, reporter, inputs: inputs_tx, signals: signals_tx, task }
+    }
+
+    async fn wait(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..2000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn local<F: std::future::Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f)
+    }
+
+    #[test]
+    fn restarted_at_a_dead_haproxy_the_endpoint_falls_back_within_the_liveness_checks() {
+        local(async {
+            let r = rig(Adopted::Haproxy, Err("unused".into()));
+            r.inputs.send(accepted("10.0.0.1 10.0.0.2")).await.unwrap();
+            let started = tokio::time::Instant::now();
+            wait("the fallback forward", || r.endpoint.count("forward") == 1).await;
+            assert!(started.elapsed() <= Duration::from_millis(700), "{:?}", started.elapsed());
+            assert!(r.endpoint.lines()[0].contains("10.0.0.1:6443"), "{:?}", r.endpoint.lines());
+            wait("fallback phase", || r.reporter.view.lock().unwrap().as_ref().is_some_and(|v| v.phase == "fallback"))
+                .await;
+            // HAProxy comes back: reconciled, then handed the endpoint again.
+            r.probes.alive.store(true, Ordering::SeqCst);
+            *r.haproxy.health.lock().unwrap() = HEALTHY;
+            wait("the handover", || r.endpoint.count("handover") == 1).await;
+            assert!(r.haproxy.log.count("apply") >= 1);
+            r.signals.send(Signal::Stop).await.unwrap();
+            assert_eq!(r.task.await.unwrap().unwrap(), Ended::Stopped);
+            assert_eq!(r.endpoint.lines().last().unwrap(), "shutdown keep=true");
+        });
+    }
+
+    #[test]
+    fn sighup_refused_leaves_everything_as_it_was() {
+        local(async {
+            let r = rig(Adopted::Forward(vec![addr("10.0.0.1:6443")]), Err("haproxy.balance: unknown".into()));
+            r.inputs.send(accepted("10.0.0.1")).await.unwrap();
+            wait("the first apply", || r.haproxy.log.count("apply") == 1).await;
+            let before = (r.endpoint.lines(), r.haproxy.log.lines());
+            r.signals.send(Signal::Reload).await.unwrap();
+            wait("the refusal", || {
+                r.reporter
+                    .view
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .and_then(|v| v.last_error.clone())
+                    .is_some_and(|e| e.contains("refused"))
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert_eq!((r.endpoint.lines(), r.haproxy.log.lines()), before, "no settings, apply or forward change");
+            r.signals.send(Signal::Stop).await.unwrap();
+            r.task.await.unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn an_apply_that_fails_is_retried_and_sighup_accepted_reaches_haproxy() {
+        local(async {
+            let r = rig(Adopted::Forward(vec![addr("10.0.0.1:6443")]), Ok(Settings { rise: 5, ..settings() }));
+            r.haproxy.fail.store(true, Ordering::SeqCst);
+            r.inputs.send(accepted("10.0.0.1")).await.unwrap();
+            wait("the first apply", || r.haproxy.log.count("apply") == 1).await;
+            r.haproxy.fail.store(false, Ordering::SeqCst);
+            let failed = tokio::time::Instant::now();
+            wait("the retry", || r.haproxy.log.count("apply") == 2).await;
+            let waited = failed.elapsed();
+            assert!(waited >= Duration::from_millis(1900) && waited <= Duration::from_millis(2500), "{waited:?}");
+            r.signals.send(Signal::Reload).await.unwrap();
+            wait("the new settings", || r.haproxy.log.count("settings") == 1).await;
+            wait("the apply after them", || r.haproxy.log.count("apply") == 3).await;
+            assert!(r.reporter.log.lines().iter().any(|l| l.starts_with("READY")), "{:?}", r.reporter.log.lines());
+            r.signals.send(Signal::Stop).await.unwrap();
+            r.task.await.unwrap().unwrap();
+        });
+    }
+}
