@@ -4,12 +4,30 @@
 use sd_notify::NotifyState;
 
 fn send(states: &[NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
-    if let Err(err) = sd_notify::notify(false, states) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let message = states.iter().map(|s| format!("{s}\n")).collect::<String>();
+    if let Err(err) = send_to(&path, message.as_bytes()) {
         tracing::warn!("sd_notify failed: {err}");
     }
+}
+
+/// NOTE: non-blocking, so a notification socket nobody reads (a full receive queue) drops the
+/// message instead of stalling the agent's loop, the watchdog pings included.
+fn send_to(path: &std::ffi::OsStr, message: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let socket = UnixDatagram::unbound()?;
+    socket.set_nonblocking(true)?;
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)?
+        }
+        None => SocketAddr::from_pathname(std::path::Path::new(path))?,
+    };
+    socket.send_to_addr(message, &addr)?;
+    Ok(())
 }
 
 /// READY=1 with a status sentence: the first real state is in place.

@@ -43,8 +43,14 @@ fn no_failures(report: &cpha_lab::report::LoadReport, what: &str) -> Result<()> 
 fn bootstrap_endpoint_answers_through_the_forward_before_haproxy_runs() {
     let c = cluster("retarget", "auto").unwrap();
     assert_eq!(c.phase().unwrap(), "forwarding");
+    // Carried means a request through the endpoint reached a ready member: the agent's own
+    // check, made every handover.interval.
+    cpha_lab::netns::wait_for("the endpoint checked through itself", Duration::from_secs(5), || {
+        Ok((c.status()?["agent"]["endpoint_carried"] == true).then_some(()))
+    })
+    .unwrap();
     let status = c.status().unwrap();
-    assert_eq!(status["agent"]["endpoint_carried"], true, "{status}");
+    assert_eq!(status["agent"]["endpoint_check"], "ok", "{status}");
     assert_eq!(status["forwards"][0]["listen"], ENDPOINT, "{status}");
     for from in [&c.client, &c.cp] {
         let report = load_report(c.https_loop(from, "2s").unwrap(), LONG).unwrap();
@@ -265,14 +271,16 @@ fn sd_notify_and_signals() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         seen.push('\n');
     }
-    assert!(seen.contains("STATUS=forwarding: nftables forwards 10.10.0.1:6443"), "{seen}");
+    assert!(seen.contains("STATUS=forwarding: the forward sends the endpoint to 10.21.0.2:6443"), "{seen}");
+    // READY=1 comes after the first apply of the seed set (HAProxy not running: file written).
+    assert!(c.dir.join("haproxy.cfg").exists());
 
     // SIGHUP with a broken file: refused, the agent keeps running as it was.
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, good.replace("rise: 2", "rise: 0")).unwrap();
     c.signal_agent(1).unwrap();
     cpha_lab::netns::wait_for("the invalid configuration reported", Duration::from_secs(10), || {
-        Ok(c.status()?["agent"]["last_error"].as_str().filter(|e| e.contains("config reload")).map(str::to_string))
+        Ok(c.status()?["agent"]["last_error"].as_str().filter(|e| e.contains("reload refused")).map(str::to_string))
     })
     .unwrap();
     assert_eq!(c.phase().unwrap(), "forwarding");

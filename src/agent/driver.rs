@@ -197,7 +197,6 @@ impl<E: EndpointActuator, P: Probes, R: Reporter> Driver<E, P, R> {
                     None
                 }
                 Effect::CheckLiveness => {
-                    self.reporter.heartbeat();
                     let (probes, tx) = (self.probes.clone(), self.inputs_tx.clone());
                     tokio::spawn(async move {
                         let _ = tx.send(Input::Liveness { alive: probes.haproxy_alive().await }).await;
