@@ -80,7 +80,7 @@ fn kubelet_symlink_swap_is_seen_within_a_second() -> Result<()> {
         w.accepted("file", &want, Duration::from_secs(5))?;
         ensure!(start.elapsed() < Duration::from_secs(1), "the swap was seen after {:?}", start.elapsed());
     }
-    assert_eq!(standin::state_members(&dir.join("state.json"))?, ["127.0.0.14:7443"]);
+    standin::state_becomes(&dir.join("state.json"), &["127.0.0.14:7443"])?;
     w.stop()
 }
 

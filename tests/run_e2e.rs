@@ -326,3 +326,119 @@ fn sd_notify_and_signals() {
     no_failures(&load_report(c.https_loop(&c.client, "1s").unwrap(), LONG).unwrap(), "after the agent stopped")
         .unwrap();
 }
+
+/// SIGKILL of the agent while HAProxy is down: the restarted agent adopts the forward that
+/// points at HAProxy, sees HAProxy gone and falls back within the fall threshold.
+#[test]
+fn agent_restarted_while_haproxy_is_down_falls_back_and_answers() {
+    let mut c = balanced("retarget").unwrap();
+    c.kill_agent().unwrap();
+    c.kill_haproxy().unwrap();
+    let config = c.dir.join("cpha.yaml");
+    let started = std::time::Instant::now();
+    c.start_agent(&config).unwrap();
+    c.wait_phase(&["fallback"], Duration::from_secs(15)).unwrap();
+    // fall 3 × interval 500 ms, plus the restart itself.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "fallback {took:?} after the restart");
+    no_failures(&load_report(c.https_loop(&c.client, "1s").unwrap(), LONG).unwrap(), "after the restart").unwrap();
+    let metrics = c.metrics().unwrap();
+    assert!(metrics.contains("cpha_transitions_total{from=\"balanced\",to=\"fallback\"} 1"), "{metrics}");
+}
+
+/// A restart while HAProxy is healthy adopts `balanced`: no second handover.
+#[test]
+fn agent_restarted_while_haproxy_is_healthy_hands_over_no_second_time() {
+    let mut c = balanced("retarget").unwrap();
+    c.kill_agent().unwrap();
+    let config = c.dir.join("cpha.yaml");
+    c.start_agent(&config).unwrap();
+    assert_eq!(c.phase().unwrap(), "balanced");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.phase().unwrap(), "balanced");
+    let metrics = c.metrics().unwrap();
+    for line in [
+        "cpha_transitions_total{from=\"starting\",to=\"balanced\"} 1",
+        "cpha_transitions_total{from=\"forwarding\",to=\"handing-over\"} 0",
+        "cpha_transitions_total{from=\"handing-over\",to=\"balanced\"} 0",
+        "cpha_transitions_total{from=\"balanced\",to=\"fallback\"} 0",
+    ] {
+        ensure_line(&metrics, line);
+    }
+}
+
+fn ensure_line(metrics: &str, line: &str) {
+    assert!(metrics.lines().any(|l| l == line), "/metrics lacks {line:?}:\n{metrics}");
+}
+
+/// HAProxy SIGKILLed under steady new connections, at the default settings: the first
+/// connection through the fallback forward succeeds within 1 s of the kill.
+#[test]
+fn haproxy_sigkill_under_load_falls_back_within_a_second() {
+    let mut c = Cluster::new(3).unwrap();
+    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
+    let config = c.write_default_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
+    c.start_agent(&config).unwrap();
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], LONG).unwrap();
+    let started = std::time::Instant::now();
+    let load = c.https_loop(&c.client, "6s").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = started.elapsed().as_secs_f64();
+    c.kill_haproxy().unwrap();
+    let report = load_report(load, LONG).unwrap();
+    c.wait_phase(&["fallback"], Duration::from_secs(5)).unwrap();
+    assert!(report.ok > 0, "{report:?}");
+    let last = report.last_failure_s.unwrap_or(killed);
+    let window = last - killed;
+    println!(
+        "figures: kill to last failed connection {:.0} ms; {} failed, {} ok at {:.0} conn/s",
+        window * 1000.0,
+        report.failed,
+        report.ok,
+        report.conns_per_sec
+    );
+    assert!(window < 1.0, "connections failed for {window:.3} s after the kill: {report:?}");
+    // The load kept going after the fallback: successes continued to the end.
+    assert!(report.duration_s - last > 2.0, "{report:?}");
+}
+
+/// An accepted ConfigMap edit reaches HAProxy's runtime state without waiting for a tick, at
+/// the default settings, when no apply happened in the last minApplyInterval.
+#[test]
+fn configmap_edits_reach_haproxy_at_once() {
+    let mut c = Cluster::new(3).unwrap();
+    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
+    let config = c.write_default_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
+    c.start_agent(&config).unwrap();
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], LONG).unwrap();
+    c.serving_after(Duration::from_secs(10), 3).unwrap();
+    let before = c.workers().unwrap().0;
+    let mut took = Vec::new();
+    for round in 0..16 {
+        // Past minApplyInterval (2 s) since the last apply.
+        std::thread::sleep(Duration::from_millis(2300));
+        let (list, want) = if round % 2 == 0 { (c.member_list(&[1, 2]), 2) } else { (c.member_list(&[1, 2, 3]), 3) };
+        c.set_members(&list).unwrap();
+        let applied = std::time::Instant::now();
+        loop {
+            if c.serving().unwrap().len() == want {
+                break;
+            }
+            assert!(applied.elapsed() < Duration::from_secs(5), "round {round}: not applied:\n{}", c.agent_log());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        took.push(applied.elapsed());
+    }
+    took.sort();
+    let p50 = took[took.len() / 2];
+    let p99 = took[took.len() - 1];
+    println!("figures: {} edits, PATCH response to runtime state p50 {p50:?}, max {p99:?}", took.len());
+    if std::env::var_os("CPHA_E2E_LOG").is_some() {
+        println!("{}", c.agent_log());
+    }
+    // The old loop waited for its 1 s tick (p50 715 ms); an apply at once is tens of ms.
+    assert!(p50 < Duration::from_millis(300), "{took:?}");
+    assert_eq!(c.workers().unwrap().0, before, "the same HAProxy worker: no reload");
+}

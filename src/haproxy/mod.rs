@@ -33,11 +33,12 @@
 //!   once; the new worker and its digest are read back (`method = reload`). Reloads are at least
 //!   `minReloadInterval` apart (apply waits). If HAProxy does not confirm the reload, the
 //!   previous file is put back, so the file on disk keeps describing what runs.
-//! - otherwise only servers differ: the candidate is validated and committed first (so a restart
-//!   at any later moment yields the new backend), then `add server` + `enable health` +
-//!   `set server state ready` + `set server health down`, `set server addr ... port ...`, and
-//!   `set server state drain` for removed servers; servers that stay are not touched and keep
-//!   their health state and connections (`method = runtime`). The backend is read back and
+//! - otherwise only servers differ: `add server` + `enable health` + `set server state ready` +
+//!   `set server health down`, `set server addr ... port ...`, and `set server state drain` for
+//!   removed servers; servers that stay are not touched and keep their health state and
+//!   connections (`method = runtime`). Then the candidate file is validated and committed, so
+//!   a later restart yields the same backend (runtime first: the change reaches traffic without
+//!   waiting for `haproxy -c`; a restart in between is reconciled when HAProxy answers again). The backend is read back and
 //!   compared. Added servers start DOWN and take traffic once `rise` checks passed; removals of
 //!   the last UP servers wait (bounded) for an added one to come UP first.
 //!
@@ -365,11 +366,6 @@ impl Haproxy {
             report.reload_reasons = plan.reload_reasons;
             return self.reload_path(rendered, servers, live, report).await;
         }
-        // NOTE: the file first: from here on a restart or reload yields the desired backend.
-        if live.as_deref() != Some(rendered.text.as_str()) {
-            self.candidate(&rendered.text).await?.commit().map_err(|e| self.file_error(e))?;
-            report.file_written = true;
-        }
         let b = &self.checked.backend;
         let params = self.checked.server_params.as_str();
         for s in &plan.add {
@@ -421,6 +417,13 @@ impl Haproxy {
         }
         let changed_runtime = !plan.is_empty();
         self.desired = servers.iter().map(|s| s.name.to_string()).collect();
+        // NOTE: the runtime first, then the file. `haproxy -c` of the candidate takes tens of
+        // milliseconds, and the servers come from parsed values either way; a restart in
+        // between is reconciled by the agent when HAProxy answers again.
+        if live.as_deref() != Some(rendered.text.as_str()) {
+            self.candidate(&rendered.text).await?.commit().map_err(|e| self.file_error(e))?;
+            report.file_written = true;
+        }
         let mut after = self.snapshot().await?;
         let finished = self.finish_drains_with(&after).await?;
         if !finished.is_empty() {

@@ -56,6 +56,11 @@ pub enum MembersError {
     NotAString { position: usize, found: String },
     #[error("entry {position} of the member list, {}, is invalid: {reason}", quoted(entry))]
     InvalidEntry { position: usize, entry: String, reason: MemberParseError },
+    #[error(
+        "the member list has a YAML tag ({}) at line {line} column {column}: write members as plain or quoted strings",
+        quoted(tag)
+    )]
+    Tagged { tag: String, line: usize, column: usize },
     #[error("the member list is empty")]
     Empty,
     #[error("the member list has {count} entries, more than {max}")]
@@ -149,14 +154,47 @@ struct Split {
 
 fn split(input: &str) -> Result<Split, MembersError> {
     let (items, flow_error) = match first_significant_line(input) {
-        Some(line) if is_block_yaml(line) => (yaml::from_str::<YamlList>(input)?.0, None),
+        Some(line) if is_block_yaml(line) => {
+            refuse_tags(input)?;
+            (yaml::from_str::<YamlList>(input)?.0, None)
+        }
         Some(line) if line.starts_with('[') => match yaml::from_str::<YamlList>(input) {
-            Ok(list) => (list.0, None),
+            Ok(list) => {
+                refuse_tags(input)?;
+                (list.0, None)
+            }
             Err(e) => (split_plain(input), Some(e)),
         },
         _ => (split_plain(input), None),
     };
     Ok(Split { items, flow_error })
+}
+
+/// Refuses any YAML tag (`!!binary`, `!!str`, `!custom`, on an item or on the list): the YAML
+/// reader would apply or drop it silently, and a member list has no use for one.
+///
+/// NOTE: a lexical scan, deliberately broader than YAML's grammar: a `!` that starts a token
+/// outside quotes and comments. Member entries can never contain `!`, so nothing valid is lost.
+fn refuse_tags(input: &str) -> Result<(), MembersError> {
+    for (n, line) in input.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for (i, ch) in line.char_indices() {
+            match quote {
+                Some(q) if ch == q => quote = None,
+                Some(_) => {}
+                None if ch == '"' || ch == '\'' => quote = Some(ch),
+                None if ch == '#' && previous.is_whitespace() => break,
+                None if ch == '!' && (previous.is_whitespace() || matches!(previous, '[' | ',' | '{' | '-' | ':')) => {
+                    let tag: String = line[i..].chars().take_while(|c| !c.is_whitespace() && *c != ',').collect();
+                    return Err(MembersError::Tagged { tag, line: n + 1, column: i + 1 });
+                }
+                None => {}
+            }
+            previous = ch;
+        }
+    }
+    Ok(())
 }
 
 fn first_significant_line(input: &str) -> Option<&str> {
@@ -447,12 +485,23 @@ mod tests {
     }
 
     #[test]
-    fn yaml_tags_do_not_bypass_the_grammar() {
-        let e = refused("- !!binary aGVsbG8=\n");
+    fn yaml_tags_are_refused_not_dropped() {
+        for (input, tag, line, column) in [
+            ("- !!binary MTAuMjAxLjEuMjo2NDQz\n", "!!binary", 1, 3),
+            ("- 10.0.0.1\n- !!timestamp 2001-12-14\n", "!!timestamp", 2, 3),
+            ("- !!str 10.0.0.1\n", "!!str", 1, 3),
+            ("--- !!seq\n- 10.0.0.1\n", "!!seq", 1, 5),
+            ("- &a !custom 10.0.0.1\n", "!custom", 1, 6),
+            ("[10.0.0.1, !!binary aGVsbG8=]", "!!binary", 1, 12),
+        ] {
+            let e = refused(input);
+            assert_eq!(e, MembersError::Tagged { tag: tag.into(), line, column }, "{input:?}");
+            assert!(e.to_string().contains("YAML tag"), "{e}");
+        }
+        // A `!` inside quotes or a comment is no tag (and quoted, it still meets the grammar).
+        assert_eq!(ok("- 10.0.0.1 # not !!binary\n"), ["10.0.0.1:6443"]);
+        let e = refused("- \"!!binary x\"\n");
         assert!(matches!(e, MembersError::InvalidEntry { position: 1, .. }), "{e:?}");
-        let e = refused("- !!str 10.0.0.1;x\n");
-        assert!(matches!(e, MembersError::InvalidEntry { position: 1, .. }), "{e:?}");
-        assert_eq!(ok("- !!str 10.0.0.1\n"), ["10.0.0.1:6443"]);
     }
 
     #[test]

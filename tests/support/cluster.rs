@@ -120,6 +120,32 @@ impl Cluster {
         run_with_stdin(cmd, stdin)
     }
 
+    /// Writes the agent's configuration with the shipped defaults for the handover and the
+    /// apply timing (only paths and addresses set), and returns its path.
+    pub fn write_default_config(&self, topology: &str, mode: &str, seed: &str) -> Result<PathBuf> {
+        let path = self.write_config(topology, mode, seed)?;
+        let text = std::fs::read_to_string(&path)?;
+        let mut out = String::new();
+        let mut skipping = false;
+        for line in text.lines() {
+            if line == "handover:" {
+                skipping = true;
+                continue;
+            }
+            if skipping && line.starts_with("  ") {
+                continue;
+            }
+            skipping = false;
+            let timing = ["  minApplyInterval:", "  minReloadInterval:", "  drainTimeout: 10s"];
+            if !timing.iter().any(|t| line.starts_with(t)) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        std::fs::write(&path, out)?;
+        Ok(path)
+    }
+
     /// Writes the agent's configuration and returns its path.
     pub fn write_config(&self, topology: &str, mode: &str, seed: &str) -> Result<PathBuf> {
         let d = self.dir.display();
@@ -265,6 +291,28 @@ haproxy:
     }
 
     /// Server name -> (address, operational state) of the apiserver backend, from the Runtime API.
+    /// The servers taking new connections (neither draining nor in maintenance), by name.
+    pub fn serving(&self) -> Result<Vec<String>> {
+        let out = self.admin(&format!("show servers state {BACKEND}"))?;
+        let mut names = Vec::new();
+        for line in out.lines().skip(1).filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // srv_admin_state: maintenance 0x01|0x02|0x04|0x20|0x40, drain 0x08|0x10.
+            if let Some(admin) = f.get(6).and_then(|a| a.parse::<u32>().ok()) {
+                if admin == 0 {
+                    names.push(f[3].to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Waits until `n` servers are serving and returns them.
+    pub fn serving_after(&self, timeout: Duration, n: usize) -> Result<Vec<String>> {
+        netns::wait_for(&format!("{n} serving servers"), timeout, || Ok(self.serving().ok().filter(|s| s.len() == n)))
+    }
+
     pub fn servers(&self) -> Result<Vec<(String, String, u32)>> {
         let out = self.admin(&format!("show servers state {BACKEND}"))?;
         let mut servers = Vec::new();

@@ -342,3 +342,19 @@ pub fn state_members(path: &Path) -> Result<Vec<String>> {
         .map(|m| m.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{m} is not a string")))
         .collect()
 }
+
+/// Waits (up to 2 s) for the state file to hold `want`: it is written just after the update
+/// is sent (a cache, saved off the apply path).
+pub fn state_becomes(path: &Path, want: &[&str]) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = state_members(path).unwrap_or_default();
+        if got == want {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(anyhow!("state file {} holds {got:?}, not {want:?}", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

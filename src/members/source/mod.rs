@@ -283,16 +283,19 @@ impl Pipeline {
         if origin == Origin::Cache {
             self.saved = Some(set.clone());
         }
+        // NOTE: sent before it is saved: the state file is a cache (fsync'd, so it can take a
+        // while on a busy disk), and the agent applies the set without waiting for it.
+        self.send(update).await?;
         if origin.is_live() && self.saved.as_ref() != Some(&set) {
             if let Some(path) = &self.state_file {
                 match state::save(path, &set, self.source).await {
                     Ok(()) => self.saved = Some(set),
-                    // NOTE: the state file is a cache; a set that cannot be saved still applies.
+                    // NOTE: a set that cannot be saved still applies.
                     Err(e) => tracing::warn!("could not save the member set: {e:#}"),
                 }
             }
         }
-        self.send(update).await
+        Ok(())
     }
 
     async fn send(&mut self, update: Update) -> Result<(), Closed> {

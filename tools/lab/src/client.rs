@@ -295,6 +295,8 @@ pub(crate) fn run_load(pace: &Pace, conn: &ConnFn<'_>) -> LoadReport {
         ids,
         error_kinds: errors.kinds.clone(),
         errors: errors.first(),
+        first_failure_s: errors.span.map(|s| s.0),
+        last_failure_s: errors.span.map(|s| s.1),
     }
 }
 

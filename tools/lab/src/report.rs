@@ -64,6 +64,12 @@ pub struct LoadReport {
     pub error_kinds: BTreeMap<String, u64>,
     /// The first few errors, each with the time since the start of the run.
     pub errors: Vec<String>,
+    /// When the first and the last failure happened, in seconds since the start of the run:
+    /// with a steady load, the window in which the endpoint did not answer.
+    #[serde(default)]
+    pub first_failure_s: Option<f64>,
+    #[serde(default)]
+    pub last_failure_s: Option<f64>,
 }
 
 /// `cpha-lab http`: one request and its answer.
@@ -94,12 +100,18 @@ pub struct ThroughputReport {
 pub struct Errors {
     first: Vec<(f64, String)>,
     pub kinds: BTreeMap<String, u64>,
+    /// The earliest and the latest error, in seconds since the start.
+    pub span: Option<(f64, f64)>,
 }
 
 impl Errors {
     /// Records an error that happened `at_s` seconds into the run.
     pub fn record(&mut self, kind: &str, at_s: f64, message: impl Display) {
         *self.kinds.entry(kind.to_string()).or_default() += 1;
+        self.span = Some(match self.span {
+            Some((a, b)) => (a.min(at_s), b.max(at_s)),
+            None => (at_s, at_s),
+        });
         if self.first.len() < MAX_ERRORS {
             self.first.push((at_s, message.to_string()));
         }
@@ -109,6 +121,10 @@ impl Errors {
         for (kind, n) in other.kinds {
             *self.kinds.entry(kind).or_default() += n;
         }
+        self.span = match (self.span, other.span) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (s, None) | (None, s) => s,
+        };
         self.first.extend(other.first);
         self.first.sort_by(|a, b| a.0.total_cmp(&b.0));
         self.first.truncate(MAX_ERRORS);
