@@ -26,7 +26,7 @@ pub struct Args {
     pub to: Vec<Endpoint>,
 
     /// How to forward.
-    #[arg(long, env = "CPHA_FORWARD_MODE", value_enum, default_value_t = Mode::Auto)]
+    #[arg(long, env = "CPHA_FORWARD_MODE", value_parser = super::mode_parser(), default_value = "auto")]
     pub mode: Mode,
 
     /// Userspace: share the port with another SO_REUSEPORT listener (HAProxy during a handover).

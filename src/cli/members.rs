@@ -65,7 +65,7 @@ pub enum Output {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct MembersFlags {
     /// Where the member list comes from [default: endpointSlice].
-    #[arg(long = "source", env = "CPHA_MEMBERS_SOURCE", value_enum)]
+    #[arg(long = "source", env = "CPHA_MEMBERS_SOURCE", value_parser = super::source_parser())]
     pub source: Option<SourceKind>,
 
     /// ConfigMap holding the list, as NAMESPACE/NAME [default: kube-system/cpha-members].

@@ -69,7 +69,7 @@ pub struct ConfigArgs {
     pub haproxy_bind: Option<crate::forward::Endpoint>,
 
     /// Overrides forward.mode.
-    #[arg(long, env = "CPHA_FORWARD_MODE", value_enum)]
+    #[arg(long, env = "CPHA_FORWARD_MODE", value_parser = mode_parser())]
     pub forward_mode: Option<crate::forward::Mode>,
 
     /// Overrides agent.statusListen (metrics, health and status port).
@@ -81,6 +81,32 @@ pub struct ConfigArgs {
 pub enum TopologyArg {
     Retarget,
     Release,
+}
+
+/// `--mode`/`--forward-mode`: the names `forward::Mode` reads, listed in `--help`.
+pub fn mode_parser() -> impl clap::builder::TypedValueParser<Value = crate::forward::Mode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(crate::forward::Mode::ALL.map(crate::forward::Mode::as_str))
+        .map(|s| s.parse().expect("a listed mode"))
+}
+
+/// `--source`: the names `members.source` takes.
+pub fn source_parser() -> impl clap::builder::TypedValueParser<Value = crate::members::source::SourceKind> {
+    use clap::builder::TypedValueParser;
+    use crate::members::source::SourceKind;
+    let names: Vec<clap::builder::PossibleValue> = SourceKind::ALL
+        .iter()
+        .map(|k| {
+            let lower = match k {
+                SourceKind::ConfigMap => "configmap",
+                SourceKind::EndpointSlice => "endpointslice",
+                SourceKind::File => "file",
+                SourceKind::Static => "static",
+            };
+            clap::builder::PossibleValue::new(k.as_str()).alias(lower)
+        })
+        .collect();
+    clap::builder::PossibleValuesParser::new(names).map(|s| s.parse().expect("a listed source"))
 }
 
 impl ConfigArgs {

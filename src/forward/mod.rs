@@ -23,7 +23,7 @@ pub use kernel::{Change, Drain, Installed, InstalledState, KernelBackend};
 pub use spec::{Endpoint, ForwardSpec};
 
 /// How the forward is made, as chosen on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// nftables when usable, else iptables, else userspace.
@@ -31,6 +31,29 @@ pub enum Mode {
     Nftables,
     Iptables,
     Userspace,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Auto, Mode::Nftables, Mode::Iptables, Mode::Userspace];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Nftables => "nftables",
+            Mode::Iptables => "iptables",
+            Mode::Userspace => "userspace",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
+            format!("{s:?} is not a forward mode: {}", Mode::ALL.map(Mode::as_str).join(", "))
+        })
+    }
 }
 
 /// The backend a forward ends up using.

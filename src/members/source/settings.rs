@@ -14,19 +14,41 @@ use crate::members::{MemberSet, MembersError, ParseOptions, DEFAULT_PORT};
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/cpha/members.json";
 
 /// The kind of source, as written in `members.source`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum SourceKind {
-    #[value(name = "configMap", alias = "configmap")]
     ConfigMap,
     /// The `default/kubernetes` EndpointSlice: the addresses the apiservers publish themselves.
     #[default]
-    #[value(name = "endpointSlice", alias = "endpointslice")]
     EndpointSlice,
-    #[value(name = "file")]
     File,
-    #[value(name = "static")]
     Static,
+}
+
+impl SourceKind {
+    pub const ALL: [SourceKind; 4] =
+        [SourceKind::ConfigMap, SourceKind::EndpointSlice, SourceKind::File, SourceKind::Static];
+
+    /// As written in `members.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::ConfigMap => "configMap",
+            SourceKind::EndpointSlice => "endpointSlice",
+            SourceKind::File => "file",
+            SourceKind::Static => "static",
+        }
+    }
+}
+
+impl std::str::FromStr for SourceKind {
+    type Err = String;
+
+    /// The configuration's spelling, or all lower case.
+    fn from_str(s: &str) -> Result<SourceKind, String> {
+        SourceKind::ALL.into_iter().find(|k| k.as_str() == s || k.as_str().to_lowercase() == s).ok_or_else(|| {
+            format!("{s:?} is not a member source: {}", SourceKind::ALL.map(SourceKind::as_str).join(", "))
+        })
+    }
 }
 
 /// The `members:` section as written.
