@@ -197,6 +197,8 @@ struct Lab {
     dir: PathBuf,
     pki: Pki,
     haproxy: Option<std::process::Child>,
+    /// Tests run side by side on the host's loopback: each HAProxy its own stats port.
+    stats: SocketAddr,
 }
 
 impl Drop for Lab {
@@ -219,7 +221,7 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("cpha-haproxy-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        Lab { dir, pki: pki(), haproxy: None }
+        Lab { dir, pki: pki(), haproxy: None, stats: free_port() }
     }
 
     fn settings(&self) -> HaproxySettings {
@@ -231,6 +233,7 @@ impl Lab {
             drain_timeout: Duration::from_secs(2),
             reload_timeout: Duration::from_secs(10),
             runtime_timeout: Duration::from_secs(3),
+            stats: cpha::haproxy::settings::StatsSettings { listen: Some(self.stats), credentials_file: None },
             ..HaproxySettings::default()
         }
     }
@@ -716,4 +719,64 @@ async fn health_checks_can_verify_the_apiserver_certificate() {
         async move { (hp.snapshot().await.ok()?.get("a")?.status == ServerStatus::Down).then_some(()) }
     })
     .await;
+}
+
+/// `GET path` on HAProxy's stats listener; the status code and the body.
+fn stats_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = auth.map(|a| format!("Authorization: Basic {}\r\n", base64(a))).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: stats\r\n{auth}\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out)
+}
+
+fn base64(s: &str) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in s.as_bytes().chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_metrics_and_stats_are_served_with_the_configured_credentials() {
+    let mut lab = Lab::new("stats");
+    let a = Apiserver::start("a", &lab.pki.server).await;
+    let creds = lab.dir.join("stats.auth");
+    std::fs::write(&creds, "scraper:s3cret-pass\n").unwrap();
+    let mut settings = lab.settings();
+    let listen = settings.stats.listen.unwrap();
+    settings.stats.credentials_file = Some(creds.clone());
+    let mut hp = Haproxy::new(settings.clone(), Arc::new(Metrics::default())).unwrap();
+    apply(&mut hp, &members(&format!("a={}", a.addr)), free_port()).await;
+    lab.start_haproxy().await;
+    let (status, _) = stats_get(listen, "/metrics", None);
+    assert_eq!(status, 401, "no credentials, no metrics");
+    let (status, _) = stats_get(listen, "/metrics", Some("scraper:wrong-pass"));
+    assert_eq!(status, 401);
+    let (status, body) = stats_get(listen, "/metrics", Some("scraper:s3cret-pass"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("haproxy_process_"), "{body}");
+    assert!(body.contains("haproxy_server_status{proxy=\"kube-apiservers\",server=\"a\""), "{body}");
+    let (status, body) = stats_get(listen, "/stats;csv", Some("scraper:s3cret-pass"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("kube-apiservers,a,"), "{body}");
+
+    // A credentials file that would smuggle a second token is refused before anything is written.
+    std::fs::write(&creds, "scraper:pass word here\n").unwrap();
+    let err = Haproxy::new(settings, Arc::new(Metrics::default())).err().expect("refused").to_string();
+    assert!(err.contains("stats.credentialsFile") && err.contains("without spaces"), "{err}");
 }

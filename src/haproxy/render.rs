@@ -226,6 +226,17 @@ struct Context<'a> {
     defaults: DefaultsContext,
     frontend: FrontendContext<'a>,
     backend: BackendContext<'a>,
+    /// `null` when the stats listener is off.
+    stats: Option<StatsContext<'a>>,
+}
+
+#[derive(Serialize)]
+struct StatsContext<'a> {
+    /// `127.0.0.1:8404`.
+    bind: String,
+    /// Checked basic-auth credentials, or `null`.
+    user: Option<&'a str>,
+    password: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -326,6 +337,11 @@ impl<'a> Context<'a> {
                     })
                     .collect(),
             },
+            stats: checked.stats_listen.map(|listen| StatsContext {
+                bind: listen.to_string(),
+                user: checked.stats_auth.as_ref().map(|a| a.user.as_str()),
+                password: checked.stats_auth.as_ref().map(|a| a.password.as_str()),
+            }),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! a small character set here, so a newline or a `#` in a setting cannot add a section either
 //! (FIELD-NOTES lesson 16).
 
+use std::net::SocketAddr;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,6 +60,60 @@ pub struct HaproxySettings {
     /// The user HAProxy's workers run as; `null` keeps the user that started HAProxy.
     pub user: Option<String>,
     pub group: Option<String>,
+    /// HAProxy's own metrics and stats page.
+    pub stats: StatsSettings,
+}
+
+/// `haproxy.stats`: HAProxy's Prometheus exporter (`/metrics`) and stats page (`/stats`) on
+/// one HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct StatsSettings {
+    /// Where it listens; `null` turns it off. Loopback by default: what it shows (backend
+    /// addresses, traffic) is for the host's scraper, not the network.
+    pub listen: Option<SocketAddr>,
+    /// A file holding one line `USER:PASSWORD`: both pages then ask for basic auth. Read when
+    /// the configuration is rendered; cpha refuses a file it cannot read or parse.
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl Default for StatsSettings {
+    fn default() -> Self {
+        StatsSettings { listen: Some(SocketAddr::from(([127, 0, 0, 1], 8404))), credentials_file: None }
+    }
+}
+
+/// Basic-auth credentials for the stats listener, checked so they render as one token each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl StatsAuth {
+    /// `USER:PASSWORD` (a trailing newline allowed): user `[A-Za-z0-9._-]{1,64}`, password 8 to
+    /// 128 printable ASCII characters, none of them a space, `#`, a quote or a backslash.
+    pub fn parse(text: &str) -> Result<StatsAuth, String> {
+        let line = text.strip_suffix('\n').unwrap_or(text);
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let (user, password) = line.split_once(':').ok_or("not of the form USER:PASSWORD")?;
+        if user.is_empty()
+            || user.len() > 64
+            || !user.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err("the user must be 1 to 64 letters, digits, '.', '_' or '-'".into());
+        }
+        if !(8..=128).contains(&password.len()) {
+            return Err("the password must be 8 to 128 characters long".into());
+        }
+        if let Some(c) = password.chars().find(|c| !c.is_ascii_graphic() || matches!(c, '#' | '"' | '\'' | '\\')) {
+            return Err(format!(
+                "the password contains {}: use printable ASCII without spaces, '#', quotes or backslashes",
+                if c.is_ascii_graphic() { format!("'{c}'") } else { "a character outside printable ASCII".into() }
+            ));
+        }
+        Ok(StatsAuth { user: user.into(), password: password.into() })
+    }
 }
 
 impl Default for HaproxySettings {
@@ -87,6 +142,7 @@ impl Default for HaproxySettings {
             maxconn: None,
             user: Some("haproxy".into()),
             group: Some("haproxy".into()),
+            stats: StatsSettings::default(),
         }
     }
 }
@@ -373,6 +429,8 @@ pub struct Checked {
     pub group: Option<SystemName>,
     /// The keywords every server line carries, in the file and in `add server` alike.
     pub server_params: String,
+    pub stats_listen: Option<SocketAddr>,
+    pub stats_auth: Option<StatsAuth>,
 }
 
 /// The longest duration rendered; HAProxy's timers hold about 24 days.
@@ -466,7 +524,32 @@ impl HaproxySettings {
             hc.fall,
             hc.rise
         );
-        Ok(Checked { frontend, backend, admin_socket, master_socket, ca_file, user, group, server_params })
+        let stats_auth = match &self.stats.credentials_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid("stats.credentialsFile", format!("cannot read {}: {e}", path.display())))?;
+                Some(StatsAuth::parse(&text).map_err(|e| invalid("stats.credentialsFile", format!("{}: {e}", path.display())))?)
+            }
+        };
+        if stats_auth.is_some() && self.stats.listen.is_none() {
+            return Err(invalid("stats.credentialsFile", "set, but stats.listen is null (the listener is off)"));
+        }
+        if self.stats.listen.is_some_and(|a| a.port() == 0) {
+            return Err(invalid("stats.listen", "needs a port"));
+        }
+        Ok(Checked {
+            frontend,
+            backend,
+            admin_socket,
+            master_socket,
+            ca_file,
+            user,
+            group,
+            server_params,
+            stats_listen: self.stats.listen,
+            stats_auth,
+        })
     }
 }
 
@@ -486,6 +569,30 @@ pub fn time(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stats_credentials_are_one_token_each() {
+        let a = StatsAuth::parse("scraper:s3cret-pass\n").unwrap();
+        assert_eq!((a.user.as_str(), a.password.as_str()), ("scraper", "s3cret-pass"));
+        for (text, why) in [
+            ("scraper", "USER:PASSWORD"),
+            (":s3cret-pass", "the user"),
+            ("scr aper:s3cret-pass", "the user"),
+            ("scraper:short", "8 to 128"),
+            ("scraper:pass word x", "without spaces"),
+            ("scraper:pass#word-x", "'#'"),
+            ("scraper:s3cret-pass\nuser x insecure-password y", "outside printable"),
+            ("scraper:s3cret\u{e9}pass", "outside printable"),
+        ] {
+            let err = StatsAuth::parse(text).unwrap_err();
+            assert!(err.contains(why), "{text:?}: {err}");
+        }
+        let settings = HaproxySettings {
+            stats: StatsSettings { listen: None, credentials_file: Some("/nonexistent/auth".into()) },
+            ..HaproxySettings::default()
+        };
+        assert!(settings.check().unwrap_err().to_string().contains("cannot read"));
+    }
+
     use super::*;
     use crate::yaml;
 
