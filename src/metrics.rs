@@ -1,12 +1,17 @@
 //! The agent's Prometheus metrics, all in one registry. Modules receive `&Metrics` and update
 //! the families they own; `server` (in the agent) renders the registry in the text format.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,7 +88,36 @@ pub struct SourceLabel {
     pub source: String,
 }
 
-/// Every metric the agent exports.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateLabels {
+    pub source: String,
+    /// `accepted` or `rejected`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabel {
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CarrierLabel {
+    /// `forward` or `haproxy`.
+    pub carrier: String,
+}
+
+/// Seconds an apply took, from 5 ms to about 20 s.
+#[derive(Debug, Clone)]
+pub struct ApplyDuration(pub Histogram);
+
+impl Default for ApplyDuration {
+    fn default() -> Self {
+        ApplyDuration(Histogram::new(exponential_buckets(0.005, 2.0, 13)))
+    }
+}
+
+/// Every metric the agent exports. Every series an alert may look for exists from the start
+/// (see [`Metrics::zero`]), so "absent" never stands for "zero".
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// 1 for the current handover state, 0 for the others.
@@ -99,8 +133,89 @@ pub struct Metrics {
     pub backend_servers_up: Gauge,
     /// 1 while a bootstrap forward carries new connections.
     pub forward_installed: Gauge,
-    /// 1 while a request through the endpoint itself reaches a ready apiserver.
-    pub endpoint_carried: Gauge,
+    /// 1 for the carrier while a request through the endpoint itself reaches a ready
+    /// apiserver; 0 for both when it does not.
+    pub endpoint_carried: Family<CarrierLabel, Gauge>,
+    /// Member updates by source and result (`accepted`, `rejected`).
+    pub member_updates: Family<UpdateLabels, Counter>,
+    /// 1 for each server of the backend HAProxy reports UP, 0 for the others.
+    pub backend_server_up: Family<ServerLabel, Gauge>,
+    pub apply_duration: ApplyDuration,
+    /// Unix time of the last successful apply and of the last accepted member update.
+    pub last_apply_success: Gauge<f64, AtomicU64>,
+    pub last_member_update: Gauge<f64, AtomicU64>,
+    /// Servers `backend_server_up` has a series for.
+    servers_seen: Mutex<BTreeSet<String>>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+impl Metrics {
+    /// Creates every labelled series whose labels are known at start, at 0.
+    pub fn zero(&self, source: &str) {
+        for method in [ApplyMethod::Runtime, ApplyMethod::Reload, ApplyMethod::File] {
+            for result in [Outcome::Ok, Outcome::Error] {
+                self.applies.get_or_create(&ApplyLabels { method, result }).inc_by(0);
+            }
+        }
+        for result in [Outcome::Ok, Outcome::Error] {
+            self.reloads.get_or_create(&ResultLabel { result }).inc_by(0);
+        }
+        let label = SourceLabel { source: source.into() };
+        self.member_updates_accepted.get_or_create(&label).inc_by(0);
+        self.member_updates_rejected.get_or_create(&label).inc_by(0);
+        for result in ["accepted", "rejected"] {
+            self.member_updates.get_or_create(&UpdateLabels { source: source.into(), result: result.into() }).inc_by(0);
+        }
+        for carrier in ["forward", "haproxy"] {
+            self.endpoint_carried.get_or_create(&CarrierLabel { carrier: carrier.into() }).set(0);
+        }
+    }
+
+    /// A member update from `source`, accepted or refused.
+    pub fn member_update(&self, source: &str, accepted: bool) {
+        let label = SourceLabel { source: source.into() };
+        let result = if accepted { "accepted" } else { "rejected" };
+        self.member_updates.get_or_create(&UpdateLabels { source: source.into(), result: result.into() }).inc();
+        if accepted {
+            self.member_updates_accepted.get_or_create(&label).inc();
+            self.last_member_update.set(unix_now());
+        } else {
+            self.member_updates_rejected.get_or_create(&label).inc();
+        }
+    }
+
+    /// An apply that changed something or failed, and how long it took.
+    pub fn apply(&self, method: ApplyMethod, result: Outcome, took: Duration) {
+        self.applies.get_or_create(&ApplyLabels { method, result }).inc();
+        self.apply_duration.0.observe(took.as_secs_f64());
+        if result == Outcome::Ok {
+            self.last_apply_success.set(unix_now());
+        }
+    }
+
+    /// The backend's servers as HAProxy reports them: `(name, up)`.
+    pub fn servers(&self, servers: &[(String, bool)]) {
+        let mut seen = self.servers_seen.lock().expect("metrics lock");
+        let now: BTreeSet<String> = servers.iter().map(|(n, _)| n.clone()).collect();
+        for gone in seen.difference(&now) {
+            self.backend_server_up.remove(&ServerLabel { server: gone.clone() });
+        }
+        for (name, up) in servers {
+            self.backend_server_up.get_or_create(&ServerLabel { server: name.clone() }).set(i64::from(*up));
+        }
+        self.backend_servers_up.set(servers.iter().filter(|(_, up)| *up).count() as i64);
+        *seen = now;
+    }
+
+    /// The endpoint's true state: `Some(carrier)` when a request through it reached a member.
+    pub fn carried(&self, carrier: Option<&str>) {
+        for c in ["forward", "haproxy"] {
+            self.endpoint_carried.get_or_create(&CarrierLabel { carrier: c.into() }).set(i64::from(carrier == Some(c)));
+        }
+    }
 }
 
 impl Metrics {
@@ -126,8 +241,33 @@ impl Metrics {
         );
         r.register(
             "endpoint_carried",
-            "Whether a request through the endpoint itself reaches a ready apiserver",
+            "1 for the carrier (forward or haproxy) while a request through the endpoint itself reaches a ready apiserver",
             self.endpoint_carried.clone(),
+        );
+        r.register(
+            "member_updates",
+            "Member set updates by source and result (accepted, rejected)",
+            self.member_updates.clone(),
+        );
+        r.register(
+            "backend_server_up",
+            "1 for each server of HAProxy's apiserver backend that is UP, 0 for the others",
+            self.backend_server_up.clone(),
+        );
+        r.register(
+            "apply_duration_seconds",
+            "Time an apply to HAProxy took (changes and failures)",
+            self.apply_duration.0.clone(),
+        );
+        r.register(
+            "last_apply_success_timestamp_seconds",
+            "Unix time of the last successful apply to HAProxy",
+            self.last_apply_success.clone(),
+        );
+        r.register(
+            "last_member_update_timestamp_seconds",
+            "Unix time of the last accepted member update",
+            self.last_member_update.clone(),
         );
         r
     }
@@ -136,6 +276,48 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_exist_from_the_start_and_servers_come_and_go() {
+        let m = Metrics::default();
+        m.zero("configmap");
+        let text = |m: &Metrics| {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &m.register()).unwrap();
+            out
+        };
+        let out = text(&m);
+        for line in [
+            "cpha_applies_total{method=\"reload\",result=\"error\"} 0",
+            "cpha_reloads_total{result=\"ok\"} 0",
+            "cpha_member_updates_total{source=\"configmap\",result=\"rejected\"} 0",
+            "cpha_member_updates_rejected_total{source=\"configmap\"} 0",
+            "cpha_endpoint_carried{carrier=\"haproxy\"} 0",
+            "cpha_apply_duration_seconds_count 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
+        }
+        m.servers(&[("a".into(), true), ("b".into(), false)]);
+        m.member_update("configmap", true);
+        m.apply(ApplyMethod::Runtime, Outcome::Ok, Duration::from_millis(12));
+        m.carried(Some("forward"));
+        let out = text(&m);
+        for line in [
+            "cpha_backend_server_up{server=\"a\"} 1",
+            "cpha_backend_server_up{server=\"b\"} 0",
+            "cpha_backend_servers_up 1",
+            "cpha_member_updates_total{source=\"configmap\",result=\"accepted\"} 1",
+            "cpha_member_updates_accepted_total{source=\"configmap\"} 1",
+            "cpha_apply_duration_seconds_count 1",
+            "cpha_endpoint_carried{carrier=\"forward\"} 1",
+            "cpha_endpoint_carried{carrier=\"haproxy\"} 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
+        }
+        assert!(!out.contains("cpha_last_apply_success_timestamp_seconds 0.0"), "{out}");
+        m.servers(&[("a".into(), true)]);
+        assert!(!text(&m).contains("server=\"b\""), "a removed server's series goes away");
+    }
 
     #[test]
     fn renders_in_text_format() {

@@ -45,7 +45,7 @@ use crate::haproxy::{resolve, Haproxy, Template};
 use crate::kube::KubeSettings;
 use crate::members::source::{self as members_source, MembersSettings, Update};
 use crate::members::{MemberSet, ServerName};
-use crate::metrics::{Metrics, SourceLabel, StateLabel, TransitionLabels};
+use crate::metrics::{Metrics, StateLabel, TransitionLabels};
 use crate::notify;
 use actuator::{HaproxyBackend, NetProbes, Reporter};
 use controller::{Carrier, Controller, Input, Note, View};
@@ -160,6 +160,7 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         wall: (SystemTime::now(), Instant::now()),
     };
     reporter.zero(&metrics);
+    metrics.zero(config.members.source_name());
 
     let on_shutdown = Arc::new(RwLock::new(config.forward.on_shutdown));
     let running_endpoint = config.endpoint.clone();
@@ -359,7 +360,7 @@ impl Reporter for AgentReporter {
     }
 
     fn rejected(&mut self, source: &str) {
-        self.metrics.member_updates_rejected.get_or_create(&SourceLabel { source: source.into() }).inc();
+        self.metrics.member_update(source, false);
     }
 
     fn known(&mut self, set: MemberSet) {
@@ -377,7 +378,11 @@ impl Reporter for AgentReporter {
             self.metrics.state.get_or_create(&StateLabel { state: state.into() }).set(i64::from(state == view.phase));
         }
         self.metrics.forward_installed.set(i64::from(matches!(view.carrier, Some(Carrier::Forward(_)))));
-        self.metrics.endpoint_carried.set(i64::from(view.endpoint_carried));
+        self.metrics.carried(match (&view.carrier, view.endpoint_carried) {
+            (Some(Carrier::Haproxy), true) => Some("haproxy"),
+            (Some(Carrier::Forward(_)), true) => Some("forward"),
+            _ => None,
+        });
         let since = self.wall.0 + view.phase_since.saturating_duration_since(self.wall.1);
         let status = AgentStatus {
             phase: view.phase.to_string(),

@@ -92,8 +92,8 @@ pub fn mode_parser() -> impl clap::builder::TypedValueParser<Value = crate::forw
 
 /// `--source`: the names `members.source` takes.
 pub fn source_parser() -> impl clap::builder::TypedValueParser<Value = crate::members::source::SourceKind> {
-    use clap::builder::TypedValueParser;
     use crate::members::source::SourceKind;
+    use clap::builder::TypedValueParser;
     let names: Vec<clap::builder::PossibleValue> = SourceKind::ALL
         .iter()
         .map(|k| {

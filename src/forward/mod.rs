@@ -50,9 +50,10 @@ impl std::str::FromStr for Mode {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Mode, String> {
-        Mode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
-            format!("{s:?} is not a forward mode: {}", Mode::ALL.map(Mode::as_str).join(", "))
-        })
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a forward mode: {}", Mode::ALL.map(Mode::as_str).join(", ")))
     }
 }
 

@@ -91,7 +91,7 @@ pub use settings::{Balance, HaproxySettings, ReloadMethod, SettingsError};
 pub use state::{BackendSnapshot, ServerSnapshot, ServerStatus};
 
 use crate::members::ServerName;
-use crate::metrics::{ApplyLabels, ApplyMethod, Metrics, Outcome, ResultLabel};
+use crate::metrics::{ApplyMethod, Metrics, Outcome, ResultLabel};
 use runtime::{AdminState, Cli, Command};
 use settings::Checked;
 
@@ -273,6 +273,7 @@ impl Haproxy {
     #[tracing::instrument(skip_all, err)]
     pub async fn apply(&mut self, input: &RenderInput<'_>) -> Result<ApplyReport, ApplyError> {
         let mut method = ApplyMethod::File;
+        let started = Instant::now();
         let result = self.apply_inner(input, &mut method).await;
         let counted = match &result {
             Ok(report) => report.method.map(|m| (m, Outcome::Ok)),
@@ -283,10 +284,10 @@ impl Haproxy {
             Err(_) => Some((method, Outcome::Error)),
         };
         if let Some((method, result)) = counted {
-            self.metrics.applies.get_or_create(&ApplyLabels { method, result }).inc();
+            self.metrics.apply(method, result, started.elapsed());
         }
         if let Ok(ApplyReport { snapshot: Some(s), .. }) = &result {
-            self.metrics.backend_servers_up.set(s.up() as i64);
+            self.metrics.servers(&server_states(s));
         }
         result
     }
@@ -569,14 +570,16 @@ impl Haproxy {
                         tracing::warn!("completing drains: {e}");
                     }
                 }
+                self.metrics.servers(&server_states(&snapshot));
                 Health::of(&snapshot)
             }
             Err(e) => {
                 tracing::debug!("HAProxy health: {e}");
+                // Nothing answers: no server is known to be UP.
+                self.metrics.servers(&[]);
                 Health::default()
             }
         };
-        self.metrics.backend_servers_up.set(health.up as i64);
         health
     }
 
@@ -641,6 +644,11 @@ impl Haproxy {
         }
         Ok(deleted)
     }
+}
+
+/// Each server of the backend and whether it is UP (draining and maintenance are not).
+fn server_states(snapshot: &BackendSnapshot) -> Vec<(String, bool)> {
+    snapshot.servers.iter().map(|s| (s.name.clone(), s.status == ServerStatus::Up)).collect()
 }
 
 fn clis(settings: &HaproxySettings) -> (Cli, Cli) {

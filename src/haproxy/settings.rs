@@ -6,8 +6,8 @@
 //! a small character set here, so a newline or a `#` in a setting cannot add a section either
 //! (FIELD-NOTES lesson 16).
 
-use std::net::SocketAddr;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -529,7 +529,10 @@ impl HaproxySettings {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| invalid("stats.credentialsFile", format!("cannot read {}: {e}", path.display())))?;
-                Some(StatsAuth::parse(&text).map_err(|e| invalid("stats.credentialsFile", format!("{}: {e}", path.display())))?)
+                Some(
+                    StatsAuth::parse(&text)
+                        .map_err(|e| invalid("stats.credentialsFile", format!("{}: {e}", path.display())))?,
+                )
             }
         };
         if stats_auth.is_some() && self.stats.listen.is_none() {

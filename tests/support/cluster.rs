@@ -38,7 +38,7 @@ pub struct Cluster {
     pub agent: Option<Child>,
 }
 
-fn bin(name: &str) -> String {
+pub fn bin(name: &str) -> String {
     netns::require_bin(name).unwrap_or_else(|e| panic!("{e:#}")).display().to_string()
 }
 

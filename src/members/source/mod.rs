@@ -50,7 +50,7 @@ use tracing::Instrument as _;
 pub use self::settings::{MembersConfig, MembersConfigError, MembersSettings, SourceKind, SourceSettings};
 use crate::kube::KubeSettings;
 use crate::members::{Member, MemberSet, MembersError, ParseOptions, MAX_ENTRY_LEN};
-use crate::metrics::{Metrics, SourceLabel};
+use crate::metrics::Metrics;
 
 /// Where an accepted set came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -253,7 +253,7 @@ impl Pipeline {
             SourceEvent::Parsed(Err(e)) => {
                 let reason = e.to_string();
                 tracing::warn!(source = self.source, "member update rejected, keeping the last good set: {reason}");
-                self.metrics.member_updates_rejected.get_or_create(&self.label()).inc();
+                self.metrics.member_update(self.source, false);
                 self.send(Update::Rejected { source: self.source, reason }).await
             }
             SourceEvent::Problem(kind, message) => {
@@ -277,7 +277,7 @@ impl Pipeline {
         tracing::info!(%origin, count = set.len(), members = %set, "member set accepted");
         self.metrics.members.set(i64::try_from(set.len()).unwrap_or(i64::MAX));
         if origin.is_live() {
-            self.metrics.member_updates_accepted.get_or_create(&self.label()).inc();
+            self.metrics.member_update(self.source, true);
         }
         self.known.send_replace(set.clone());
         if origin == Origin::Cache {
@@ -301,10 +301,6 @@ impl Pipeline {
     async fn send(&mut self, update: Update) -> Result<(), Closed> {
         self.last_sent = Some(update.clone());
         self.tx.send(update).await.map_err(|_| Closed)
-    }
-
-    fn label(&self) -> SourceLabel {
-        SourceLabel { source: self.source.to_string() }
     }
 }
 
@@ -348,7 +344,7 @@ mod tests {
     }
 
     fn counter(m: &Metrics, which: &str) -> u64 {
-        let label = SourceLabel { source: "configmap".into() };
+        let label = crate::metrics::SourceLabel { source: "configmap".into() };
         match which {
             "accepted" => m.member_updates_accepted.get_or_create(&label).get(),
             _ => m.member_updates_rejected.get_or_create(&label).get(),
