@@ -276,7 +276,8 @@ impl Sources {
             stop.clone(),
         ));
         supervise("the member source", task, stop.clone(), self.ended.clone());
-        tokio::spawn(bridge(rx, self.inputs.clone(), self.sticky.clone(), self.resolve_timeout));
+        let bridge = tokio::spawn(bridge(rx, self.inputs.clone(), self.sticky.clone(), self.resolve_timeout));
+        supervise("the member bridge", bridge, stop.clone(), self.ended.clone());
         self.stop = Some(stop);
         self.current = Some(wanted);
     }
