@@ -16,9 +16,44 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
-    /// The running agent's status port (agent.statusListen).
-    #[arg(long, env = "CPHA_STATUS_LISTEN", default_value = "127.0.0.1:9966", value_name = "ADDR:PORT")]
-    pub agent: SocketAddr,
+    /// The running agent's status port [default: agent.statusListen of --config, else 127.0.0.1:9966].
+    #[arg(long, env = "CPHA_STATUS_LISTEN", value_name = "ADDR:PORT")]
+    pub agent: Option<SocketAddr>,
+
+    /// The agent's configuration file, read (with the same overrides as `cpha run`) to find its
+    /// status port.
+    #[arg(long, env = "CPHA_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// Where `cpha run` reads its configuration unless told otherwise.
+const DEFAULT_CONFIG: &str = "/etc/cpha/config.yaml";
+
+impl Args {
+    /// Where the agent's status port is: the flag, else the configuration's, else the default.
+    fn agent_addr(&self) -> anyhow::Result<SocketAddr> {
+        if let Some(a) = self.agent {
+            return Ok(a);
+        }
+        let default = crate::config::AgentSection::default().status_listen;
+        match &self.config {
+            Some(path) => Ok(crate::config::load(path, &crate::config::Overrides::default())?.agent.status_listen),
+            // The host shape's file, when there is one: `cpha status` finds the agent it runs.
+            None => {
+                let path = std::path::Path::new(DEFAULT_CONFIG);
+                if !path.exists() {
+                    return Ok(default);
+                }
+                match crate::config::load(path, &crate::config::Overrides::default()) {
+                    Ok(config) => Ok(config.agent.status_listen),
+                    Err(err) => {
+                        tracing::warn!("{}: {err:#}; asking {default}", path.display());
+                        Ok(default)
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -46,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ForwardStatus { installed, open_connections }
         })
         .collect();
-    let (agent, agent_error) = match agent_status::fetch(args.agent, Duration::from_secs(2)) {
+    let (agent, agent_error) = match agent_status::fetch(args.agent_addr()?, Duration::from_secs(2)) {
         Ok(a) => (Some(a), None),
         Err(err) => (None, Some(format!("{err:#}"))),
     };
