@@ -496,7 +496,7 @@ fn host_shape_seeds(net: &Net) -> Result<(String, String)> {
 /// endpoint: cpha is READY before kubeadm starts on each, HAProxy takes the endpoint, the member
 /// ConfigMap is applied and followed, and the `systemd` reload method reloads HAProxy.
 #[test]
-fn host_shape_three_machines_form_the_endpoint() -> Result<()> {
+fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     let mut net = Net::new()?;
     net.start_store()?;
     let (init, join) = host_shape_seeds(&net)?;
@@ -735,7 +735,7 @@ fn server(m: &Machine, name: &str) -> Result<Option<(u32, u32)>> {
 /// 192.0.2.10, seeds from the static list, follows `default/kubernetes` once its credentials
 /// work, and hands the endpoint to HAProxy (release topology: the forward steps aside).
 #[test]
-fn external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
+fn booted_external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
     let mut net = Net::new()?;
     let _apiservers = net.start_apiservers()?;
     let m = Machine::new(Some(&net), "lb", "192.0.2.10")?;
@@ -794,7 +794,7 @@ fn check_config_unit(config: &str) -> String {
 /// Scenario 5: a user template with a regex passes `cpha check-config` under the unit's sandbox
 /// (HAProxy's PCRE2 JIT needs writable+executable memory: MemoryDenyWriteExecute= refused it).
 #[test]
-fn template_with_a_regex_passes_check_config_under_the_units_sandbox() -> Result<()> {
+fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() -> Result<()> {
     let mut m = Machine::new(None, "sandbox", "")?;
     let root = m.root();
     let builtin = read("src/haproxy/haproxy.cfg.tera");
