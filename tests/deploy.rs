@@ -1332,3 +1332,26 @@ fn kubeadm_steps_keep_the_images_kubelet_args_and_pass_a_kubeadm_config_alone() 
     let ran = step(&["kubeadm-init"]);
     assert!(!ran.ok() && ran.stderr.contains("must set controlPlaneEndpoint"), "{}", ran.both());
 }
+
+#[test]
+fn daemonset_docs_say_every_joining_node_needs_a_forward() {
+    // kubeadm join goes through the endpoint before the joining node's pod can exist.
+    let doc = read("docs/deployment.md");
+    let shape = doc
+        .split("**DaemonSet shape.**")
+        .nth(1)
+        .expect("docs/deployment.md: DaemonSet shape")
+        .split("\n\n")
+        .next()
+        .unwrap();
+    assert!(
+        shape.contains("before `kubeadm join`") && shape.contains("every joining"),
+        "docs/deployment.md says only the first node needs a forward:\n{shape}"
+    );
+    let header: String =
+        read("deploy/daemonset.yaml").lines().take_while(|l| l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert!(
+        header.contains("before\n# `kubeadm join`") || header.contains("before `kubeadm join`"),
+        "deploy/daemonset.yaml:\n{header}"
+    );
+}
