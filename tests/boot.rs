@@ -497,26 +497,7 @@ fn host_shape_seeds(net: &Net) -> Result<(String, String)> {
 /// ConfigMap is applied and followed, and the `systemd` reload method reloads HAProxy.
 #[test]
 fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
-    let mut net = Net::new()?;
-    net.start_store()?;
-    let (init, join) = host_shape_seeds(&net)?;
-    let mut machines = Vec::new();
-    for (name, ip, seed) in [("cp1", "192.0.2.11", &init), ("cp2", "192.0.2.12", &join), ("cp3", "192.0.2.13", &join)] {
-        let m = Machine::new(Some(&net), name, ip)?;
-        m.seed(seed)?;
-        machines.push(m);
-    }
-    // Clients that are not control-plane hosts reach the endpoint through a route to one of them.
-    net.hub.ip(&["route", "add", "192.0.2.10/32", "via", "192.0.2.11"])?;
-    let started = Instant::now();
-    for m in &mut machines {
-        m.boot()?;
-    }
-    for m in &machines {
-        m.wait_cloud_init(CLOUD_INIT_TIMEOUT)?;
-    }
-    eprintln!("boot: three machines booted and ran cloud-init in {:?}", started.elapsed());
-
+    let (net, machines) = host_shape_cluster()?;
     for m in &machines {
         // The order, from the journal: systemd reports cpha.service started (Type=notify: only
         // after READY=1) before the kubeadm double logs its start.
@@ -537,13 +518,8 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
             m.name
         );
     }
-
-    // HAProxy takes the endpoint on every host, with the three members from the ConfigMap.
-    for m in &machines {
-        m.wait_phase("balanced", Duration::from_secs(90))?;
-        let agent = m.wait_live_members(Duration::from_secs(60))?;
-        ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "{}: members {}", m.name, agent["members"]);
-    }
+    // HAProxy took the endpoint on every host (host_shape_cluster waited for it), with the three
+    // members of the ConfigMap that init.yaml applied.
     let cm =
         net.kubectl(&["-n", "kube-system", "get", "configmap", "cpha-members", "-o", "jsonpath={.data.members}"])?;
     ensure!(cm.contains("cp3=192.0.2.13:6443"), "the member ConfigMap was not applied: {cm:?}");
@@ -556,7 +532,6 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
         Ok(out.lines().any(|l| l.contains("kube-apiserver kube-apiservers/cp")).then_some(()))
     })
     .with_context(|| cp1.diagnostics())?;
-
     // The ConfigMap is followed: without cp3, every HAProxy serves two members.
     net.kubectl(&[
         "-n",
@@ -608,20 +583,46 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     );
     cp2.wait_phase("balanced", Duration::from_secs(30))?;
     ensure!(net.endpoint_readyz()?.trim() == "ok");
+    Ok(())
+}
 
-    // Scenario 2, on the cluster just formed: cp3 back in the list, then powered off and booted
-    // again. The endpoint keeps answering from the others; cp3 comes back by itself (cpha,
-    // HAProxy and its apiserver are enabled units; cloud-init does not run again) and rejoins.
-    net.kubectl(&[
-        "-n",
-        "kube-system",
-        "patch",
-        "configmap",
-        "cpha-members",
-        "--type=merge",
-        "-p",
-        r#"{"data":{"members":"cp1=192.0.2.11:6443\ncp2=192.0.2.12:6443\ncp3=192.0.2.13:6443\n"}}"#,
-    ])?;
+/// Three control-plane hosts booted from `init.yaml` (cp1) and `join.yaml` (cp2, cp3), each
+/// waited for until cloud-init is done and cpha has handed the endpoint to HAProxy with the
+/// members from the ConfigMap. The hub routes the endpoint to cp1.
+fn host_shape_cluster() -> Result<(Net, Vec<Machine>)> {
+    let mut net = Net::new()?;
+    net.start_store()?;
+    let (init, join) = host_shape_seeds(&net)?;
+    let mut machines = Vec::new();
+    for (name, ip, seed) in [("cp1", "192.0.2.11", &init), ("cp2", "192.0.2.12", &join), ("cp3", "192.0.2.13", &join)] {
+        let m = Machine::new(Some(&net), name, ip)?;
+        m.seed(seed)?;
+        machines.push(m);
+    }
+    // Clients that are not control-plane hosts reach the endpoint through a route to one of them.
+    net.hub.ip(&["route", "add", "192.0.2.10/32", "via", "192.0.2.11"])?;
+    let started = Instant::now();
+    for m in &mut machines {
+        m.boot()?;
+    }
+    for m in &machines {
+        m.wait_cloud_init(CLOUD_INIT_TIMEOUT)?;
+    }
+    eprintln!("boot: three machines booted and ran cloud-init in {:?}", started.elapsed());
+    for m in &machines {
+        m.wait_phase("balanced", Duration::from_secs(90))?;
+        let agent = m.wait_live_members(Duration::from_secs(60))?;
+        ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "{}: members {}", m.name, agent["members"]);
+    }
+    Ok((net, machines))
+}
+
+/// Scenario 2: one machine (cp3) powered off and booted again. The endpoint keeps answering from
+/// the others; cp3 comes back by itself (cpha, HAProxy and its apiserver are enabled units;
+/// cloud-init does not run again) and rejoins: every HAProxy has it UP again.
+#[test]
+fn booted_host_shape_a_rebooted_machine_rejoins() -> Result<()> {
+    let (net, mut machines) = host_shape_cluster()?;
     let cp1 = &machines[0];
     netns::wait_for("cp1's HAProxy to have cp3 UP", Duration::from_secs(30), || {
         Ok((server_state(cp1, "cp3")? == Some(2)).then_some(()))
@@ -659,8 +660,14 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     eprintln!("boot: cp3 rebooted and rejoined in {:?}", restarted.elapsed());
     ensure!(failures.is_empty(), "the endpoint failed while cp3 rebooted:\n{}", failures.join("\n"));
 
-    // Scenario 4: cp2 removed exactly as docs/deployment.md says: no rule and no file of cpha's
-    // is left, HAProxy runs on without the drop-in, and the endpoint still answers from cp1.
+    Ok(())
+}
+
+/// Scenario 4: cp2 removed exactly as docs/deployment.md says: no rule and no file of cpha's is
+/// left, HAProxy runs on without the drop-in, and the endpoint still answers from cp1.
+#[test]
+fn booted_host_shape_removal_leaves_no_rule_and_no_file() -> Result<()> {
+    let (net, machines) = host_shape_cluster()?;
     let cp2 = &machines[1];
     let removal = removal_commands();
     for command in &removal {
