@@ -268,11 +268,12 @@ fn boot_rootfs() -> PathBuf {
         .clone()
 }
 
-/// cloud-init's schema validator, run inside the boot image (chroot, the file bind-mounted at
-/// /mnt in a private mount namespace). cloud-init is never installed on the machine the tests
-/// run on: there it would configure that machine at its next boot.
+/// cloud-init's schema validator, run inside the boot image (chroot into a read-only bind mount
+/// of it, the file's directory bind-mounted at /mnt, in a private mount namespace: the cached
+/// image stays untouched, as the boot tests' overlays need). cloud-init is never installed on
+/// the machine the tests run on: there it would configure that machine at its next boot.
 fn cloud_init_schema(file: &Path) -> Ran {
-    let script = r#"mount --bind "$1" "$2/mnt" && exec chroot "$2" cloud-init schema --config-file "/mnt/$3""#;
+    let script = r#"mount --bind "$2" "$2" && mount -o remount,bind,ro "$2" && mount --bind "$1" "$2/mnt" && exec chroot "$2" cloud-init schema --config-file "/mnt/$3""#;
     run(Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"])
         .arg(file.parent().unwrap())
