@@ -40,11 +40,23 @@ fn netns_guard_removes_what_the_run_recorded_and_nothing_else() {
     let recorded = std::fs::read_to_string(&record).unwrap();
     assert_eq!(recorded.lines().collect::<Vec<_>>(), [name.as_str()]);
 
+    // A boot test's machine root left mounted in that namespace's directory, and another run's.
+    let machine = PathBuf::from(format!("/var/tmp/{name}-0"));
+    let other_machine = PathBuf::from(format!("/var/tmp/{}-0", foreign.0));
+    for dir in [&machine, &other_machine] {
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+    }
+    assert!(Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(machine.join("root")).status().unwrap().success());
+
     let out = Command::new(root().join("hack/netns-guard")).arg(&record).stdin(Stdio::null()).output().unwrap();
+    let other_left = other_machine.exists();
+    let _ = std::fs::remove_dir_all(&other_machine);
     let _ = std::fs::remove_file(&record);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!netns_exists(&name), "the run's own namespace {name} was left");
     assert!(netns_exists(&foreign.0), "the guard removed {}, which this run did not create", foreign.0);
+    assert!(!machine.exists(), "the run's machine {} was left", machine.display());
+    assert!(other_left, "the guard removed {}, which this run did not create", other_machine.display());
 
     // hack/test uses this guard, and no longer deletes by prefix.
     let hack_test = std::fs::read_to_string(root().join("hack/test")).unwrap();
