@@ -90,11 +90,33 @@ fn test_command_never_installs_or_disables_cloud_init_here() {
     assert!(!code.contains("cloud-init:cloud-init"), "hack/test installs cloud-init on this machine");
     // apt-get waits for a held dpkg lock instead of failing at once.
     let prereq = std::fs::read_to_string(root().join("hack/prereq")).unwrap();
-    let apt: Vec<&str> =
-        prereq.lines().filter(|l| !l.trim_start().starts_with('#') && l.contains("apt-get ")).collect();
+    let runs_apt =
+        |l: &&str| l.trim_start().starts_with("apt-get ") || l.contains("; apt-get ") || l.contains("{ apt-get ");
+    let apt: Vec<&str> = prereq.lines().filter(runs_apt).collect();
     assert!(!apt.is_empty() && apt.iter().all(|l| l.contains("DPkg::Lock::Timeout=")), "{apt:?}");
     for command in ["hack/test", "hack/demo"] {
         let text = std::fs::read_to_string(root().join(command)).unwrap();
-        assert!(!text.lines().any(|l| l.contains("apt-get ")), "{command} runs apt-get without the lock wait");
+        let own: Vec<&str> = text.lines().filter(runs_apt).collect();
+        assert!(own.is_empty(), "{command} runs apt-get itself, without the lock wait: {own:?}");
     }
+}
+
+#[test]
+fn commands_say_when_the_crates_cannot_be_fetched() {
+    cpha_lab::require_root!();
+    // An empty cargo home, offline: nothing can be fetched, as without a reachable registry.
+    let home = std::env::temp_dir().join(format!("cpha-empty-cargo-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    for command in ["hack/test", "hack/demo"] {
+        let out = Command::new(root().join(command))
+            .env("CARGO_HOME", &home)
+            .env("CARGO_NET_OFFLINE", "true")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{command}: {stderr}");
+        assert!(stderr.lines().last().unwrap_or_default().contains("crates.io"), "{command}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&home);
 }
