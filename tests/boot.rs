@@ -18,6 +18,15 @@
 //! seeds are the files as they are, with only the secrets filled in. The root filesystem is
 //! built once by `tests/boot/rootfs` and cached outside the clone; every machine boots an
 //! overlay of it, so nothing a machine writes reaches the cache.
+//!
+//! The scenarios, one test each: the host shape forms the endpoint (1), one of its machines is
+//! rebooted (2), the external LB shape (3; its apiservers are three stand-ins in the hub on
+//! 192.0.2.11..13 and the LB machine owns 192.0.2.10), the removal of `docs/deployment.md` (4),
+//! and a template with a regex under the unit's sandbox (5).
+//!
+//! NOTE: `--network-namespace-path` alone leaves the machine without CAP_NET_ADMIN and with a
+//! read-only /proc/sys/net (systemd 252); with `--private-network` as well it keeps both, as a
+//! host has them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
