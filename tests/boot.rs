@@ -406,6 +406,10 @@ impl Machine {
         })
         .with_context(|| self.diagnostics())?;
         ensure!(status == "status: done", "cloud-init on {} ended with {status}\n{}", self.name, self.diagnostics());
+        // cloud-init only warns about a configuration its schema refuses, and goes on.
+        let (_, log) =
+            self.sh("grep -h 'Invalid cloud-config' /var/log/cloud-init.log /var/log/cloud-init-output.log")?;
+        ensure!(log.trim().is_empty(), "cloud-init on {} found its configuration invalid:\n{log}", self.name);
         Ok(())
     }
 
