@@ -256,8 +256,29 @@ fn env_file(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The boot tests' Debian 12 root filesystem (tests/boot/rootfs builds it once and caches it).
+fn boot_rootfs() -> PathBuf {
+    static ROOTFS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOTFS
+        .get_or_init(|| {
+            let ran = run(&mut Command::new(root().join("tests/boot/rootfs")));
+            assert!(ran.ok(), "tests/boot/rootfs:\n{}", ran.both());
+            PathBuf::from(ran.stdout.lines().last().unwrap_or_default().trim())
+        })
+        .clone()
+}
+
+/// cloud-init's schema validator, run inside the boot image (chroot into a read-only bind mount
+/// of it, the file's directory bind-mounted at /mnt, in a private mount namespace: the cached
+/// image stays untouched, as the boot tests' overlays need). cloud-init is never installed on
+/// the machine the tests run on: there it would configure that machine at its next boot.
 fn cloud_init_schema(file: &Path) -> Ran {
-    run(Command::new(tool("cloud-init")).arg("schema").arg("--config-file").arg(file))
+    let script = r#"mount --bind "$2" "$2" && mount -o remount,bind,ro "$2" && mount --bind "$1" "$2/mnt" && exec chroot "$2" cloud-init schema --config-file "/mnt/$3""#;
+    run(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"])
+        .arg(file.parent().unwrap())
+        .arg(boot_rootfs())
+        .arg(file.file_name().unwrap()))
 }
 
 fn assert_cloud_config_valid(file: &Path) {
@@ -681,7 +702,7 @@ fn manifests_pass_the_kubernetes_schemas() {
     let ran = validate_manifests(&files);
     assert!(ran.ok(), "kubernetes-validate --strict:\n{}", ran.both());
     let passed = ran.stdout.matches(" passed for resource ").count();
-    assert_eq!(passed, 12, "every object is checked against a schema:\n{}", ran.both());
+    assert_eq!(passed, 11, "every object is checked against a schema:\n{}", ran.both());
 
     // A field the DaemonSet schema does not have is refused.
     let dir = TempDir::new("manifests");
@@ -725,10 +746,17 @@ fn daemonset_grants_only_what_cpha_needs() {
             == Some(read("examples/config-daemonset.yaml").as_str()),
         "cpha-config differs from examples/config-daemonset.yaml: run tests/deploy/sync-embedded"
     );
-    let members = configmaps.iter().find(|c| s(c, "metadata.name") == "cpha-members").expect("cpha-members");
-    assert_eq!(**members, doc(&read("deploy/members-configmap.yaml")), "run tests/deploy/sync-embedded");
+    // The member list is live state, edited when hosts come and go: re-applying this manifest
+    // (to bump the image, as docs/deployment.md says) must not reset it, so the manifest does
+    // not carry it. It is deploy/members-configmap.yaml, applied once on its own.
+    assert!(
+        configmaps.iter().all(|c| s(c, "metadata.name") != "cpha-members"),
+        "deploy/daemonset.yaml carries the member ConfigMap: re-applying it would reset the live list"
+    );
+    let members = doc(&read("deploy/members-configmap.yaml"));
     let cpha_config = doc(&read("examples/config-daemonset.yaml"));
-    assert_eq!(s(&cpha_config, "members.configMap.name"), s(members, "metadata.name"));
+    assert_eq!(s(&cpha_config, "members.configMap.name"), s(&members, "metadata.name"));
+    assert_eq!(s(&cpha_config, "members.configMap.namespace"), s(&members, "metadata.namespace"));
 
     let ds = one(&all, "DaemonSet");
     let pod = at(ds, "spec.template.spec");
@@ -1096,4 +1124,235 @@ fn deployment_doc_names_every_file() {
             assert!(root().join(file).exists(), "{file} is named but missing");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults an operator's boot found (issue 12); each test fails on the file before its fix.
+
+/// A systemd time span as the unit writes it (`16min`, `90s`, `1h 5min`).
+fn systemd_span(text: &str) -> Duration {
+    humantime::parse_duration(&text.replace("min", "m")).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
+
+#[test]
+fn unit_waits_longer_than_the_default_drain_when_stopping() {
+    let unit = read("systemd/cpha.service");
+    let stop = unit.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).expect("TimeoutStopSec=");
+    // The default from the configuration reference (docs/configuration.md, the `forward` table).
+    let doc = read("docs/configuration.md");
+    let row =
+        doc.lines().find(|l| l.starts_with("| `drainTimeout` |")).expect("drainTimeout row in docs/configuration.md");
+    let default = row.split('|').nth(2).unwrap().trim().trim_matches('`');
+    let (stop, drain) = (systemd_span(stop), systemd_span(default));
+    assert!(
+        stop > drain,
+        "TimeoutStopSec={stop:?} is not longer than forward.drainTimeout's default {drain:?}: systemd's SIGKILL would cut the drain short"
+    );
+    // HAProxy's regex JIT needs writable+executable memory in `haproxy -c`, which cpha runs.
+    assert!(
+        !unit.contains("MemoryDenyWriteExecute=yes"),
+        "MemoryDenyWriteExecute=yes breaks every regex in haproxy -c"
+    );
+}
+
+/// The `90-cpha.conf` a cloud-init file writes.
+fn sysctl_conf(file: &str) -> String {
+    let data = doc(&read(file));
+    file_content(files_by_path(at(&data, "write_files"))["/etc/sysctl.d/90-cpha.conf"])
+}
+
+#[test]
+fn sysctl_step_skips_a_missing_optional_key_and_refuses_a_missing_required_one() {
+    cpha_lab::require_root!();
+    let dir = TempDir::new("sysctl");
+    // lb.yaml's file plus a "-" key no kernel has (as net.ipv4.tcp_migrate_req before Linux 5.14).
+    let conf = dir.write("90-cpha.conf", &(sysctl_conf("cloud-init/lb.yaml") + "-net.ipv4.cpha_no_such_key = 1\n"));
+    // Why: procps' own reading of the same file exits 1, which `set -e` turns into a failed boot.
+    let ran = run(Command::new("unshare").args(["--net", "--", "sysctl", "-p"]).arg(&conf));
+    assert!(
+        !ran.ok(),
+        "sysctl -p now accepts a missing -KEY: the premise of cpha-bootstrap sysctl changed\n{}",
+        ran.both()
+    );
+    // In a fresh network namespace, so net.* keys are set there only.
+    let step = |file: &Path| {
+        run(Command::new("unshare")
+            .args(["--net", "--", "bash", "-c", r#"bash "$1" sysctl && cat /proc/sys/net/ipv4/ip_forward"#, "sh"])
+            .arg(root().join("cloud-init/cpha-bootstrap"))
+            .env("SYSCTL_FILE", file))
+    };
+    let ran = step(&conf);
+    assert!(ran.ok() && ran.stdout.trim_end().ends_with('1'), "{}", ran.both());
+    assert!(ran.stdout.contains("net.ipv4.cpha_no_such_key does not exist on this kernel: skipped"), "{}", ran.both());
+    let required = dir.write("required.conf", "net.ipv4.ip_forward = 1\nnet.ipv4.cpha_no_such_key = 1\n");
+    let ran = step(&required);
+    assert!(!ran.ok() && ran.stderr.contains("cpha_no_such_key does not exist"), "{}", ran.both());
+
+    // Every file runs this step, never `sysctl --system` under `set -e`.
+    for file in ["cloud-init/init.yaml", "cloud-init/join.yaml", "cloud-init/lb.yaml"] {
+        let runcmd = strings(&doc(&read(file)), "runcmd");
+        assert!(!runcmd.iter().any(|c| c.contains("sysctl --system")), "{file}: sysctl --system stops the boot");
+        assert!(position(&runcmd, "cpha-bootstrap sysctl") < position(&runcmd, "systemctl enable --now cpha"));
+    }
+    let metal3 = read("metal3/cluster-template.yaml");
+    assert!(!metal3.contains("- sysctl --system"), "metal3: sysctl --system stops the boot");
+    assert!(metal3.contains("- cpha-bootstrap sysctl"), "metal3: no cpha-bootstrap sysctl");
+}
+
+#[test]
+fn metal3_preflight_fails_when_either_program_is_missing() {
+    let text = read("metal3/cluster-template.yaml");
+    // The preflight commands of preKubeadmCommands, in order, as cloud-init's runcmd runs them.
+    let line = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("- ") && l.contains("command -v"))
+        .map(|l| l.trim_start_matches("- "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        line.contains("haproxy") && line.contains("nft"),
+        "the haproxy/nft preflight in preKubeadmCommands: {line:?}"
+    );
+    let dir = TempDir::new("preflight");
+    let with = |programs: &[&str]| {
+        let bin = dir.path().join(programs.join("-"));
+        std::fs::create_dir_all(&bin).unwrap();
+        for p in programs {
+            let path = bin.join(p);
+            std::fs::write(&path, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        run(Command::new("/bin/bash").args(["-c", &format!("set -e\n{line}\necho passed")]).env("PATH", &bin))
+    };
+    for missing_one in [&["haproxy"][..], &["nft"][..], &[][..]] {
+        let ran = with(missing_one);
+        assert!(
+            !ran.ok() && !ran.stdout.contains("passed"),
+            "preflight passed with only {missing_one:?}:\n{}",
+            ran.both()
+        );
+    }
+    let ran = with(&["haproxy", "nft"]);
+    assert!(ran.ok() && ran.stdout.contains("passed"), "{}", ran.both());
+}
+
+/// A fake program on PATH for the provisioning script: exits 0, records its arguments.
+fn fake(bin: &Path, name: &str) {
+    let path = bin.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\necho \"{name} $*\" >>\"{}/calls\"\n", bin.display())).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn kubeadm_steps_keep_the_images_kubelet_args_and_pass_a_kubeadm_config_alone() {
+    let dir = TempDir::new("kubeadm-steps");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // systemctl says cpha is active; logger stays quiet; kubeadm is the boot tests' double,
+    // which refuses --config mixed with other flags in kubeadm's words, and here stops right
+    // after accepting its flags (no cluster store: KUBEADM_DOUBLE_DIR is empty).
+    fake(&bin, "systemctl");
+    fake(&bin, "logger");
+    std::fs::copy(root().join("tests/boot/doubles/kubeadm"), bin.join("kubeadm")).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let double_dir = dir.path().join("double");
+    std::fs::create_dir_all(&double_dir).unwrap();
+    let kubelet_default = dir.path().join("default/kubelet");
+    let kubelet_sysconfig = dir.path().join("sysconfig/kubelet");
+    let files = format!("{} {}", kubelet_default.display(), kubelet_sysconfig.display());
+    let step = |args: &[&str]| {
+        let mut cmd = Command::new(tool("bash"));
+        cmd.arg(root().join("cloud-init/cpha-bootstrap"))
+            .args(args)
+            .env("PATH", &path)
+            .env("CPHA_ETC", dir.path().join("etc"))
+            .env("KUBERNETES_DIR", dir.path().join("kubernetes"))
+            .env("KUBEADM_DOUBLE_DIR", &double_dir)
+            .env("KUBELET_ENV_FILES", &files);
+        run(&mut cmd)
+    };
+    let site = "CONTROL_PLANE_ENDPOINT=127.0.0.1:8443\nKUBEADM_TOKEN=abcdef.0123456789abcdef\nKUBEADM_CERTIFICATE_KEY=00ff\nKUBEADM_CA_CERT_HASH=sha256:00\n";
+    let accepted = "/double/store is missing";
+
+    // The double can fail: --config with another flag is kubeadm's refusal.
+    let config = dir.write(
+        "kubeadm.yaml",
+        "apiVersion: kubeadm.k8s.io/v1beta3\nkind: InitConfiguration\nlocalAPIEndpoint:\n  advertiseAddress: 127.0.0.1\n---\napiVersion: kubeadm.k8s.io/v1beta3\nkind: ClusterConfiguration\ncontrolPlaneEndpoint: 127.0.0.1:8443\n",
+    );
+    let ran = run(Command::new(bin.join("kubeadm"))
+        .args(["init", "--upload-certs", "--token", "x", "--config"])
+        .arg(&config)
+        .env("PATH", &path));
+    assert!(!ran.ok() && ran.stderr.contains("can not mix '--config' with arguments [token]"), "{}", ran.both());
+
+    // Flags: the image's kubelet arguments are kept, in one line with --node-ip.
+    dir.write("etc/site.env", &format!("{site}KUBEADM_EXTRA_ARGS=\n"));
+    dir.write("default/kubelet", "# the image's\nKUBELET_EXTRA_ARGS=--image-gc-high-threshold=90\n");
+    let ran = step(&["kubeadm-init"]);
+    assert!(ran.stderr.contains(accepted), "kubeadm init with flags:\n{}", ran.both());
+    let kubelet = std::fs::read_to_string(&kubelet_default).unwrap();
+    assert_eq!(kubelet, "# the image's\nKUBELET_EXTRA_ARGS=\"--image-gc-high-threshold=90 --node-ip=127.0.0.1\"\n");
+    // Run again: nothing added twice.
+    step(&["kubeadm-init"]);
+    assert_eq!(std::fs::read_to_string(&kubelet_default).unwrap(), kubelet);
+
+    // The RHEL family's /etc/sysconfig/kubelet, quoted arguments.
+    std::fs::remove_file(&kubelet_default).unwrap();
+    std::fs::remove_dir(kubelet_default.parent().unwrap()).unwrap();
+    dir.write("sysconfig/kubelet", "KUBELET_EXTRA_ARGS=\"--max-pods=50 --v=2\"\n");
+    let ran = step(&["kubeadm-join"]);
+    assert!(ran.stderr.contains(accepted), "kubeadm join with flags:\n{}", ran.both());
+    assert_eq!(
+        std::fs::read_to_string(&kubelet_sysconfig).unwrap(),
+        "KUBELET_EXTRA_ARGS=\"--max-pods=50 --v=2 --node-ip=127.0.0.1\"\n"
+    );
+
+    // --config through KUBEADM_EXTRA_ARGS: passed alone (with --upload-certs on init).
+    dir.write("etc/site.env", &format!("{site}KUBEADM_EXTRA_ARGS=\"--config {}\"\n", config.display()));
+    let ran = step(&["kubeadm-init"]);
+    assert!(
+        !ran.stderr.contains("can not mix") && ran.stderr.contains(accepted),
+        "kubeadm init --config:\n{}",
+        ran.both()
+    );
+    let join = dir.write(
+        "join.yaml",
+        "apiVersion: kubeadm.k8s.io/v1beta3\nkind: JoinConfiguration\ndiscovery:\n  bootstrapToken:\n    apiServerEndpoint: 127.0.0.1:8443\n    token: abcdef.0123456789abcdef\n    caCertHashes:\n    - sha256:0000000000000000000000000000000000000000000000000000000000000000\ncontrolPlane:\n  localAPIEndpoint:\n    advertiseAddress: 127.0.0.1\n",
+    );
+    dir.write("etc/site.env", &format!("{site}KUBEADM_EXTRA_ARGS=\"--config {}\"\n", join.display()));
+    let ran = step(&["kubeadm-join"]);
+    assert!(
+        !ran.stderr.contains("can not mix") && ran.stderr.contains(accepted),
+        "kubeadm join --config:\n{}",
+        ran.both()
+    );
+    // A configuration for another endpoint than the one cpha serves is refused before kubeadm.
+    let other = dir.write("other.yaml", "kind: ClusterConfiguration\ncontrolPlaneEndpoint: 192.0.2.99:6443\n");
+    dir.write("etc/site.env", &format!("{site}KUBEADM_EXTRA_ARGS=\"--config {}\"\n", other.display()));
+    let ran = step(&["kubeadm-init"]);
+    assert!(!ran.ok() && ran.stderr.contains("must set controlPlaneEndpoint"), "{}", ran.both());
+}
+
+#[test]
+fn daemonset_docs_say_every_joining_node_needs_a_forward() {
+    // kubeadm join goes through the endpoint before the joining node's pod can exist.
+    let doc = read("docs/deployment.md");
+    let shape = doc
+        .split("**DaemonSet shape.**")
+        .nth(1)
+        .expect("docs/deployment.md: DaemonSet shape")
+        .split("\n\n")
+        .next()
+        .unwrap();
+    assert!(
+        shape.contains("before `kubeadm join`") && shape.contains("every joining"),
+        "docs/deployment.md says only the first node needs a forward:\n{shape}"
+    );
+    let header: String =
+        read("deploy/daemonset.yaml").lines().take_while(|l| l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert!(
+        header.contains("before\n# `kubeadm join`") || header.contains("before `kubeadm join`"),
+        "deploy/daemonset.yaml:\n{header}"
+    );
 }

@@ -33,8 +33,8 @@ net.bridge.bridge-nf-call-iptables = 1
 net.bridge.bridge-nf-call-ip6tables = 1
 EOF
 
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends \
+apt-get -o DPkg::Lock::Timeout=600 update -qq
+apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
     ca-certificates curl gpg containerd conntrack socat ebtables ethtool \
     haproxy nftables >/dev/null
 
@@ -49,8 +49,8 @@ curl -fsSL "https://pkgs.k8s.io/core:/stable:/$minor/deb/Release.key" |
     gpg --batch --yes --dearmor -o /etc/apt/keyrings/kubernetes-apt-keyring.gpg
 echo "deb [signed-by=/etc/apt/keyrings/kubernetes-apt-keyring.gpg] https://pkgs.k8s.io/core:/stable:/$minor/deb/ /" \
     >/etc/apt/sources.list.d/kubernetes.list
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends kubelet kubeadm kubectl >/dev/null
+apt-get -o DPkg::Lock::Timeout=600 update -qq
+apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends kubelet kubeadm kubectl >/dev/null
 apt-mark hold kubelet kubeadm kubectl >/dev/null
 
 # --- cpha's files, where cloud-init writes them ------------------------------------------------
@@ -76,7 +76,9 @@ fi
 rm -rf "$src"
 
 # --- cpha before kubeadm: the same steps as cloud-init's runcmd ---------------------------------
-sysctl --system >/dev/null
+# Only our two files, key by key: `sysctl --system` exits 1 on any missing key of any file.
+SYSCTL_FILE=/etc/sysctl.d/80-kubernetes.conf cpha-bootstrap sysctl
+cpha-bootstrap sysctl
 cpha-bootstrap install
 cpha-bootstrap node-env
 systemctl daemon-reload

@@ -48,6 +48,7 @@ impl Netns {
             .find(|name| !exists(name))
             .ok_or_else(|| anyhow!("no free namespace name for prefix {prefix}"))?;
         ip(&["netns", "add", &name])?;
+        record(&name);
         // From here on Drop deletes the namespace, also when bringing lo up fails.
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
@@ -128,6 +129,20 @@ impl Drop for Netns {
         if let Err(err) = self.teardown() {
             eprintln!("cpha-lab: removing netns {}: {err:#}", self.name);
         }
+    }
+}
+
+/// Appends a new namespace's name to the file `$CPHA_NETNS_RECORD` names, when set: `hack/test`
+/// removes the recorded namespaces a killed test left behind (`hack/netns-guard`), and only those.
+fn record(name: &str) {
+    let Some(path) = std::env::var_os("CPHA_NETNS_RECORD").filter(|p| !p.is_empty()) else { return };
+    let written = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{name}\n").as_bytes()));
+    if let Err(err) = written {
+        eprintln!("cpha-lab: recording netns {name} in {}: {err}", Path::new(&path).display());
     }
 }
 
