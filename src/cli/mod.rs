@@ -13,10 +13,16 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// The release and the commit it was built from (build.rs; `unknown` without git).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CPHA_COMMIT"), ")");
+
+/// The commit alone, for `cpha_build_info`.
+pub const COMMIT: &str = env!("CPHA_COMMIT");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cpha",
-    version,
+    version = VERSION,
     about = "A highly available Kubernetes control-plane endpoint with HAProxy, from the first boot",
     long_about = "cpha makes the control-plane endpoint (LB address:port) answer before any apiserver or \
 load balancer exists, by forwarding it to an apiserver (nftables, iptables or a userspace proxy), \
@@ -147,6 +153,12 @@ mod tests {
         assert!(parse_size("65M").unwrap_err().contains("more than 64M"));
         assert!(parse_size("-1").unwrap_err().contains("not a size"));
         assert!(parse_size("18446744073709551615K").unwrap_err().contains("more than 64M"));
+    }
+
+    #[test]
+    fn version_names_the_release_and_the_commit() {
+        assert!(VERSION.starts_with(concat!(env!("CARGO_PKG_VERSION"), " (commit ")), "{VERSION}");
+        assert!(!COMMIT.is_empty() && VERSION.ends_with(&format!("{COMMIT})")), "{VERSION}");
     }
 
     #[test]
