@@ -11,7 +11,7 @@ pub mod status;
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// The release and the commit it was built from (build.rs; `unknown` without git).
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CPHA_COMMIT"), ")");
@@ -33,8 +33,19 @@ pub struct Cli {
     #[arg(long, global = true, env = "CPHA_LOG", value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Log line format: text (for the journal and terminals) or json (one object per line, for
+    /// log pipelines).
+    #[arg(long, global = true, env = "CPHA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +164,15 @@ mod tests {
         assert!(parse_size("65M").unwrap_err().contains("more than 64M"));
         assert!(parse_size("-1").unwrap_err().contains("not a size"));
         assert!(parse_size("18446744073709551615K").unwrap_err().contains("more than 64M"));
+    }
+
+    #[test]
+    fn log_format_is_global_and_text_by_default() {
+        assert_eq!(parse(&["status"]).unwrap().log_format, LogFormat::Text);
+        assert_eq!(parse(&["status", "--log-format", "json"]).unwrap().log_format, LogFormat::Json);
+        assert_eq!(parse(&["--log-format", "json", "status"]).unwrap().log_format, LogFormat::Json);
+        let err = parse(&["status", "--log-format", "yaml"]).unwrap_err().to_string();
+        assert!(err.contains("text") && err.contains("json"), "{err}");
     }
 
     #[test]
