@@ -1,0 +1,310 @@
+//! What an operator installs, checked where it would run: the Debian package installed with apt
+//! into a clean Debian 12 root filesystem (inside a network namespace of its own, so the kernel
+//! rules it installs and removes never touch this host).
+//!
+//! `hack/test` installs debootstrap. The Debian root filesystem is built once by
+//! `tests/package/debian-root` into /var/cache/cpha-test and extracted afresh for every run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use clap::CommandFactory as _;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+}
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn ok(&self) -> bool {
+        self.code == 0
+    }
+    fn both(&self) -> String {
+        format!("exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+fn run(cmd: &mut Command) -> Ran {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Ran {
+    let what = format!("{cmd:?}");
+    let ran = run(cmd);
+    assert!(ran.ok(), "{what}:\n{}", ran.both());
+    ran
+}
+
+fn unique(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(unique(&format!("cpha-package-{tag}")));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // NOTE: nothing is ever mounted below these directories from outside (the chroot's /proc
+        // is mounted inside `ip netns exec`'s private mount namespace and goes with it), so
+        // removing them can never reach into the host's files.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A network namespace of this test's own (named `pkgtest-PID-N`, which no other test's
+/// cleanup matches), deleted even when the test fails.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        let name = unique("pkgtest");
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns(name);
+        run_ok(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A program on PATH, or a clear message that the machine was not prepared.
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed: run hack/test, which installs it"))
+}
+
+/// The cpha-docgen binary the workspace build put next to cpha.
+fn docgen() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_cpha")).with_file_name("cpha-docgen");
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` (hack/test does)", path.display());
+    path
+}
+
+/// Every subcommand `cpha --help` lists.
+fn subcommands() -> Vec<String> {
+    cpha::cli::Cli::command().get_subcommands().filter(|c| !c.is_hide_set()).map(|c| c.get_name().to_string()).collect()
+}
+
+/// `tools/build-deb` on the test binary; uncompressed, which keeps a debug binary quick to pack.
+fn build_deb(out: &Path) -> PathBuf {
+    let ran = run_ok(
+        Command::new(root().join("tools/build-deb"))
+            .arg(env!("CARGO_BIN_EXE_cpha"))
+            .arg(docgen())
+            .arg(out)
+            .env("CPHA_DEB_COMPRESSION", "none"),
+    );
+    PathBuf::from(ran.stdout.trim())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Debian package
+
+/// A fresh copy of the cached clean Debian 12 root, and commands run in it, inside `ns`.
+struct Debian<'a> {
+    dir: TempDir,
+    ns: &'a Netns,
+}
+
+impl<'a> Debian<'a> {
+    fn new(ns: &'a Netns) -> Debian<'a> {
+        let tar = run_ok(&mut Command::new(root().join("tests/package/debian-root")));
+        let tar = tar.stdout.trim().to_string();
+        let dir = TempDir::new("debian12");
+        run_ok(Command::new("tar").arg("-C").arg(dir.path()).args(["--numeric-owner", "-xf", &tar]));
+        Debian { dir, ns }
+    }
+
+    fn path(&self, inside: &str) -> PathBuf {
+        self.dir.path().join(inside.trim_start_matches('/'))
+    }
+
+    /// `sh -c script` in the root, in the namespace (no network but loopback), with /proc.
+    fn sh(&self, script: &str) -> Ran {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.ns.0, "chroot"])
+            .arg(self.dir.path())
+            .args(["/bin/sh", "-c", &format!("mount -t proc proc /proc && {script}")])
+            .env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C"))
+    }
+
+    fn sh_ok(&self, script: &str) -> Ran {
+        let ran = self.sh(script);
+        assert!(ran.ok(), "in the Debian 12 root: {script}\n{}", ran.both());
+        ran
+    }
+
+    /// Every rule the namespace holds, from both tools.
+    fn rules(&self) -> (String, String) {
+        let nft = self.sh_ok("nft list ruleset").stdout;
+        let ipt = self.sh_ok("iptables-save && ip6tables-save").stdout;
+        (nft, ipt)
+    }
+}
+
+/// `apt install ./cpha_*.deb` on a clean Debian 12 gives a working `cpha check-config` and
+/// units `systemd-analyze verify` accepts; the files land where the repository says; `apt
+/// remove` leaves no kernel rule behind (and no unit), `apt purge` no configuration.
+#[test]
+fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
+    let ns = Netns::new();
+    let debian = Debian::new(&ns);
+    let out = TempDir::new("deb");
+    let deb = build_deb(out.path());
+    let name = deb.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with(&format!("cpha_{}_", env!("CARGO_PKG_VERSION"))), "{name}");
+    std::fs::copy(&deb, debian.path("/root").join(&name)).unwrap();
+
+    // No network in the namespace: everything the package needs is in the root already, or
+    // apt would fail to fetch it here.
+    let ran = debian.sh_ok("cd /root && apt-get install -y ./cpha_*.deb");
+    assert!(ran.stdout.contains("Setting up cpha"), "{}", ran.both());
+    let status = debian.sh_ok("dpkg-query -W -f '${Status} ${Conffiles}' cpha").stdout;
+    assert!(status.starts_with("install ok installed"), "{status}");
+    assert!(status.contains("/etc/cpha/config.yaml"), "the configuration is a conffile: {status}");
+
+    // The binary where the unit runs it, and the commit it was built from.
+    let version = debian.sh_ok("/usr/local/bin/cpha --version").stdout;
+    assert_eq!(version.trim(), format!("cpha {}", cpha::cli::VERSION));
+    let check = debian.sh_ok("cpha check-config --config /etc/cpha/config.yaml");
+    assert!(check.stdout.contains("haproxy -c accepts the rendered file"), "{}", check.both());
+    assert_eq!(
+        std::fs::read_to_string(debian.path("/etc/cpha/config.yaml")).unwrap(),
+        read("examples/config-host.yaml")
+    );
+    for (inside, repo) in [
+        ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
+        ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
+    ] {
+        assert_eq!(std::fs::read_to_string(debian.path(inside)).unwrap(), read(repo), "{inside}");
+    }
+
+    // The units, as the root's own systemd reads them (drop-in included for haproxy.service).
+    // --man=no: a minimal system has no man program to look Documentation= pages up with.
+    for unit in ["cpha.service", "haproxy.service"] {
+        let ran = debian.sh(&format!("systemd-analyze verify --man=no {unit}"));
+        let ours: Vec<&str> =
+            ran.stderr.lines().chain(ran.stdout.lines()).filter(|l| l.contains("cpha") || l.contains(unit)).collect();
+        assert!(ran.ok() && ours.is_empty(), "systemd-analyze verify {unit}:\n{}", ran.both());
+    }
+    let dropins = debian.sh_ok("systemd-delta --no-pager --type=extended").stdout;
+    assert!(dropins.contains("haproxy.service -> /etc/systemd/system/haproxy.service.d/cpha.conf"), "{dropins}");
+
+    // A man page for every subcommand, and completions every shell can load.
+    for sub in subcommands() {
+        let page = debian.path(&format!("/usr/share/man/man1/cpha-{sub}.1.gz"));
+        assert!(page.is_file(), "no man page for `cpha {sub}`: {}", page.display());
+    }
+    assert!(debian.path("/usr/share/man/man1/cpha.1.gz").is_file());
+    let complete = debian.sh_ok("bash -c '. /usr/share/bash-completion/completions/cpha && complete -p cpha'").stdout;
+    assert!(complete.contains("cpha"), "{complete}");
+    for path in ["/usr/share/zsh/vendor-completions/_cpha", "/usr/share/fish/vendor_completions.d/cpha.fish"] {
+        let text = std::fs::read_to_string(debian.path(path)).unwrap();
+        assert!(subcommands().iter().all(|s| text.contains(s.as_str())), "{path} misses a subcommand");
+    }
+
+    // Enabled (as provisioning does), then a kernel forward in the namespace, as a stopped
+    // agent leaves it (forward.onShutdown: keep).
+    debian.sh_ok("systemctl enable cpha.service");
+    assert!(debian.path("/etc/systemd/system/multi-user.target.wants/cpha.service").is_symlink());
+    debian.sh_ok("cpha forward --listen 127.0.0.1:7445 --to 127.0.0.1:6443 --mode nftables");
+    let (nft, _) = debian.rules();
+    assert!(nft.contains("table inet cpha"), "the forward is installed: {nft}");
+
+    let ran = debian.sh_ok("apt-get remove -y cpha");
+    assert!(ran.stdout.contains("Removing cpha"), "{}", ran.both());
+    let (nft, ipt) = debian.rules();
+    assert_eq!(nft.trim(), "", "apt remove left nftables rules behind");
+    assert!(!ipt.to_lowercase().contains("cpha"), "apt remove left iptables rules behind: {ipt}");
+    for gone in [
+        "/usr/local/bin/cpha",
+        "/etc/systemd/system/cpha.service",
+        "/etc/systemd/system/haproxy.service.d/cpha.conf",
+        "/usr/share/man/man1/cpha.1.gz",
+    ] {
+        assert!(!debian.path(gone).exists(), "{gone} left after apt remove");
+    }
+    assert!(!debian.path("/etc/systemd/system/multi-user.target.wants/cpha.service").is_symlink());
+    assert!(debian.path("/etc/cpha/config.yaml").is_file(), "remove keeps the configuration");
+
+    debian.sh_ok("apt-get purge -y cpha");
+    assert!(!debian.path("/etc/cpha").exists(), "purge removes the configuration");
+    assert!(!debian.sh("dpkg-query -W -f '${Status}' cpha").stdout.contains("installed"));
+}
+
+/// Provisioning (cloud-init, metal3) writes /etc/cpha/config.yaml before it installs the
+/// package: with --force-confold, as the install snippet passes, apt keeps that file, and the
+/// package follows it (the conffile is then the operator's).
+#[test]
+fn deb_keeps_a_configuration_written_before_it() {
+    let ns = Netns::new();
+    let debian = Debian::new(&ns);
+    let out = TempDir::new("deb");
+    let deb = build_deb(out.path());
+    std::fs::copy(&deb, debian.path("/root/cpha.deb")).unwrap();
+    let mine = read("examples/config-external-lb.yaml");
+    std::fs::create_dir_all(debian.path("/etc/cpha")).unwrap();
+    std::fs::write(debian.path("/etc/cpha/config.yaml"), &mine).unwrap();
+    debian.sh_ok(
+        "apt-get install -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold /root/cpha.deb",
+    );
+    assert_eq!(std::fs::read_to_string(debian.path("/etc/cpha/config.yaml")).unwrap(), mine);
+    let check = debian.sh_ok("cpha check-config --config /etc/cpha/config.yaml");
+    assert!(check.stdout.contains("release topology"), "{}", check.both());
+}
+
+/// The maintainer scripts and the package builder pass shellcheck (POSIX sh for the scripts
+/// dpkg runs: Debian's /bin/sh is dash).
+#[test]
+fn packaging_scripts_are_clean() {
+    for script in ["packaging/deb/postinst", "packaging/deb/prerm", "packaging/deb/postrm"] {
+        assert!(read(script).starts_with("#!/bin/sh\n"), "{script} must be a POSIX sh script");
+        let ran =
+            run(Command::new(tool("shellcheck")).args(["--shell=sh", "--severity=style"]).arg(root().join(script)));
+        assert!(ran.ok(), "shellcheck {script}:\n{}", ran.both());
+    }
+    for script in ["tools/build-deb", "tests/package/debian-root"] {
+        let ran = run(Command::new(tool("shellcheck")).arg("--severity=style").arg(root().join(script)));
+        assert!(ran.ok(), "shellcheck {script}:\n{}", ran.both());
+    }
+    // The prerm withdraws the forward with the binary the package installs.
+    let prerm = read("packaging/deb/prerm");
+    assert!(prerm.contains("@CPHA@ cleanup"), "{prerm}");
+}
