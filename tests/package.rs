@@ -1,12 +1,13 @@
 //! What an operator installs, checked where it would run: the Debian package installed with apt
 //! into a clean Debian 12 root filesystem (inside a network namespace of its own, so the kernel
-//! rules it installs and removes never touch this host), and the container image's Dockerfile
-//! linted with hadolint (no container engine runs here: the image is linted and checked, not
-//! built).
+//! rules it installs and removes never touch this host), the static musl binary in a root that
+//! holds nothing else (no glibc), and the container image's Dockerfile linted with hadolint
+//! (no container engine runs here: the image is linted and checked, not built).
 //!
-//! `hack/test` installs what these need: debootstrap (Debian) and hadolint (PyPI,
-//! `CPHA_HADOLINT`). The Debian root filesystem is built once by `tests/package/debian-root`
-//! into /var/cache/cpha-test and extracted afresh for every run.
+//! `hack/test` installs what these need: debootstrap and musl-tools (Debian), hadolint (PyPI,
+//! `CPHA_HADOLINT`), and builds the musl binary (`CPHA_MUSL_BIN`). The Debian root filesystem is
+//! built once by `tests/package/debian-root` into /var/cache/cpha-test and extracted afresh for
+//! every run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -313,9 +314,10 @@ fn packaging_scripts_are_clean() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The container image
+// The static binary
 
-const HADOLINT: &str = "/opt/cpha-test-tools/hadolint-2.15.1/bin/hadolint";
+/// Where `hack/test` builds it (a debug build: the release build takes many minutes here).
+const MUSL_BIN: &str = "/var/cache/cpha-test/target-musl/x86_64-unknown-linux-musl/debug/cpha";
 
 /// A file `hack/test` provides, named by `var` or at its default place.
 fn from_env_or(var: &str, default: &str, what: &str) -> PathBuf {
@@ -323,6 +325,87 @@ fn from_env_or(var: &str, default: &str, what: &str) -> PathBuf {
     assert!(path.is_file(), "{} ({what}) is missing: run hack/test, which provides it", path.display());
     path
 }
+
+/// The program headers of an ELF64 file: (type) of each.
+fn elf_segment_types(bytes: &[u8]) -> Vec<u32> {
+    assert!(bytes.len() > 64 && &bytes[..4] == b"\x7fELF" && bytes[4] == 2, "not an ELF64 file");
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count)
+        .map(|i| {
+            let o = phoff + i * size;
+            u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap())
+        })
+        .collect()
+}
+
+const PT_INTERP: u32 = 3;
+
+/// The musl build runs in a root that holds nothing but itself and a configuration: no glibc,
+/// no loader, no haproxy. The glibc build, as a control, cannot even start there.
+#[test]
+fn static_binary_runs_where_glibc_is_absent() {
+    let musl = from_env_or("CPHA_MUSL_BIN", MUSL_BIN, "the static x86_64 musl build");
+    let bytes = std::fs::read(&musl).unwrap();
+    assert!(!elf_segment_types(&bytes).contains(&PT_INTERP), "{} asks for a program interpreter", musl.display());
+    println!("static musl build (debug profile): {} bytes", bytes.len());
+    let glibc = std::fs::read(env!("CARGO_BIN_EXE_cpha")).unwrap();
+    assert!(elf_segment_types(&glibc).contains(&PT_INTERP), "the control must be a dynamic binary");
+
+    let empty = TempDir::new("empty-root");
+    let dir = empty.path();
+    std::fs::create_dir(dir.join("tmp")).unwrap();
+    std::fs::write(dir.join("cpha"), &bytes).unwrap();
+    std::fs::write(dir.join("cpha-glibc"), &glibc).unwrap();
+    for f in ["cpha", "cpha-glibc"] {
+        std::fs::set_permissions(dir.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(dir.join("config.yaml"), read("examples/config-host.yaml")).unwrap();
+    std::fs::write(dir.join("broken.yaml"), "endpoint:\n  listen: 192.0.2.10\n").unwrap();
+    let chroot = tool("chroot");
+    let in_root = |args: &[&str]| run(Command::new(&chroot).arg(dir).args(args).env_clear());
+    let found: Vec<String> = walk(dir);
+    assert_eq!(found, ["broken.yaml", "config.yaml", "cpha", "cpha-glibc", "tmp"], "the root holds only these");
+
+    let ran = in_root(&["/cpha-glibc", "--version"]);
+    assert_eq!(ran.code, 127, "the glibc build must not start without glibc:\n{}", ran.both());
+
+    let ran = in_root(&["/cpha", "--version"]);
+    assert!(
+        ran.ok() && ran.stdout.starts_with(&format!("cpha {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{}",
+        ran.both()
+    );
+    // The configuration is parsed, validated and rendered...
+    let ran = in_root(&["/cpha", "render", "--config", "/config.yaml", "--members", "cp1=192.0.2.11:6443"]);
+    assert!(ran.ok() && ran.stdout.contains("192.0.2.11:6443"), "{}", ran.both());
+    // ...check-config validates it and renders it, and gets as far as `haproxy -c`, which this
+    // root lacks (the package and the image bring HAProxy): it says exactly that.
+    let ran = in_root(&["/cpha", "check-config", "--config", "/config.yaml"]);
+    assert_eq!(ran.code, 78, "{}", ran.both());
+    assert!(
+        ran.stderr.contains("rendered haproxy.cfg: cannot run haproxy -c: `haproxy` was not found"),
+        "{}",
+        ran.both()
+    );
+    // A broken configuration is refused before that, there as anywhere.
+    let ran = in_root(&["/cpha", "check-config", "--config", "/broken.yaml"]);
+    assert_eq!(ran.code, 78, "{}", ran.both());
+    assert!(ran.stderr.contains("has no port") && !ran.stderr.contains("haproxy -c"), "{}", ran.both());
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+// ---------------------------------------------------------------------------------------------
+// The container image
+
+const HADOLINT: &str = "/opt/cpha-test-tools/hadolint-2.15.1/bin/hadolint";
 
 /// The `FROM` lines of a Dockerfile: (image, stage name).
 fn stages(dockerfile: &str) -> Vec<(String, Option<String>)> {
