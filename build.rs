@@ -21,6 +21,12 @@ fn main() {
 /// The short hash of HEAD, and the files whose change means another commit (HEAD itself, the
 /// branch it points at, packed refs), so cargo reruns this script after a commit or checkout.
 fn git_commit(dir: &Path) -> Option<String> {
+    // Only this source tree's own repository: a tarball unpacked inside another checkout must
+    // not take that checkout's commit.
+    let top = git(dir, &["rev-parse", "--show-toplevel"])?;
+    if Path::new(&top).canonicalize().ok()? != dir.canonicalize().ok()? {
+        return None;
+    }
     let commit = git(dir, &["rev-parse", "--short=12", "HEAD"])?;
     for path in ["HEAD", "packed-refs"] {
         watch(dir, path);
