@@ -123,11 +123,16 @@ fn subcommands() -> Vec<String> {
     cpha::cli::Cli::command().get_subcommands().filter(|c| !c.is_hide_set()).map(|c| c.get_name().to_string()).collect()
 }
 
-/// `tools/build-deb` on the test binary; uncompressed, which keeps a debug binary quick to pack.
+/// `tools/build-deb` on the test binary.
 fn build_deb(out: &Path) -> PathBuf {
+    build_deb_of(Path::new(env!("CARGO_BIN_EXE_cpha")), out)
+}
+
+/// `tools/build-deb` on `binary`; uncompressed, which keeps a debug binary quick to pack.
+fn build_deb_of(binary: &Path, out: &Path) -> PathBuf {
     let ran = run_ok(
         Command::new(root().join("tools/build-deb"))
-            .arg(env!("CARGO_BIN_EXE_cpha"))
+            .arg(binary)
             .arg(docgen())
             .arg(out)
             .env("CPHA_DEB_COMPRESSION", "none"),
@@ -393,6 +398,21 @@ fn static_binary_runs_where_glibc_is_absent() {
     let ran = in_root(&["/cpha", "check-config", "--config", "/broken.yaml"]);
     assert_eq!(ran.code, 78, "{}", ran.both());
     assert!(ran.stderr.contains("has no port") && !ran.stderr.contains("haproxy -c"), "{}", ran.both());
+}
+
+/// The package of the static build declares no libc; the glibc build's declares the glibc its
+/// newest versioned symbol needs.
+#[test]
+fn deb_of_the_static_binary_depends_on_no_libc() {
+    let musl = from_env_or("CPHA_MUSL_BIN", MUSL_BIN, "the static x86_64 musl build");
+    let depends = |binary: &Path| {
+        let out = TempDir::new("deb-depends");
+        let deb = build_deb_of(binary, out.path());
+        run_ok(Command::new("dpkg-deb").arg("--field").arg(&deb).arg("Depends")).stdout.trim().to_string()
+    };
+    assert_eq!(depends(&musl), "nftables | iptables, procps");
+    let glibc = depends(Path::new(env!("CARGO_BIN_EXE_cpha")));
+    assert!(glibc.starts_with("libc6 (>= 2.") && glibc.ends_with(", nftables | iptables, procps"), "{glibc}");
 }
 
 fn walk(dir: &Path) -> Vec<String> {
