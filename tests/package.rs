@@ -510,3 +510,75 @@ fn image_builds_cpha_itself_on_the_pods_haproxy() {
     assert_eq!(rules.last(), Some(&"**/target/"), "no target directory, at any depth, even under tools/");
     assert!(!rules.iter().any(|r| r.starts_with("!.git") || r.starts_with("!target")), "{rules:?}");
 }
+
+/// `*` within one path segment, `**` across any number of them, as Docker's pattern matcher.
+fn glob(pattern: &[&str], path: &[&str]) -> bool {
+    match (pattern.first(), path.first()) {
+        (None, None) => true,
+        (Some(&"**"), _) => glob(&pattern[1..], path) || (!path.is_empty() && glob(pattern, &path[1..])),
+        (Some(p), Some(s)) => segment(p.as_bytes(), s.as_bytes()) && glob(&pattern[1..], &path[1..]),
+        _ => false,
+    }
+}
+
+fn segment(p: &[u8], s: &[u8]) -> bool {
+    match (p.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => segment(&p[1..], s) || (!s.is_empty() && segment(p, &s[1..])),
+        (Some(a), Some(b)) => a == b && segment(&p[1..], &s[1..]),
+        _ => false,
+    }
+}
+
+/// Whether `.dockerignore` keeps `path` out of the build context: the last rule that matches
+/// the path or one of its parent directories decides.
+fn ignored(rules: &[&str], path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    let mut out = false;
+    for rule in rules {
+        let (negate, pattern) = rule.strip_prefix('!').map_or((false, *rule), |p| (true, p));
+        let pattern: Vec<&str> = pattern.trim_end_matches('/').split('/').collect();
+        if (1..=parts.len()).any(|n| glob(&pattern, &parts[..n])) {
+            out = !negate;
+        }
+    }
+    out
+}
+
+/// The build context `.dockerignore` leaves (every tracked file it keeps, and never target/ or
+/// .git) is enough for cargo to load the workspace with the locked dependencies, as the
+/// builder stage's `cargo build --locked` does.
+#[test]
+fn image_build_context_holds_what_cargo_needs() {
+    let ignore = read(".dockerignore");
+    let rules: Vec<&str> = ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    for path in ["target/debug/cpha", "tools/lab/target/x", ".git/HEAD", "docs/deployment.md", "tests/deploy.rs"] {
+        assert!(ignored(&rules, path), "{path} would be in the build context");
+    }
+    let tracked = run_ok(Command::new("git").arg("-C").arg(root()).args(["ls-files", "-z"])).stdout;
+    let kept: Vec<&str> = tracked.split('\0').filter(|p| !p.is_empty() && !ignored(&rules, p)).collect();
+    for path in ["Cargo.toml", "Cargo.lock", "build.rs", "src/main.rs", "src/haproxy/haproxy.cfg.tera"] {
+        assert!(kept.contains(&path), "{path} is left out of the build context");
+    }
+    let context = TempDir::new("image-context");
+    for path in &kept {
+        let dest = context.path().join(path);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(root().join(path), &dest).unwrap_or_else(|e| panic!("copying {path}: {e}"));
+    }
+    run_ok(
+        Command::new(env!("CARGO"))
+            .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+            .current_dir(context.path())
+            .stdout(Stdio::null()),
+    );
+    // Nothing the binary compiles in lives outside the context: the only include_str! paths
+    // out of src/ are test fixtures.
+    for path in kept.iter().filter(|p| p.starts_with("src/") && p.ends_with(".rs")) {
+        let text = read(path);
+        for (i, _) in text.match_indices("include_str!(\"../") {
+            let before = &text[..i];
+            assert!(before.contains("#[cfg(test)]"), "{path} includes a file from outside src/ outside its tests");
+        }
+    }
+}
