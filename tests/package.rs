@@ -278,9 +278,9 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     assert!(!debian.sh("dpkg-query -W -f '${Status}' cpha").stdout.contains("installed"));
 }
 
-/// Provisioning (cloud-init, metal3) writes /etc/cpha/config.yaml before it installs the
-/// package: with --force-confold, as the install snippet passes, apt keeps that file, and the
-/// package follows it (the conffile is then the operator's).
+/// Provisioning (cloud-init, metal3) writes /etc/cpha/config.yaml and the unit before it installs
+/// the package: with --force-confold, as the install snippet passes, apt keeps that
+/// configuration (the conffile is then the operator's) and installs its own unit.
 #[test]
 fn deb_keeps_a_configuration_written_before_it() {
     let ns = Netns::new();
@@ -291,10 +291,14 @@ fn deb_keeps_a_configuration_written_before_it() {
     let mine = read("examples/config-external-lb.yaml");
     std::fs::create_dir_all(debian.path("/etc/cpha")).unwrap();
     std::fs::write(debian.path("/etc/cpha/config.yaml"), &mine).unwrap();
+    // cloud-init writes its copy of the unit too; the package's (the same file) takes its place.
+    let unit = debian.path("/etc/systemd/system/cpha.service");
+    std::fs::write(&unit, read("systemd/cpha.service") + "# written by provisioning\n").unwrap();
     debian.sh_ok(
         "apt-get install -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold /root/cpha.deb",
     );
     assert_eq!(std::fs::read_to_string(debian.path("/etc/cpha/config.yaml")).unwrap(), mine);
+    assert_eq!(std::fs::read_to_string(&unit).unwrap(), read("systemd/cpha.service"));
     let check = debian.sh_ok("cpha check-config --config /etc/cpha/config.yaml");
     assert!(check.stdout.contains("release topology"), "{}", check.both());
 }
