@@ -1,9 +1,13 @@
 //! Logging: `tracing` to stderr, filtered by `--log-level` or `CPHA_LOG` (EnvFilter syntax).
-//! Under systemd (JOURNAL_STREAM set) there are no colours and no timestamps: journald adds its own.
+//! Text by default; under systemd (JOURNAL_STREAM set) without colours and timestamps, which
+//! journald adds itself. `--log-format json` writes one JSON object per line, with its timestamp,
+//! for log pipelines.
 
 use tracing_subscriber::EnvFilter;
 
-pub fn init(level: Option<&str>) {
+use crate::cli::LogFormat;
+
+pub fn init(level: Option<&str>, format: LogFormat) {
     let filter = level
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_env("CPHA_LOG").ok())
@@ -13,7 +17,11 @@ pub fn init(level: Option<&str>) {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     // try_init: tests may initialise logging more than once in one process.
-    let _ = if journal {
+    let _ = if format == LogFormat::Json {
+        // NOTE: the timestamp stays even under the journal: a pipeline reading the JSON may not
+        // see journald's. Span fields are flattened into each line so it stands on its own.
+        builder.json().flatten_event(false).with_current_span(true).with_span_list(false).try_init()
+    } else if journal {
         builder.with_ansi(false).without_time().try_init()
     } else {
         builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()

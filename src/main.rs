@@ -13,7 +13,7 @@ fn main() -> ExitCode {
             return if err.use_stderr() { ExitCode::from(cpha::exit::USAGE) } else { ExitCode::SUCCESS };
         }
     };
-    cpha::logging::init(cli.log_level.as_deref());
+    cpha::logging::init(cli.log_level.as_deref(), cli.log_format);
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -89,6 +89,26 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    pub commit: String,
+}
+
+/// `cpha_build_info{version,commit} 1`: the running build, for joins in queries and for
+/// spotting hosts left on an old one.
+#[derive(Debug)]
+pub struct BuildInfo(pub Family<BuildLabels, Gauge>);
+
+impl Default for BuildInfo {
+    fn default() -> Self {
+        let family: Family<BuildLabels, Gauge> = Family::default();
+        let labels = BuildLabels { version: env!("CARGO_PKG_VERSION").into(), commit: crate::cli::COMMIT.into() };
+        family.get_or_create(&labels).set(1);
+        BuildInfo(family)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpdateLabels {
     pub source: String,
     /// `accepted` or `rejected`.
@@ -120,6 +140,8 @@ impl Default for ApplyDuration {
 /// (see [`Metrics::zero`]), so "absent" never stands for "zero".
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Always 1, labelled with the version and the commit of this binary.
+    pub build_info: BuildInfo,
     /// 1 for the current handover state, 0 for the others.
     pub state: Family<StateLabel, Gauge>,
     pub transitions: Family<TransitionLabels, Counter>,
@@ -222,6 +244,7 @@ impl Metrics {
     /// A registry holding these metrics under the `cpha_` prefix.
     pub fn register(&self) -> Registry {
         let mut r = Registry::with_prefix("cpha");
+        r.register("build_info", "The running cpha build (always 1)", self.build_info.0.clone());
         r.register("state", "Current handover state (1 for the current one)", self.state.clone());
         r.register("transitions", "Handover state transitions", self.transitions.clone());
         r.register("members", "Control-plane members in the last accepted set", self.members.clone());
@@ -330,5 +353,18 @@ mod tests {
         assert!(out.contains("cpha_members 3"), "{out}");
         assert!(out.contains("cpha_member_updates_rejected_total{source=\"configmap\"} 1"), "{out}");
         assert!(out.contains("cpha_applies_total{method=\"runtime\",result=\"ok\"} 1"), "{out}");
+    }
+
+    #[test]
+    fn build_info_names_version_and_commit() {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &Metrics::default().register()).unwrap();
+        let line = format!(
+            "cpha_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            crate::cli::COMMIT
+        );
+        assert!(out.contains(&line), "{line} not in {out}");
+        assert!(out.contains("# TYPE cpha_build_info gauge"), "{out}");
     }
 }

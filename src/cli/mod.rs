@@ -9,12 +9,18 @@ pub mod render;
 pub mod run;
 pub mod status;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The release and the commit it was built from (build.rs; `unknown` without git).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CPHA_COMMIT"), ")");
+
+/// The commit alone, for `cpha_build_info`.
+pub const COMMIT: &str = env!("CPHA_COMMIT");
 
 #[derive(Debug, Parser)]
 #[command(
     name = "cpha",
-    version,
+    version = VERSION,
     about = "A highly available Kubernetes control-plane endpoint with HAProxy, from the first boot",
     long_about = "cpha makes the control-plane endpoint (LB address:port) answer before any apiserver or \
 load balancer exists, by forwarding it to an apiserver (nftables, iptables or a userspace proxy), \
@@ -25,8 +31,19 @@ pub struct Cli {
     #[arg(long, global = true, env = "CPHA_LOG", value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Log line format: text (for the journal and terminals) or json (one object per line, for
+    /// log pipelines).
+    #[arg(long, global = true, env = "CPHA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +211,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a size"), "{err}");
+    }
+
+    #[test]
+    fn log_format_is_global_and_text_by_default() {
+        assert_eq!(parse(&["status"]).unwrap().log_format, LogFormat::Text);
+        assert_eq!(parse(&["status", "--log-format", "json"]).unwrap().log_format, LogFormat::Json);
+        assert_eq!(parse(&["--log-format", "json", "status"]).unwrap().log_format, LogFormat::Json);
+        let err = parse(&["status", "--log-format", "yaml"]).unwrap_err().to_string();
+        assert!(err.contains("text") && err.contains("json"), "{err}");
+    }
+
+    #[test]
+    fn version_names_the_release_and_the_commit() {
+        assert!(VERSION.starts_with(concat!(env!("CARGO_PKG_VERSION"), " (commit ")), "{VERSION}");
+        assert!(!COMMIT.is_empty() && VERSION.ends_with(&format!("{COMMIT})")), "{VERSION}");
     }
 
     #[test]
