@@ -660,6 +660,29 @@ fn bootstrap_script_is_clean_and_installs_only_a_verified_binary() {
     dir.write("etc/install.env", "CPHA_URL=\nCPHA_SHA256=\n");
     assert!(bootstrap(&dir, &["install"], &[]).ok());
 
+    // A .deb URL: checked the same way, then handed to apt-get (a recording stand-in here, so
+    // this machine installs nothing), keeping the configuration the user-data wrote.
+    let deb = dir.write("cpha_0.1.0_amd64.deb", "not really a package\n");
+    let deb_sum = run(Command::new(tool("sha256sum")).arg(&deb)).stdout.split_whitespace().next().unwrap().to_string();
+    let fake = dir.path().join("fakebin");
+    std::fs::create_dir_all(&fake).unwrap();
+    let calls = dir.path().join("apt-calls");
+    let apt = dir.write("fakebin/apt-get", &format!("#!/bin/sh\necho \"$@\" >> {}\n", calls.display()));
+    std::fs::set_permissions(&apt, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap_or_default());
+    dir.write("etc/install.env", &format!("CPHA_URL=file://{}\nCPHA_SHA256={}\n", deb.display(), "0".repeat(64)));
+    let ran = bootstrap(&dir, &["install"], &[("PATH", &path)]);
+    assert!(!ran.ok() && ran.stderr.contains("CPHA_SHA256"), "{}", ran.both());
+    assert!(!calls.exists(), "apt-get ran for a package with the wrong checksum");
+    dir.write("etc/install.env", &format!("CPHA_URL=file://{}\nCPHA_SHA256={deb_sum}\n", deb.display()));
+    let ran = bootstrap(&dir, &["install"], &[("PATH", &path)]);
+    assert!(ran.ok(), "{}", ran.both());
+    let call = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        call.starts_with("install -y") && call.contains("--force-confold") && call.trim_end().ends_with(".deb"),
+        "{call}"
+    );
+
     // node-env: HAProxy's private address is this host's address towards the endpoint.
     dir.write("etc/site.env", "CONTROL_PLANE_ENDPOINT=127.0.0.1:8443\n");
     let ran = bootstrap(&dir, &["node-env"], &[]);
