@@ -404,8 +404,9 @@ fn haproxy_sigkill_under_load_falls_back_within_a_second() {
         println!("{}", c.agent_log());
     }
     // Behaviour, not a benchmark: well inside the 10 s the default `fall` would take, even on
-    // a loaded machine (a quiet run measures about 0.3 s; the figure is printed above).
-    assert!(window < 4.0, "connections failed for {window:.3} s after the kill: {report:?}");
+    // a loaded machine (a quiet run measures 0.25-0.4 s; the figure is printed above). Without
+    // the conntrack clean-up at the fallback, refused connects went on for up to 2.6 s.
+    assert!(window < 2.0, "connections failed for {window:.3} s after the kill: {report:?}");
     // The load kept going after the fallback: successes continued to the end.
     assert!(report.duration_s - last > 2.0, "{report:?}");
 }

@@ -132,11 +132,26 @@ impl Endpoint {
     /// forward back after a release).
     pub async fn forward_to(&mut self, targets: Vec<SocketAddr>) -> anyhow::Result<()> {
         let spec = ForwardSpec::new(self.listen, targets.clone())?;
+        // Not when the retarget forward is reasserted at HAProxy itself (SIGUSR1).
+        let leaving_haproxy = self.carrier == Some(Carrier::Haproxy)
+            && !(self.topology == Topology::Retarget && targets == [self.haproxy]);
         match &mut self.kind {
             Kind::Kernel(backend) => {
                 let backend = *backend;
                 blocking(move || forward::install_kernel(backend, &spec)).await?;
                 self.draining_since = None;
+                if leaving_haproxy {
+                    // HAProxy is being left (a fallback): its flows' entries would keep
+                    // translating reused source ports to it.
+                    let (listen, old) = match self.topology {
+                        Topology::Retarget => (self.listen, self.haproxy),
+                        Topology::Release => (self.listen, self.listen),
+                    };
+                    match blocking(move || Ok(conntrack::forget(listen, old))).await? {
+                        Ok(n) => tracing::info!(flows = n, to = %old, "conntrack entries towards HAProxy removed"),
+                        Err(err) => tracing::warn!("could not remove conntrack entries towards HAProxy: {err}"),
+                    }
+                }
             }
             Kind::Userspace { proxy: Some(p), .. } => p.targets.set(targets.clone()),
             Kind::Userspace { proxy, connect_timeout, .. } => {
