@@ -175,8 +175,15 @@ fn unix_now() -> f64 {
 }
 
 impl Metrics {
-    /// Creates every labelled series whose labels are known at start, at 0.
-    pub fn zero(&self, source: &str) {
+    /// Creates every labelled series whose labels are known at start, at 0: the member
+    /// source's, and the agent's states and transitions.
+    pub fn zero(&self, source: &str, states: &[&str], transitions: &[(&str, &str)]) {
+        for state in states {
+            self.state.get_or_create(&StateLabel { state: (*state).into() }).set(0);
+        }
+        for (from, to) in transitions {
+            self.transitions.get_or_create(&TransitionLabels { from: (*from).into(), to: (*to).into() }).inc_by(0);
+        }
         for method in [ApplyMethod::Runtime, ApplyMethod::Reload, ApplyMethod::File] {
             for result in [Outcome::Ok, Outcome::Error] {
                 self.applies.get_or_create(&ApplyLabels { method, result }).inc_by(0);
@@ -303,7 +310,7 @@ mod tests {
     #[test]
     fn series_exist_from_the_start_and_servers_come_and_go() {
         let m = Metrics::default();
-        m.zero("configmap");
+        m.zero("configmap", &["balanced"], &[("forwarding", "handing-over")]);
         let text = |m: &Metrics| {
             let mut out = String::new();
             prometheus_client::encoding::text::encode(&mut out, &m.register()).unwrap();
@@ -317,6 +324,8 @@ mod tests {
             "cpha_member_updates_rejected_total{source=\"configmap\"} 0",
             "cpha_endpoint_carried{carrier=\"haproxy\"} 0",
             "cpha_apply_duration_seconds_count 0",
+            "cpha_state{state=\"balanced\"} 0",
+            "cpha_transitions_total{from=\"forwarding\",to=\"handing-over\"} 0",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
         }

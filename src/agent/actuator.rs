@@ -19,9 +19,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::controller::{Adopted, Note, View};
+use super::controller::{Adopted, Desired, Note, View};
 use crate::haproxy::{Haproxy, HaproxySettings, Health, RenderInput, Server};
-use crate::members::MemberSet;
 
 pub trait EndpointActuator {
     /// nftables, iptables or userspace.
@@ -68,8 +67,8 @@ pub trait Reporter {
     fn event(&mut self, note: Note);
     fn transition(&mut self, from: &'static str, to: &'static str);
     fn rejected(&mut self, source: &str);
-    /// The member set the agent now uses (the source talks to these members directly).
-    fn known(&mut self, set: MemberSet);
+    /// The desired state the agent now drives to (the source talks to its members directly).
+    fn known(&mut self, desired: &Desired);
     /// The controller's view, after every input.
     fn publish(&mut self, view: &View);
     /// The loop is alive (systemd watchdog, `/healthz`).

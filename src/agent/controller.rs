@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::Topology;
 use crate::haproxy::resolve::{Resolved, Unresolved};
 use crate::haproxy::{Health, Server};
 use crate::members::{MemberSet, ServerName};
@@ -34,7 +33,6 @@ use crate::members::{MemberSet, ServerName};
 /// The controller's settings: what a configuration reload may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    pub topology: Topology,
     /// Consecutive healthy observations of HAProxy before handing over.
     pub rise: u32,
     /// Consecutive unhealthy observations before falling back.
@@ -200,8 +198,9 @@ pub enum Effect {
     Probe(Vec<SocketAddr>),
     /// Make a request through the endpoint itself.
     CheckEndpoint,
-    /// Tell the member source which addresses the agent uses now (for talking to members directly).
-    Known(MemberSet),
+    /// The desired state changed: the member source talks to these members directly, and the
+    /// next resolution keeps DNS members where they are.
+    Known(Desired),
     /// A phase change, for `cpha_transitions_total`.
     Transition {
         from: &'static str,
@@ -249,8 +248,6 @@ pub struct View {
     pub endpoint_carried: bool,
     pub endpoint_check: Option<Result<(), String>>,
     pub members: Vec<String>,
-    /// The servers HAProxy and the forward are driven to.
-    pub servers: Vec<Server>,
     pub members_origin: String,
     pub unresolved: Vec<String>,
     pub ready_members: Vec<SocketAddr>,
@@ -366,16 +363,20 @@ impl Controller {
         wake
     }
 
+    /// A carrier is installed and a request through the endpoint reached a ready member.
+    fn carried(&self) -> bool {
+        self.phase.carrier().is_some() && matches!(self.endpoint_check, Some(Ok(())))
+    }
+
     pub fn view(&self) -> View {
         let carrier = self.phase.carrier();
         View {
             phase: self.phase.name(),
             phase_since: self.phase_since,
-            endpoint_carried: carrier.is_some() && matches!(self.endpoint_check, Some(Ok(()))),
+            endpoint_carried: self.carried(),
             carrier,
             endpoint_check: self.endpoint_check.clone(),
             members: self.desired.iter().flat_map(|d| d.members.iter().map(ToString::to_string)).collect(),
-            servers: self.desired.as_ref().map(|d| d.servers.clone()).unwrap_or_default(),
             members_origin: self.origin.clone(),
             unresolved: self.desired.iter().flat_map(|d| d.unresolved.iter().map(ToString::to_string)).collect(),
             ready_members: self.ready_members.clone().unwrap_or_default(),
@@ -392,7 +393,7 @@ impl Controller {
     /// One input at `now`; returns what to do, in order.
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
         let mut out = Vec::new();
-        let carried_before = self.view().endpoint_carried;
+        let carried_before = self.carried();
         match input {
             Input::Started { adopted } => self.started(now, adopted, &mut out),
             Input::MembersAccepted { set, origin, resolved } => self.accepted(set, origin, resolved, &mut out),
@@ -402,7 +403,7 @@ impl Controller {
                 self.source_problem = Some(format!("{source}: {message}"));
             }
             Input::Haproxy(health) => self.observe(now, health, &mut out),
-            Input::Liveness { alive } => self.liveness(now, alive, &mut out),
+            Input::Liveness { alive } => self.liveness(alive, &mut out),
             Input::Probed { probed, ready } => self.probed(probed, ready, &mut out),
             Input::EndpointChecked(result) => self.endpoint_check = Some(result),
             Input::Applied(result) => self.applied(result),
@@ -429,7 +430,7 @@ impl Controller {
         }
         self.schedule(now, &mut out);
         self.maybe_ready(&mut out);
-        if self.ready_sent && carried_before != self.view().endpoint_carried {
+        if self.ready_sent && carried_before != self.carried() {
             out.push(Effect::Status(self.sentence()));
         }
         out
@@ -473,11 +474,11 @@ impl Controller {
         let changed =
             self.desired.as_ref().map(|d| (&d.members, &d.servers)) != Some((&desired.members, &desired.servers));
         self.origin = origin;
-        self.desired = Some(desired);
-        out.push(Effect::Known(set));
+        self.desired = Some(desired.clone());
         if !changed {
             return;
         }
+        out.push(Effect::Known(desired));
         self.mark_due();
         // New members: probe them now rather than at the next round; until then the members
         // known to be ready stay the forward's choice.
@@ -550,7 +551,7 @@ impl Controller {
         }
     }
 
-    fn liveness(&mut self, _now: Instant, alive: bool, out: &mut Vec<Effect>) {
+    fn liveness(&mut self, alive: bool, out: &mut Vec<Effect>) {
         if alive {
             self.gone_run = 0;
             self.alive = true;

@@ -218,8 +218,8 @@ impl<E: EndpointActuator, P: Probes, R: Reporter> Driver<E, P, R> {
                     });
                     None
                 }
-                Effect::Known(set) => {
-                    self.reporter.known(set);
+                Effect::Known(desired) => {
+                    self.reporter.known(&desired);
                     None
                 }
                 Effect::Transition { from, to } => {

@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter};
-use super::controller::{Adopted, Note, View};
+use super::controller::{Adopted, Desired, Note, View};
 use crate::haproxy::{HaproxySettings, Health, Server};
-use crate::members::MemberSet;
 
 /// Everything the fakes were asked to do, in order.
 #[derive(Clone, Default)]
@@ -150,7 +149,7 @@ impl Reporter for FakeReporter {
         self.log.push(format!("rejected {source}"));
     }
 
-    fn known(&mut self, _set: MemberSet) {}
+    fn known(&mut self, _desired: &Desired) {}
 
     fn publish(&mut self, view: &View) {
         *self.view.lock().unwrap() = Some(view.clone());

@@ -48,7 +48,7 @@ use crate::members::{MemberSet, ServerName};
 use crate::metrics::{Metrics, StateLabel, TransitionLabels};
 use crate::notify;
 use actuator::{HaproxyBackend, NetProbes, Reporter};
-use controller::{Carrier, Controller, Input, Note, View};
+use controller::{Carrier, Controller, Desired, Input, Note, View};
 use driver::{Driver, Ended, HaproxyHandle, Reloaded};
 use endpoint::{Endpoint, EndpointConfig};
 use server::Shared;
@@ -70,7 +70,6 @@ impl Options {
 pub fn controller_settings(config: &Config) -> controller::Settings {
     let h = &config.handover;
     controller::Settings {
-        topology: config.endpoint.topology,
         rise: h.rise,
         fall: h.fall,
         fallback: h.fallback,
@@ -159,8 +158,7 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         },
         wall: (SystemTime::now(), Instant::now()),
     };
-    reporter.zero(&metrics);
-    metrics.zero(config.members.source_name());
+    metrics.zero(config.members.source_name(), &controller::Phase::NAMES, &controller::TRANSITIONS);
 
     let on_shutdown = Arc::new(RwLock::new(config.forward.on_shutdown));
     let running_endpoint = config.endpoint.clone();
@@ -331,18 +329,6 @@ struct AgentReporter {
     wall: (SystemTime, Instant),
 }
 
-impl AgentReporter {
-    /// Every state and transition series exists from the start, at 0.
-    fn zero(&self, metrics: &Metrics) {
-        for state in controller::Phase::NAMES {
-            metrics.state.get_or_create(&StateLabel { state: state.into() }).set(0);
-        }
-        for (from, to) in controller::TRANSITIONS {
-            metrics.transitions.get_or_create(&TransitionLabels { from: from.into(), to: to.into() }).inc_by(0);
-        }
-    }
-}
-
 impl Reporter for AgentReporter {
     fn ready(&mut self, sentence: &str) {
         notify::ready(sentence);
@@ -364,17 +350,12 @@ impl Reporter for AgentReporter {
         self.metrics.member_update(source, false);
     }
 
-    fn known(&mut self, set: MemberSet) {
-        self.known.send_replace(set);
+    fn known(&mut self, desired: &Desired) {
+        self.sticky.send_replace(desired.sticky());
+        self.known.send_replace(desired.members.clone());
     }
 
     fn publish(&mut self, view: &View) {
-        self.sticky.send_if_modified(|s| {
-            let new: BTreeMap<_, _> = view.servers.iter().map(|s| (s.name.clone(), s.addr)).collect();
-            let changed = *s != new;
-            *s = new;
-            changed
-        });
         for state in controller::Phase::NAMES {
             self.metrics.state.get_or_create(&StateLabel { state: state.into() }).set(i64::from(state == view.phase));
         }

@@ -5,14 +5,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::controller::{Adopted, Controller, Effect, Input, Phase, Settings};
-use crate::config::Topology;
 use crate::haproxy::resolve::{Resolved, Unresolved};
 use crate::haproxy::{Health, Server};
 use crate::members::{parse, MemberSet, ParseOptions};
 
 fn settings() -> Settings {
     Settings {
-        topology: Topology::Retarget,
         rise: 2,
         fall: 3,
         fallback: true,
