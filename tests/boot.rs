@@ -207,6 +207,11 @@ impl Net {
 
     /// `GET https://ENDPOINT/readyz` from the hub, verified with the cluster CA.
     fn endpoint_readyz(&self) -> Result<String> {
+        self.readyz(ENDPOINT)
+    }
+
+    /// `GET https://ADDR/readyz` from the hub, verified with the cluster CA.
+    fn readyz(&self, addr: &str) -> Result<String> {
         let ca = self.ca();
         self.hub.run(
             "curl",
@@ -218,7 +223,7 @@ impl Net {
                 "3",
                 "--cacert",
                 ca.to_str().unwrap(),
-                &format!("https://{ENDPOINT}/readyz"),
+                &format!("https://{addr}/readyz"),
             ],
         )
     }
@@ -770,20 +775,7 @@ fn booted_external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
     let agent = m.wait_live_members(Duration::from_secs(60))?;
     ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "members {}", agent["members"]);
     // From a client: HAProxy answers on the endpoint itself, and no NAT rule is left in the path.
-    let ca = net.ca();
-    let out = net.hub.run(
-        "curl",
-        &[
-            "--silent",
-            "--show-error",
-            "--fail",
-            "--max-time",
-            "3",
-            "--cacert",
-            ca.to_str().unwrap(),
-            "https://192.0.2.10:6443/readyz",
-        ],
-    )?;
+    let out = net.readyz("192.0.2.10:6443")?;
     ensure!(out.trim() == "ok", "{out}");
     let listening = m.ok("ss -Hltnp 'sport = :6443'")?;
     ensure!(listening.contains("haproxy"), "HAProxy does not hold 192.0.2.10:6443:\n{listening}");

@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
+#[path = "support/program.rs"]
+mod program;
+use program::{read, root, run, tool, Ran};
+
 /// `systemd-analyze security` exposure of cpha.service, in tenths (1.8 "OK"): what the unit
 /// achieves. Loosening the sandbox fails this test; tightening it should lower the number.
 const MAX_EXPOSURE_TENTHS: u32 = 18;
@@ -32,14 +36,6 @@ const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 
 // ---------------------------------------------------------------------------------------------
 // Plumbing
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
-}
 
 struct TempDir(PathBuf);
 
@@ -74,15 +70,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A program the tests need, by name on PATH; missing means the machine was not prepared.
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} is not installed: run hack/test, which installs every validator"))
-}
-
 fn kubernetes_validate() -> PathBuf {
     let path =
         std::env::var_os("CPHA_KUBERNETES_VALIDATE").map(PathBuf::from).unwrap_or_else(|| KUBERNETES_VALIDATE.into());
@@ -92,30 +79,6 @@ fn kubernetes_validate() -> PathBuf {
         path.display()
     );
     path
-}
-
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn ok(&self) -> bool {
-        self.code == 0
-    }
-    fn both(&self) -> String {
-        format!("exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
-    }
-}
-
-fn run(cmd: &mut Command) -> Ran {
-    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 fn docs(text: &str) -> Vec<Value> {

@@ -15,44 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::CommandFactory as _;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
-}
-
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn ok(&self) -> bool {
-        self.code == 0
-    }
-    fn both(&self) -> String {
-        format!("exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
-    }
-}
-
-fn run(cmd: &mut Command) -> Ran {
-    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> Ran {
-    let what = format!("{cmd:?}");
-    let ran = run(cmd);
-    assert!(ran.ok(), "{what}:\n{}", ran.both());
-    ran
-}
+#[path = "support/program.rs"]
+mod program;
+use program::{read, root, run, run_ok, tool, Ran};
 
 fn unique(tag: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -100,15 +65,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
-}
-
-/// A program on PATH, or a clear message that the machine was not prepared.
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} is not installed: run hack/test, which installs it"))
 }
 
 /// The cpha-docgen binary the workspace build put next to cpha.

@@ -21,6 +21,17 @@ fn cluster(topology: &str, mode: &str) -> Result<Cluster> {
     Ok(c)
 }
 
+/// Balanced as a host runs with the shipped defaults for the handover and the apply timing.
+fn balanced_at_defaults() -> Result<Cluster> {
+    let mut c = Cluster::new(3)?;
+    c.set_members(&c.member_list(&[1, 2, 3]))?;
+    let config = c.write_default_config("retarget", "nftables", &c.members[0].addr.clone())?;
+    c.start_agent(&config)?;
+    c.start_haproxy()?;
+    c.wait_phase(&["balanced"], LONG)?;
+    Ok(c)
+}
+
 fn balanced(topology: &str) -> Result<Cluster> {
     let mut c = cluster(topology, "nftables")?;
     c.start_haproxy()?;
@@ -374,20 +385,13 @@ fn ensure_line(metrics: &str, line: &str) {
 /// HAProxy SIGKILLed under steady new connections, at the default settings: the fallback
 /// forward takes the endpoint on the fast "gone" path, not after `fall` unhealthy checks.
 #[test]
-fn haproxy_sigkill_under_load_falls_back_within_a_second() {
-    let mut c = Cluster::new(3).unwrap();
-    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
-    let config = c.write_default_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
-    c.start_agent(&config).unwrap();
-    c.start_haproxy().unwrap();
-    c.wait_phase(&["balanced"], LONG).unwrap();
+fn haproxy_sigkill_under_load_falls_back_on_the_fast_path() {
+    let mut c = balanced_at_defaults().unwrap();
     let started = std::time::Instant::now();
     let load = c.https_loop(&c.client, "6s").unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let killed = started.elapsed().as_secs_f64();
-    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     c.kill_haproxy().unwrap();
-    println!("killed at unix {:.3}", wall.as_secs_f64());
     let report = load_report(load, LONG).unwrap();
     c.wait_phase(&["fallback"], Duration::from_secs(5)).unwrap();
     assert!(report.ok > 0, "{report:?}");
@@ -400,9 +404,6 @@ fn haproxy_sigkill_under_load_falls_back_within_a_second() {
         report.ok,
         report.conns_per_sec
     );
-    if std::env::var_os("CPHA_E2E_LOG").is_some() {
-        println!("{}", c.agent_log());
-    }
     // Behaviour, not a benchmark: well inside the 10 s the default `fall` would take, even on
     // a loaded machine (a quiet run measures 0.25-0.4 s; the figure is printed above). Without
     // the conntrack clean-up at the fallback, refused connects went on for up to 2.6 s.
@@ -415,12 +416,7 @@ fn haproxy_sigkill_under_load_falls_back_within_a_second() {
 /// the default settings, when no apply happened in the last minApplyInterval.
 #[test]
 fn configmap_edits_reach_haproxy_at_once() {
-    let mut c = Cluster::new(3).unwrap();
-    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
-    let config = c.write_default_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
-    c.start_agent(&config).unwrap();
-    c.start_haproxy().unwrap();
-    c.wait_phase(&["balanced"], LONG).unwrap();
+    let c = balanced_at_defaults().unwrap();
     c.serving_after(Duration::from_secs(10), 3).unwrap();
     let before = c.workers().unwrap().0;
     let mut took = Vec::new();
@@ -443,9 +439,6 @@ fn configmap_edits_reach_haproxy_at_once() {
     let p50 = took[took.len() / 2];
     let p99 = took[took.len() - 1];
     println!("figures: {} edits, PATCH response to runtime state p50 {p50:?}, max {p99:?}", took.len());
-    if std::env::var_os("CPHA_E2E_LOG").is_some() {
-        println!("{}", c.agent_log());
-    }
     // The old loop waited for its 1 s tick (p50 715 ms); an apply at once is tens of ms.
     assert!(p50 < Duration::from_millis(300), "{took:?}");
     assert_eq!(c.workers().unwrap().0, before, "the same HAProxy worker: no reload");
