@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::place::{self, Placement};
 use super::render::{self, Template};
-use super::{Advertised, Vrrp, VrrpObserved, VipSettings};
+use super::{Advertised, VipSettings, Vrrp, VrrpObserved};
 use crate::exec;
 
 /// `keepalived --config-test` and the reload command get this long.
@@ -49,10 +49,12 @@ pub struct Keepalived {
 
 impl Keepalived {
     /// Checks the settings against this host and prepares the files keepalived reads (the
-    /// tracked file, created "degraded" when absent; the FIFO); starts the configuration and
-    /// observation tasks, which report on `events` until `stop`.
+    /// tracked file, created "degraded" when absent; the FIFO; keepalived.conf for `members`,
+    /// written before this returns, so keepalived can start after cpha); starts the
+    /// configuration and observation tasks, which report on `events` until `stop`.
     pub fn start(
         settings: VipSettings,
+        members: Vec<IpAddr>,
         poll: Duration,
         events: mpsc::Sender<VipEvent>,
         stop: CancellationToken,
@@ -69,7 +71,20 @@ impl Keepalived {
             write_track(&k.track_file, Advertised::Degraded.track_value(settings.degraded_penalty))?;
         }
         ensure_fifo(&k.notify_fifo)?;
-        let (peers, peers_rx) = watch::channel(None);
+        let first = apply(&settings, &place, &template, &render::peers(&settings, &members, &place));
+        let report = match first {
+            Ok(Some(report)) => Some(Ok(report)),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
+        };
+        if let Some(report) = report {
+            match &report {
+                Ok(done) => tracing::info!("{done}"),
+                Err(err) => tracing::error!("keepalived: {err}"),
+            }
+            let _ = events.try_send(VipEvent::Configured(report));
+        }
+        let (peers, peers_rx) = watch::channel(Some(members));
         tokio::spawn(configure(settings.clone(), place.clone(), template, peers_rx, events.clone(), stop.clone()));
         tokio::spawn(observe(settings.clone(), poll, events, stop));
         Ok(Keepalived { settings, place, peers })
@@ -188,9 +203,10 @@ pub fn config_test(binary: &Path, file: &Path) -> Result<(), String> {
     let arg = format!("--use-file={}", file.display());
     match exec::run_with_timeout(&program, &["--config-test", arg.as_str()], None, KEEPALIVED_TIMEOUT) {
         Ok(_) => Ok(()),
-        Err(exec::ExecError::Failed { stderr, .. }) => {
-            Err(format!("keepalived --config-test refused the rendered file; the running one is kept: {}", stderr.trim()))
-        }
+        Err(exec::ExecError::Failed { stderr, .. }) => Err(format!(
+            "keepalived --config-test refused the rendered file; the running one is kept: {}",
+            stderr.trim()
+        )),
         Err(err) => Err(format!("keepalived --config-test: {err}")),
     }
 }
@@ -203,11 +219,16 @@ fn reload(s: &VipSettings) -> Result<String, String> {
         return Ok(format!("reloaded with `{}`", k.reload_command.join(" ")));
     }
     let Some(pid) = read_pid(&k.pid_file) else {
-        return Ok(format!("keepalived is not running ({} names no process): it reads the file when it starts", k.pid_file.display()));
+        return Ok(format!(
+            "keepalived is not running ({} names no process): it reads the file when it starts",
+            k.pid_file.display()
+        ));
     };
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP) {
         Ok(()) => Ok(format!("keepalived (pid {pid}) reloaded with SIGHUP")),
-        Err(nix::errno::Errno::ESRCH) => Ok(format!("keepalived (pid {pid}) is not running: it reads the file when it starts")),
+        Err(nix::errno::Errno::ESRCH) => {
+            Ok(format!("keepalived (pid {pid}) is not running: it reads the file when it starts"))
+        }
         Err(err) => Err(format!("SIGHUP to keepalived (pid {pid}): {err}")),
     }
 }
