@@ -83,6 +83,12 @@ fn the_worker_reaches_the_endpoint_through_the_vip_from_the_first_boot() {
     assert!(metrics.contains("cpha_vip_held 1"), "{metrics}");
     assert!(metrics.contains("cpha_vip_changes_total{change=\"taken\"} 1"), "{metrics}");
     assert!(metrics.contains("cpha_vrrp_state{state=\"master\"} 1"), "{metrics}");
+    assert!(metrics.contains("cpha_vip_advertised{health=\"healthy\"} 1"), "{metrics}");
+    // The series deploy/monitoring's alerts use exist on a backup too, from the start.
+    let backup = lab.metrics((holder + 1) % 3).unwrap();
+    for line in ["cpha_vip_held 0", "cpha_vip_advertised{health=\"withdrawn\"} 0", "cpha_vip_changes_total{change=\"taken\"} 0"] {
+        assert!(backup.lines().any(|l| l == line), "{line} missing:\n{backup}");
+    }
     assert_eq!(lab.holders().unwrap(), vec![holder]);
 }
 
