@@ -109,8 +109,11 @@ fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     let mut all = exported(&text);
     all.extend(exported(haproxy["body"].as_str().unwrap_or_default()));
     // The virtual IP's series exist on hosts with a `vip:` section; tests/vip.rs checks those.
-    let missing: Vec<&String> =
-        used.iter().filter(|n| !n.starts_with("cpha_vip_") && !n.starts_with("cpha_vrrp_")).filter(|n| !all.contains(*n)).collect();
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|n| !n.starts_with("cpha_vip_") && !n.starts_with("cpha_vrrp_"))
+        .filter(|n| !all.contains(*n))
+        .collect();
     assert!(missing.is_empty(), "named by deploy/monitoring but not exported: {missing:?}\n{text}");
     for line in [
         "cpha_endpoint_carried{carrier=\"haproxy\"} 1",

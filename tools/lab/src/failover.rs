@@ -77,7 +77,8 @@ pub fn run(opts: &FailoverOpts) -> Result<String> {
                 bail!("stopped");
             }
             let holder = lab.wait_holder(Duration::from_secs(20), None)?;
-            let sample = one(&mut lab, holder, *kind, opts.rate).with_context(|| format!("{} (round {})", kind.label(), round + 1))?;
+            let sample = one(&mut lab, holder, *kind, opts.rate)
+                .with_context(|| format!("{} (round {})", kind.label(), round + 1))?;
             eprintln!(
                 "failover: {} round {}: {:.0} ms, {} failed",
                 kind.label(),
@@ -184,7 +185,13 @@ fn idle_run(lab: &VipLab, duration: Duration) -> Result<Idle> {
     Ok(Idle { duration: to - from, moves, health_changes: advertised(lab) - before })
 }
 
-fn render(opts: &FailoverOpts, samples: &[(Kind, Vec<Sample>)], idle: Option<&Idle>, overlap: Duration, took: Duration) -> String {
+fn render(
+    opts: &FailoverOpts,
+    samples: &[(Kind, Vec<Sample>)],
+    idle: Option<&Idle>,
+    overlap: Duration,
+    took: Duration,
+) -> String {
     let mut s = String::new();
     s.push_str(BEGIN);
     s.push_str("\n\n## Failover of the virtual IP\n\n");
@@ -236,14 +243,21 @@ fn render(opts: &FailoverOpts, samples: &[(Kind, Vec<Sample>)], idle: Option<&Id
 
 fn keepalived_version() -> String {
     let out = Command::new("keepalived").arg("--version").output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout)).unwrap_or_default();
-    text.split_whitespace().find(|w| w.starts_with('v')).map(|v| v.trim_start_matches('v').to_string()).unwrap_or_else(|| "(version unknown)".into())
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout))
+        .unwrap_or_default();
+    text.split_whitespace()
+        .find(|w| w.starts_with('v'))
+        .map(|v| v.trim_start_matches('v').to_string())
+        .unwrap_or_else(|| "(version unknown)".into())
 }
 
 /// `old` with its failover section replaced by `section` (appended when it has none).
 pub fn replace_section(old: &str, section: &str) -> String {
     match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], section, old[e + END.len()..].trim_start_matches('\n')),
+        (Some(b), Some(e)) if e > b => {
+            format!("{}{}{}", &old[..b], section, old[e + END.len()..].trim_start_matches('\n'))
+        }
         _ => {
             let mut s = old.trim_end().to_string();
             if !s.is_empty() {
