@@ -187,12 +187,21 @@ fn idle_run(lab: &VipLab, duration: Duration) -> Result<Idle> {
     Ok(Idle { duration: to - from, moves, health_changes: advertised(lab) - before })
 }
 
+/// The 1-minute load average: other work on the machine moves these figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn render(
     opts: &FailoverOpts,
     samples: &[(Kind, Vec<Sample>)],
     idle: Option<&Idle>,
     overlap: Duration,
     took: Duration,
+    load: &str,
 ) -> String {
     let mut s = String::new();
     s.push_str(BEGIN);
