@@ -5,6 +5,7 @@ pub mod check_config;
 pub mod cleanup;
 pub mod forward;
 pub mod members;
+pub mod members_edit;
 pub mod render;
 pub mod run;
 pub mod status;
@@ -54,7 +55,8 @@ pub enum Command {
     Cleanup(cleanup::Args),
     /// Show the forward installed in the kernel, read back from nftables/iptables.
     Status(status::Args),
-    /// Print the control-plane member set resolved from the configured source (--watch: every update).
+    /// Print the control-plane member set resolved from the configured source (--watch: every update);
+    /// `members add|remove` edit the member ConfigMap.
     Members(Box<members::Args>),
     /// Run the agent: forward, keep HAProxy in step with the members, hand over (see `cpha run --help`).
     Run(run::Args),
