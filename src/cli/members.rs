@@ -211,6 +211,7 @@ impl MembersFlags {
             max_members: self.max_members,
             allow_empty: self.allow_empty,
             state_file: self.state_file.clone(),
+            drift: Default::default(),
         }
     }
 }
