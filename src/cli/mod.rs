@@ -60,7 +60,7 @@ pub enum Command {
     /// `members add|remove` edit the member ConfigMap.
     Members(Box<members::Args>),
     /// Create the least-privilege identity of the agent (ServiceAccount, Roles) and write a token for it.
-    Identity(identity::Args),
+    Identity(Box<identity::Args>),
     /// Run the agent: forward, keep HAProxy in step with the members, hand over (see `cpha run --help`).
     Run(run::Args),
     /// Print the haproxy.cfg cpha would write for a member set.
@@ -158,7 +158,7 @@ impl Cli {
             Command::Cleanup(args) => cleanup::run(args),
             Command::Status(args) => status::run(args),
             Command::Members(args) => members::run(*args),
-            Command::Identity(args) => identity::run(args),
+            Command::Identity(args) => identity::run(*args),
             Command::Run(args) => run::run(args),
             Command::Render(args) => render::run(args),
             Command::CheckConfig(args) => check_config::run(args),

@@ -199,7 +199,7 @@ mod tests {
         };
         let objects = desired(&grants);
         assert_eq!(objects.service_account.metadata.namespace.as_deref(), Some("kube-system"));
-        let json = serde_json::to_value(&objects.roles.iter().map(|(r, _)| r).collect::<Vec<_>>()).unwrap();
+        let json = serde_json::to_value(objects.roles.iter().map(|(r, _)| r).collect::<Vec<_>>()).unwrap();
         assert_eq!(
             json,
             serde_json::json!([
