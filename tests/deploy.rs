@@ -144,7 +144,6 @@ fn embedded(file: &str) -> BTreeMap<&'static str, &'static str> {
     match file {
         "cloud-init/init.yaml" => {
             m.insert("/etc/cpha/config.yaml", "examples/config-host.yaml");
-            m.insert("/etc/cpha/members-configmap.yaml", "deploy/members-configmap.yaml");
         }
         "cloud-init/join.yaml" => {
             m.insert("/etc/cpha/config.yaml", "examples/config-host.yaml");
@@ -535,10 +534,14 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
                 );
             }
         }
-        if file == "cloud-init/init.yaml" {
+        // The host shape registers itself once kubeadm has run: the agent's own token first,
+        // then this host into the member ConfigMap (no host listed by hand).
+        if file == "cloud-init/init.yaml" || file == "cloud-init/join.yaml" {
+            let kubeadm = if file == "cloud-init/init.yaml" { "kubeadm-init" } else { "kubeadm-join" };
             assert!(
-                position(&runcmd, "cpha-bootstrap kubeadm-init") < position(&runcmd, "cpha-bootstrap apply-members")
+                position(&runcmd, &format!("cpha-bootstrap {kubeadm}")) < position(&runcmd, "cpha-bootstrap identity")
             );
+            assert!(position(&runcmd, "cpha-bootstrap identity") < position(&runcmd, "cpha-bootstrap register"));
         }
     }
 
@@ -680,7 +683,6 @@ fn manifests_pass_the_kubernetes_schemas() {
         "deploy/daemonset.yaml",
         "deploy/external-lb-rbac.yaml",
         "deploy/members-configmap.yaml",
-        "vagrant/members-configmap.yaml",
     ]
     .iter()
     .map(|f| root().join(f))
@@ -688,7 +690,7 @@ fn manifests_pass_the_kubernetes_schemas() {
     let ran = validate_manifests(&files);
     assert!(ran.ok(), "kubernetes-validate --strict:\n{}", ran.both());
     let passed = ran.stdout.matches(" passed for resource ").count();
-    assert_eq!(passed, 11, "every object is checked against a schema:\n{}", ran.both());
+    assert_eq!(passed, 10, "every object is checked against a schema:\n{}", ran.both());
 
     // A field the DaemonSet schema does not have is refused.
     let dir = TempDir::new("manifests");
@@ -1016,9 +1018,10 @@ fn vagrant_environment_validates() {
         vagrantfile.contains(&format!("ENDPOINT = \"{endpoint}\"")),
         "the Vagrantfile's ENDPOINT is not {endpoint}"
     );
-    let members = doc(&read("vagrant/members-configmap.yaml"));
-    let listed: Vec<String> = s(&members, "data.members").lines().map(str::to_string).collect();
-    assert_eq!(listed, strings(&config, "members.static"));
+    // No member list is written by hand: the VMs register themselves. The seed names the VMs.
+    assert!(!root().join("vagrant/members-configmap.yaml").exists());
+    assert!(!vagrantfile.contains("members-configmap"), "the Vagrantfile still uploads a member list");
+    let listed = strings(&config, "members.static");
     for member in &listed {
         let (name, addr) = member.split_once('=').unwrap();
         let ip = addr.trim_end_matches(":6443");
@@ -1031,6 +1034,8 @@ fn vagrant_environment_validates() {
     };
     assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-init"));
     assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-join"));
+    assert!(line("cpha-bootstrap kubeadm-join") < line("cpha-bootstrap identity"));
+    assert!(line("cpha-bootstrap identity") < line("cpha-bootstrap register"));
 
     // vagrant validate itself fails when the binary to upload is missing.
     let ran = vagrant_validate(&dir.path().join("dot2"), "/nonexistent/cpha");
@@ -1051,10 +1056,10 @@ fn example_configs_pass_check_config() {
     }
     let host = doc(&read("examples/config-host.yaml"));
     assert_eq!(s(&host, "endpoint.topology"), "retarget");
-    assert_eq!(
-        strings(&host, "kubernetes.kubeconfig"),
-        ["/etc/kubernetes/admin.conf", "/etc/kubernetes/super-admin.conf"]
-    );
+    // The long-running agent holds its own read-only token, never kubeadm's admin credentials.
+    assert_eq!(s(&host, "kubernetes.tokenFile"), "/etc/cpha/token");
+    assert_eq!(s(&host, "kubernetes.caFile"), "/etc/kubernetes/pki/ca.crt");
+    assert!(at(&host, "kubernetes").get("kubeconfig").is_none(), "the host shape names admin.conf");
     assert_eq!(s(&host, "members.source"), "configMap");
     let members = doc(&read("deploy/members-configmap.yaml"));
     assert_eq!(s(&members, "metadata.name"), s(&host, "members.configMap.name"));
