@@ -752,8 +752,10 @@ fn booted_host_shape_removal_leaves_no_rule_and_no_file() -> Result<()> {
 /// host out of the member list (the one line starting with `cpha-bootstrap deregister`).
 fn decommission_command() -> String {
     let doc = read("docs/deployment.md");
-    let section = &doc[doc.find("**Decommissioning a control-plane host.**").expect("docs/deployment.md: decommissioning")..];
-    let lines: Vec<&str> = section.lines().map(str::trim).filter(|l| l.starts_with("cpha-bootstrap deregister")).collect();
+    let section =
+        &doc[doc.find("**Decommissioning a control-plane host.**").expect("docs/deployment.md: decommissioning")..];
+    let lines: Vec<&str> =
+        section.lines().map(str::trim).filter(|l| l.starts_with("cpha-bootstrap deregister")).collect();
     assert!(!lines.is_empty(), "docs/deployment.md's decommissioning names no `cpha-bootstrap deregister`");
     lines[0].split(" #").next().unwrap_or_default().trim().to_string()
 }

@@ -679,14 +679,11 @@ fn validate_manifests(files: &[PathBuf]) -> Ran {
 
 #[test]
 fn manifests_pass_the_kubernetes_schemas() {
-    let files: Vec<PathBuf> = [
-        "deploy/daemonset.yaml",
-        "deploy/external-lb-rbac.yaml",
-        "deploy/members-configmap.yaml",
-    ]
-    .iter()
-    .map(|f| root().join(f))
-    .collect();
+    let files: Vec<PathBuf> =
+        ["deploy/daemonset.yaml", "deploy/external-lb-rbac.yaml", "deploy/members-configmap.yaml"]
+            .iter()
+            .map(|f| root().join(f))
+            .collect();
     let ran = validate_manifests(&files);
     assert!(ran.ok(), "kubernetes-validate --strict:\n{}", ran.both());
     let passed = ran.stdout.matches(" passed for resource ").count();

@@ -469,4 +469,33 @@ mod tests {
         assert_eq!(s.parse.max_members, 3);
         assert_eq!(s.state_file, Some(PathBuf::from("/tmp/s.json")));
     }
+
+    #[test]
+    fn drift_is_compared_for_the_configmap_source_only() {
+        let cfg = |text: &str| -> Result<MembersSettings, MembersConfigError> {
+            crate::yaml::from_str::<MembersConfig>(text).unwrap().resolve()
+        };
+        let d = cfg("source: configMap\n").unwrap().drift.expect("on by default");
+        assert_eq!(
+            d,
+            DriftSettings {
+                namespace: "default".into(),
+                name: "kubernetes".into(),
+                port_name: "https".into(),
+                after: Duration::from_secs(300)
+            }
+        );
+        let d = cfg("source: configMap\ndrift: {after: 30s, endpointSlice: {namespace: team, name: apis}}\n").unwrap();
+        assert_eq!(
+            d.drift.map(|d| (d.namespace, d.name, d.after)),
+            Some(("team".into(), "apis".into(), Duration::from_secs(30)))
+        );
+        assert_eq!(cfg("source: configMap\ndrift: {after: 0s}\n").unwrap().drift, None, "0s turns it off");
+        assert_eq!(cfg("source: endpointSlice\n").unwrap().drift, None, "the slice is the source itself");
+        let e = cfg("source: configMap\ndrift: {after: 25h}\n").unwrap_err();
+        assert_eq!(e.key, "drift.after");
+        let e = cfg("source: configMap\ndrift: {endpointSlice: {name: Bad_Name}}\n").unwrap_err();
+        assert_eq!(e.key, "drift.endpointSlice.name");
+        assert!(crate::yaml::from_str::<MembersConfig>("drift: {aftr: 1m}\n").is_err(), "unknown keys are refused");
+    }
 }
