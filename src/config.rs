@@ -29,6 +29,9 @@ pub struct Config {
     pub kubernetes: crate::kube::KubeSettings,
     #[serde(default)]
     pub haproxy: crate::haproxy::HaproxySettings,
+    /// The virtual IP keepalived holds for the endpoint; absent: no VIP.
+    #[serde(default)]
+    pub vip: Option<crate::vip::VipSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -46,7 +49,7 @@ pub struct EndpointSection {
 
 /// The top-level sections of the configuration file, as [`Config`] names them (a test keeps
 /// the two in step), for commands that read only some of them.
-pub const SECTIONS: [&str; 7] = ["endpoint", "forward", "handover", "agent", "members", "kubernetes", "haproxy"];
+pub const SECTIONS: [&str; 8] = ["endpoint", "forward", "handover", "agent", "members", "kubernetes", "haproxy", "vip"];
 
 /// How HAProxy and the forward share the endpoint (see `agent::endpoint`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
@@ -231,6 +234,9 @@ impl Config {
         }
         if self.handover.liveness_interval < Duration::from_millis(50) {
             return bad("handover.livenessInterval must be at least 50ms".into());
+        }
+        if let Some(vip) = &self.vip {
+            vip.check(listen.ip()).map_err(|e| Coded::config(e.to_string()))?;
         }
         if self.endpoint.topology == Topology::Retarget {
             if listen.ip().is_unspecified() && self.endpoint.haproxy_bind.is_none() {

@@ -32,4 +32,5 @@ pub mod sysinfo;
 #[cfg(test)]
 mod testutil;
 pub mod units;
+pub mod vip;
 pub mod yaml;

@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod client;
 pub mod dur;
+pub mod failover;
 pub mod http;
 pub mod https;
 pub mod netns;
@@ -22,6 +23,7 @@ pub mod report;
 pub mod server;
 pub mod stop;
 pub mod tls;
+pub mod vrrp;
 
 /// Panics with a clear message unless the process runs as root with `ip netns` usable.
 ///
