@@ -687,7 +687,7 @@ fn manifests_pass_the_kubernetes_schemas() {
     let ran = validate_manifests(&files);
     assert!(ran.ok(), "kubernetes-validate --strict:\n{}", ran.both());
     let passed = ran.stdout.matches(" passed for resource ").count();
-    assert_eq!(passed, 10, "every object is checked against a schema:\n{}", ran.both());
+    assert_eq!(passed, 12, "every object is checked against a schema:\n{}", ran.both());
 
     // A field the DaemonSet schema does not have is refused.
     let dir = TempDir::new("manifests");
@@ -702,7 +702,24 @@ fn manifests_pass_the_kubernetes_schemas() {
 
 #[test]
 fn daemonset_grants_only_what_cpha_needs() {
-    let all = docs(&read("deploy/daemonset.yaml"));
+    let everything = docs(&read("deploy/daemonset.yaml"));
+    // The drift report's read-only Role and binding live where the EndpointSlice is; they grant
+    // get, list and watch of that one object and nothing else.
+    let (registrations, all): (Vec<Value>, Vec<Value>) =
+        everything.into_iter().partition(|d| s(d, "metadata.name") == "cpha-registrations");
+    assert_eq!(registrations.len(), 2, "the registrations Role and RoleBinding");
+    for d in &registrations {
+        assert_eq!(s(d, "metadata.namespace"), "default", "{d:?}");
+    }
+    let reg_role = one(&registrations, "Role");
+    let reg_rules = at(reg_role, "rules").as_sequence().unwrap();
+    assert_eq!(reg_rules.len(), 1);
+    assert_eq!(strings(&reg_rules[0], "resources"), ["endpointslices"]);
+    assert_eq!(strings(&reg_rules[0], "resourceNames"), ["kubernetes"]);
+    assert_eq!(strings(&reg_rules[0], "verbs"), ["get", "list", "watch"]);
+    let reg_binding = one(&registrations, "RoleBinding");
+    assert_eq!(s(reg_binding, "roleRef.name"), "cpha-registrations");
+    assert_eq!(s(reg_binding, "subjects.0.namespace"), "kube-system");
     for d in &all {
         assert_eq!(s(d, "metadata.namespace"), "kube-system", "{d:?}");
     }
