@@ -59,7 +59,6 @@ install -D -m 0755 "$src/cpha-bootstrap" /usr/local/sbin/cpha-bootstrap
 install -D -m 0644 "$src/cpha.service" /etc/systemd/system/cpha.service
 install -D -m 0644 "$src/haproxy-cpha.conf" /etc/systemd/system/haproxy.service.d/cpha.conf
 install -D -m 0644 "$src/config.yaml" /etc/cpha/config.yaml
-install -D -m 0644 "$src/members-configmap.yaml" /etc/cpha/members-configmap.yaml
 # The binary is already in place: nothing to download.
 printf 'CPHA_URL=\nCPHA_SHA256=\n' >/etc/cpha/install.env
 {
@@ -88,8 +87,10 @@ systemctl enable haproxy
 systemctl restart haproxy
 if [ "$role" = init ]; then
     cpha-bootstrap kubeadm-init
-    cpha-bootstrap apply-members
 else
     cpha-bootstrap kubeadm-join
 fi
+# The agent's own token, then this VM into the member list (cp1 creates the ConfigMap).
+cpha-bootstrap identity
+cpha-bootstrap register
 cpha status
