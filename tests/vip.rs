@@ -13,7 +13,7 @@ use cpha_lab::report::LoadReport;
 use cpha_lab::vrrp::{self, LabOpts, Programs, VipLab, ENDPOINT, VIP};
 
 /// VRRP's advertisement interval at cpha's defaults.
-const ADVERT: Duration = Duration::from_millis(500);
+const ADVERT: Duration = Duration::from_millis(400);
 
 fn programs() -> Programs {
     Programs {

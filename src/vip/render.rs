@@ -202,7 +202,7 @@ mod tests {
             "file \"/run/cpha/vip-health\"",
             "interface eth0",
             "virtual_router_id 51",
-            "advert_int 0.50",
+            "advert_int 0.40",
             "unicast_src_ip 192.0.2.11",
             "        192.0.2.12\n        192.0.2.13\n",
             "192.0.2.10/32 dev eth0",

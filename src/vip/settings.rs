@@ -60,7 +60,7 @@ impl Default for VipSettings {
             address: IpAddr::from([0, 0, 0, 0]),
             interface: None,
             virtual_router_id: 51,
-            advert_interval: Duration::from_millis(500),
+            advert_interval: Duration::from_millis(400),
             priority: 100,
             preempt: true,
             preempt_delay: Duration::ZERO,
@@ -296,7 +296,7 @@ mod tests {
     fn defaults_are_valid_once_the_address_is_given() {
         let s = vip("address: 192.0.2.10\n").unwrap();
         s.check(endpoint()).unwrap();
-        assert_eq!(s.advert_seconds(), "0.50");
+        assert_eq!(s.advert_seconds(), "0.40");
         assert_eq!(s.virtual_router_id, 51);
     }
 

@@ -207,7 +207,7 @@ fn render(
     s.push_str(BEGIN);
     s.push_str("\n\n## Failover of the virtual IP\n\n");
     s.push_str(&format!(
-        "Three control-plane hosts and a worker on one bridge, each host with its apiserver (the API stand-in), HAProxy, `cpha run` and keepalived {} at cpha's `vip:` defaults (VRRPv3, `advertInterval` 500ms, equal priorities, `checkInterval` 500ms, `fall` 2). The worker opens {} new TLS connections a second to the VIP (`GET /readyz`, each bounded to 1 s) while the holder fails. **Recovery** is the time from the fault until the worker's connections succeed again (the end of the first successful connection started after the last failed one); **failed** counts the worker's connections that failed after the fault. {} rounds of each kind, interleaved, on the machine's 2 CPUs; {:.0} s in all; 1-minute load average {}.\n\n",
+        "Three control-plane hosts and a worker on one bridge, each host with its apiserver (the API stand-in), HAProxy, `cpha run` and keepalived {} at cpha's `vip:` defaults (VRRPv3, `advertInterval` 400ms, equal priorities, `checkInterval` 500ms, `fall` 2). The worker opens {} new TLS connections a second to the VIP (`GET /readyz`, each bounded to 1 s) while the holder fails. **Recovery** is the time from the fault until the worker's connections succeed again (the end of the first successful connection started after the last failed one); **failed** counts the worker's connections that failed after the fault. {} rounds of each kind, interleaved, on the machine's 2 CPUs; {:.0} s in all; 1-minute load average {}.\n\n",
         keepalived_version(),
         opts.rate,
         opts.runs,
@@ -231,7 +231,7 @@ fn render(
         ));
     }
     s.push_str(&format!(
-        "\nLongest time two hosts held the VIP at once, over the whole run: {:.1} ms (one advertisement interval is 500 ms).\n",
+        "\nLongest time two hosts held the VIP at once, over the whole run: {:.1} ms (one advertisement interval is 400 ms).\n",
         overlap.as_secs_f64() * 1000.0
     ));
     if let Some(idle) = idle {
@@ -244,7 +244,7 @@ fn render(
     }
     s.push_str(
         "\nWhy the kinds differ:\n\n\
-- **Link down**: the backups hear no advertisement and wait VRRP's master-down interval, 3 × 500 ms plus the skew time (0.3 s at priority 100): about 1.8 s, then a gratuitous ARP moves the worker.\n\
+- **Link down**: the backups hear no advertisement and wait VRRP's master-down interval, 3 × 400 ms plus the skew time (0.24 s at priority 100): about 1.45 s, then a gratuitous ARP moves the worker.\n\
 - **keepalived SIGKILLed**: it cannot send its priority-0 advertisement and leaves the address on the interface. cpha sees keepalived's notify FIFO close, waits 300 ms for a reload to reopen it, and removes the address, so two hosts never hold it; the backups take over after the master-down interval, as for a link.\n\
 - **HAProxy and the forward failed**: cpha's endpoint check (every 500 ms, through the endpoint itself) fails twice, cpha writes -254 to the tracked file, keepalived enters FAULT and sends a priority-0 advertisement, and a backup takes over after the skew time. The fallback to the forward comes first (HAProxy gone, 400 ms), and its failed checks follow.\n\n",
     );
