@@ -449,6 +449,10 @@ pub struct Controller {
     haproxy: Health,
     gone_run: u32,
     alive: bool,
+    /// Reads in a row in which HAProxy's sockets accepted connections but its admin socket
+    /// did not answer, and whether that episode was already reconciled.
+    mute_run: u32,
+    mute_reconciled: bool,
     ready_members: Option<Vec<SocketAddr>>,
     endpoint_check: Option<EndpointCheck>,
     next_read: Instant,
@@ -533,6 +537,10 @@ impl VipState {
 /// socket being replaced.
 const GONE_AFTER: u32 = 2;
 
+/// Reads of a HAProxy that runs but does not answer on cpha's admin socket before an apply
+/// reconciles it.
+const MUTE_AFTER: u32 = 3;
+
 impl Controller {
     pub fn new(settings: Settings, now: Instant) -> Self {
         let vip = settings.vip.clone().map(|policy| VipState::new(policy, now));
@@ -553,6 +561,8 @@ impl Controller {
             haproxy: Health::default(),
             gone_run: 0,
             alive: false,
+            mute_run: 0,
+            mute_reconciled: false,
             ready_members: None,
             endpoint_check: None,
             next_read: now,
@@ -852,6 +862,19 @@ impl Controller {
         if health.answers {
             self.alive = true;
             self.gone_run = 0;
+            self.mute_run = 0;
+            self.mute_reconciled = false;
+        } else if self.alive {
+            // It runs (a socket accepts) but cpha's admin socket does not answer: HAProxy was
+            // started on another file (a package's sample configuration before cpha's was
+            // written) or lost the race with a restart. An apply reads what runs through the
+            // master CLI and reloads it onto cpha's file; once per episode, so a socket cpha
+            // cannot use is not reloaded again and again.
+            self.mute_run = self.mute_run.saturating_add(1);
+            if self.mute_run >= MUTE_AFTER && !self.mute_reconciled {
+                self.mute_reconciled = true;
+                self.mark_due();
+            }
         }
         if health.answers && health.up > 0 {
             self.healthy_run = self.healthy_run.saturating_add(1);

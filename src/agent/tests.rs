@@ -437,6 +437,30 @@ fn periodic_work_is_scheduled_by_time() {
     assert!(e.contains(&Effect::ReadHaproxy) && e.contains(&Effect::CheckEndpoint), "{e:?}");
 }
 
+#[test]
+fn a_haproxy_that_runs_on_another_file_is_reconciled_once() {
+    // HAProxy restarted on the package's sample configuration: its master socket accepts, the
+    // admin socket cpha's file names does not answer. One apply brings it onto cpha's file.
+    let mut r = forwarding();
+    let mute = Health { answers: false, up: 0, total: 0, draining: 0 };
+    assert!(!has_apply(&r.at(1000).acts(Input::Liveness { alive: true })));
+    assert!(!has_apply(&r.at(1000).acts(Input::Haproxy(mute))));
+    assert!(!has_apply(&r.at(2000).acts(Input::Haproxy(mute))));
+    let e = r.at(3000).acts(Input::Haproxy(mute));
+    assert!(has_apply(&e), "{e:?}");
+    r.acts(Input::Applied(Ok("reloaded".into())));
+    for t in 4..20 {
+        assert!(!has_apply(&r.at(1000 * t).acts(Input::Haproxy(mute))), "{t}: once per episode");
+    }
+    // Answering resets the episode (and is reconciled as a start, as before).
+    assert!(has_apply(&r.at(21_000).acts(Input::Haproxy(HEALTHY))));
+    r.acts(Input::Applied(Ok("runtime".into())));
+    for t in 22..24 {
+        assert!(!has_apply(&r.at(1000 * t).acts(Input::Haproxy(mute))), "{t}");
+    }
+    assert!(has_apply(&r.at(24_000).acts(Input::Haproxy(mute))), "a new episode is reconciled again");
+}
+
 // ----------------------------------------------------------------------------------------------
 // The virtual IP: the health advertised to keepalived, and what keepalived says.
 
