@@ -49,6 +49,8 @@ impl Kind {
 }
 
 struct Sample {
+    /// From the fault until the address was on the new holder.
+    moved: Option<Duration>,
     recovery: Duration,
     failed: u64,
     attempts: u64,
@@ -115,11 +117,18 @@ fn one(lab: &mut VipLab, holder: usize, kind: Kind, rate: u32) -> Result<Sample>
         Kind::Keepalived => lab.kill_keepalived(holder)?,
         Kind::Endpoint => lab.break_endpoint(holder)?,
     }
-    lab.wait_holder(Duration::from_secs(15), Some(holder))?;
+    let new = lab.wait_holder(Duration::from_secs(15), Some(holder))?;
     let report = finish(load)?;
+    let moved = lab
+        .changes
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|c| c.at >= fault && c.host == new && c.holds)
+        .map(|c| c.at - fault);
     let fault_s = fault.duration_since(spawned).as_secs_f64();
     let (recovery, failed) = recovery(&report.timeline, fault_s).context("no successful connection after the fault")?;
-    Ok(Sample { recovery, failed, attempts: report.ok + report.failed })
+    Ok(Sample { moved, recovery, failed, attempts: report.ok + report.failed })
 }
 
 /// Puts the failed host back as an operator (or systemd) would, and waits until every host is
@@ -214,15 +223,17 @@ fn render(
         took.as_secs_f64(),
         load
     ));
-    s.push_str("| failure of the holder | recovery, median | recovery, worst | failed, median | failed, worst | attempts per round |\n|---|---|---|---|---|---|\n");
+    s.push_str("| failure of the holder | address on the new holder, median | recovery, median | recovery, worst | failed, median | failed, worst | attempts per round |\n|---|---|---|---|---|---|---|\n");
     for (kind, list) in samples {
         let rec: Vec<f64> = list.iter().map(|x| x.recovery.as_secs_f64() * 1000.0).collect();
+        let moved: Vec<f64> = list.iter().filter_map(|x| x.moved).map(|d| d.as_secs_f64() * 1000.0).collect();
         let failed: Vec<f64> = list.iter().map(|x| x.failed as f64).collect();
         let attempts: Vec<f64> = list.iter().map(|x| x.attempts as f64).collect();
         let worst = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         s.push_str(&format!(
-            "| {} | {:.0} ms | {:.0} ms | {:.0} | {:.0} | {:.0} |\n",
+            "| {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} | {:.0} | {:.0} |\n",
             kind.label(),
+            median(&moved).unwrap_or(f64::NAN),
             median(&rec).unwrap_or(f64::NAN),
             worst(&rec),
             median(&failed).unwrap_or(f64::NAN),
@@ -244,7 +255,7 @@ fn render(
     }
     s.push_str(
         "\nWhy the kinds differ:\n\n\
-- **Link down**: the backups hear no advertisement and wait VRRP's master-down interval, 3 × 400 ms plus the skew time (0.24 s at priority 100): about 1.45 s, then a gratuitous ARP moves the worker.\n\
+- **Link down**: the backups hear no advertisement and wait VRRP's master-down interval, 3 × 400 ms plus the skew time (0.24 s at priority 100): about 1.45 s, then a gratuitous ARP moves the worker. The host that lost its link is also a member, and its apiserver went with it: until HAProxy's checks on the new holder mark it DOWN, some of the worker's connections are sent to it and time out, which is the rest of the recovery.\n\
 - **keepalived SIGKILLed**: it cannot send its priority-0 advertisement and leaves the address on the interface. cpha sees keepalived's notify FIFO close, waits 300 ms for a reload to reopen it, and removes the address, so two hosts never hold it; the backups take over after the master-down interval, as for a link.\n\
 - **HAProxy and the forward failed**: cpha's endpoint check (every 500 ms, through the endpoint itself) fails twice, cpha writes -254 to the tracked file, keepalived enters FAULT and sends a priority-0 advertisement, and a backup takes over after the skew time. The fallback to the forward comes first (HAProxy gone, 400 ms), and its failed checks follow.\n\n",
     );
