@@ -139,6 +139,7 @@ fn embedded(file: &str) -> BTreeMap<&'static str, &'static str> {
     let mut m = BTreeMap::from([
         ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
         ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
+        ("/etc/systemd/system/keepalived.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"),
         ("/usr/local/sbin/cpha-bootstrap", "cloud-init/cpha-bootstrap"),
     ]);
     match file {
@@ -329,6 +330,12 @@ fn cpha_unit_passes_systemd_verify() {
     assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")), "WatchdogSec= is set");
     let rw = unit.lines().find(|l| l.starts_with("ReadWritePaths=")).expect("ReadWritePaths=");
     assert!(rw.contains("/etc/haproxy") && rw.contains("/run/haproxy"), "{rw}");
+    // The VIP actuator: keepalived.conf in /etc/keepalived, the health file and the FIFO in
+    // /run/cpha (the defaults of vip.keepalived), kept while cpha restarts (keepalived reads them).
+    assert!(rw.split_whitespace().any(|p| p.trim_start_matches('-') == "/etc/keepalived"), "{rw}");
+    for line in ["RuntimeDirectory=cpha", "RuntimeDirectoryPreserve=yes"] {
+        assert!(unit.lines().any(|l| l == line), "systemd/cpha.service has no line {line:?}");
+    }
 
     let dir = TempDir::new("verify");
     let copy = unit_copy(&dir, "cpha.service", &unit);
@@ -395,6 +402,46 @@ fn haproxy_dropin_passes_systemd_verify() {
     let broken = TempDir::new("dropin-broken");
     let unit = haproxy_unit_with_dropin(&broken, &dropin.replace("ExecStart=\n", ""));
     assert!(verify(&unit, &["haproxy.service", "cpha.conf"]).is_err(), "two ExecStart lines went unnoticed");
+}
+
+/// Debian's keepalived.service with our drop-in beside it.
+fn keepalived_unit_with_dropin(dir: &TempDir, dropin: &str) -> PathBuf {
+    let packaged = ["/lib/systemd/system/keepalived.service", "/usr/lib/systemd/system/keepalived.service"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("Debian's keepalived.service: run hack/test, which installs keepalived");
+    let unit = dir.write("keepalived.service", &std::fs::read_to_string(packaged).unwrap());
+    dir.write("keepalived.service.d/cpha.conf", dropin);
+    unit
+}
+
+#[test]
+fn keepalived_dropin_passes_systemd_verify_and_restarts_a_killed_keepalived() {
+    let dropin = read("systemd/keepalived.service.d/cpha.conf");
+    let dir = TempDir::new("keepalived-dropin");
+    let unit = keepalived_unit_with_dropin(&dir, &dropin);
+    verify(&unit, &["keepalived.service", "cpha.conf"])
+        .unwrap_or_else(|e| panic!("systemd-analyze verify keepalived.service + cpha.conf:\n{e}"));
+    // Started after cpha (which writes keepalived.conf, the health file and the FIFO before
+    // READY), and back soon after a SIGKILL: on-failure covers death by signal.
+    for line in ["After=cpha.service", "Restart=on-failure", "StartLimitIntervalSec=0"] {
+        assert!(dropin.lines().any(|l| l == line), "the keepalived drop-in has no line {line:?}");
+    }
+    let restart_sec = dropin.lines().find_map(|l| l.strip_prefix("RestartSec=")).expect("RestartSec=");
+    assert!(systemd_span(restart_sec) <= Duration::from_secs(2), "RestartSec={restart_sec} is not short");
+    // Not Wants=: the package starts keepalived when cloud-init installs it, after write_files
+    // and before provisioning has installed and configured cpha; a Wants= would start cpha then.
+    assert!(!dropin.lines().any(|l| l.starts_with("Wants=") || l.starts_with("Requires=")), "{dropin}");
+    // The package's unit still refuses to start without a configuration (cpha writes it).
+    let packaged = std::fs::read_to_string(&unit).unwrap();
+    assert!(packaged.contains("ConditionFileNotEmpty=/etc/keepalived/keepalived.conf"), "{packaged}");
+    // keepalived's default pid file is where cpha's default vip.keepalived.pidFile points.
+    assert!(!packaged.contains("--pid") && !packaged.contains("PIDFile="), "the package moved the pid file: {packaged}");
+
+    // The check can fail: a misspelt directive in the drop-in.
+    let broken = TempDir::new("keepalived-dropin-broken");
+    let unit = keepalived_unit_with_dropin(&broken, &dropin.replace("RestartSec=", "RestartSecs="));
+    assert!(verify(&unit, &["keepalived.service", "cpha.conf"]).is_err(), "a misspelt directive went unnoticed");
 }
 
 /// The drop-in's ExecStart, run for real (master-worker with the master socket) in a temp dir:
@@ -504,7 +551,7 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
 
         let data = doc(&text);
         let packages = strings(&data, "packages");
-        for p in ["haproxy", "nftables"] {
+        for p in ["haproxy", "nftables", "keepalived"] {
             assert!(packages.iter().any(|x| x == p), "{file} does not install {p}");
         }
         let files = files_by_path(at(&data, "write_files"));
@@ -518,6 +565,36 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
         assert!(position(&runcmd, "cpha-bootstrap install") < start, "{file}: cpha is installed before it starts");
         assert!(start < position(&runcmd, "systemctl restart haproxy"), "{file}: HAProxy restarts after cpha");
         let config = doc(&file_content(files["/etc/cpha/config.yaml"]));
+        // The virtual IP: keepalived starts after cpha is READY (cpha wrote its configuration
+        // by then), and the VIP is the endpoint's address.
+        let keepalived = position(&runcmd, "systemctl restart keepalived");
+        assert!(start < keepalived, "{file}: keepalived starts after cpha");
+        assert!(position(&runcmd, "systemctl enable keepalived") < keepalived, "{file}: keepalived enabled for reboots");
+        let listen = s(&config, "endpoint.listen");
+        assert_eq!(
+            listen.rsplit_once(':').map(|(host, _)| host),
+            Some(s(&config, "vip.address")),
+            "{file}: vip.address is not endpoint.listen's address"
+        );
+        match kubeadm {
+            Some("cpha-bootstrap kubeadm-init") => {
+                let wait = position(&runcmd, "cpha-bootstrap wait-vip");
+                assert!(keepalived < wait && wait < position(&runcmd, "cpha-bootstrap kubeadm-init"), "{file}: wait-vip");
+            }
+            Some(kubeadm) => {
+                assert!(keepalived < position(&runcmd, kubeadm), "{file}: keepalived before {kubeadm}");
+                assert!(!runcmd.iter().any(|c| c.contains("wait-vip")), "{file}: a joining host is a backup");
+            }
+            None => {
+                // Two LB hosts: the peers are explicit (the members are not the LB hosts).
+                let peers = strings(&config, "vip.unicastPeers");
+                assert!(!peers.is_empty() && !peers.iter().any(|p| p == s(&config, "vip.address")), "{file}: {peers:?}");
+                let seeds: Vec<String> =
+                    strings(&config, "members.static").iter().map(|m| m.rsplit_once('=').map_or(m.as_str(), |x| x.1).to_string()).collect();
+                assert!(!peers.iter().any(|p| seeds.iter().any(|m| m.starts_with(&format!("{p}:")))), "{file}: a peer is a member");
+                assert!(position(&runcmd, "cpha-bootstrap node-env") < start, "{file}: node-env before cpha starts");
+            }
+        }
         if let Some(kubeadm) = kubeadm {
             assert!(position(&runcmd, "cpha-bootstrap node-env") < start, "{file}: node-env before cpha starts");
             assert!(start < position(&runcmd, kubeadm), "{file}: cpha must be READY before {kubeadm}");
@@ -777,6 +854,56 @@ fn daemonset_grants_only_what_cpha_needs() {
     assert!(command.contains(&format!("-f {}", s(&cpha_config, "haproxy.configPath"))), "{command}");
     let env: Vec<String> = at(cpha, "env").as_sequence().unwrap().iter().map(|e| s(e, "name").to_string()).collect();
     assert!(env.iter().any(|e| e == "CPHA_HAPROXY_BIND"), "the retarget topology needs the node's address");
+
+    // keepalived: a container of the same pod, on the cpha image (which carries keepalived),
+    // with the two capabilities VRRP and the address need, configured by cpha through the
+    // shared volumes at the paths cpha's vip: section names, SIGHUPed through one process
+    // namespace at the pid file both agree on.
+    let keepalived = by_name("keepalived");
+    assert_eq!(s(keepalived, "image"), s(cpha, "image"), "keepalived runs from the cpha image");
+    assert_eq!(at(pod, "shareProcessNamespace").as_bool(), Some(true), "cpha SIGHUPs keepalived by its pid");
+    assert_eq!(strings(keepalived, "securityContext.capabilities.drop"), ["ALL"]);
+    assert_eq!(strings(keepalived, "securityContext.capabilities.add"), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(at(keepalived, "securityContext.allowPrivilegeEscalation").as_bool(), Some(false));
+    assert_eq!(at(keepalived, "securityContext.readOnlyRootFilesystem").as_bool(), Some(true));
+    assert!(at(keepalived, "resources.limits").get("memory").is_some());
+    let script = strings(keepalived, "command").join(" ");
+    let k = |key: &str| s(&cpha_config, &format!("vip.keepalived.{key}")).to_string();
+    for arg in [
+        format!("--use-file={}", k("configFile")),
+        format!("--pid={}", k("pidFile")),
+        "--dont-fork".to_string(),
+        "--log-console".to_string(),
+    ] {
+        assert!(script.contains(&arg), "the keepalived container does not run with {arg}: {script}");
+    }
+    assert!(script.contains(&format!("until [ -s {} ]", k("configFile"))), "keepalived waits for cpha's file: {script}");
+    let mounts = |c: &Value| -> BTreeMap<String, (String, bool)> {
+        at(c, "volumeMounts")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let ro = m.get("readOnly").and_then(Value::as_bool).unwrap_or(false);
+                (s(m, "mountPath").to_string(), (s(m, "name").to_string(), ro))
+            })
+            .collect()
+    };
+    let (cm, km) = (mounts(cpha), mounts(keepalived));
+    for key in ["configFile", "trackFile", "notifyFifo", "pidFile"] {
+        let dir = Path::new(&k(key)).parent().unwrap().to_str().unwrap().to_string();
+        let (ours, theirs) = (cm.get(&dir), km.get(&dir));
+        assert!(
+            ours.is_some() && ours.map(|o| &o.0) == theirs.map(|t| &t.0),
+            "vip.keepalived.{key} ({dir}) is not on a volume both cpha and keepalived mount"
+        );
+        assert!(!ours.unwrap().1, "cpha writes {dir}: it must not be read-only");
+    }
+    let volumes = at(pod, "volumes").as_sequence().unwrap();
+    for (_, (name, _)) in km.iter() {
+        let v = volumes.iter().find(|v| s(v, "name") == name).unwrap();
+        assert!(v.get("emptyDir").is_some(), "{name}: keepalived's files live and die with the pod");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -794,6 +921,7 @@ fn metal3_values() -> BTreeMap<&'static str, &'static str> {
         ("CONTROL_PLANE_IP_1", "192.0.2.11"),
         ("CONTROL_PLANE_IP_2", "192.0.2.12"),
         ("CONTROL_PLANE_IP_3", "192.0.2.13"),
+        ("CONTROL_PLANE_IP_4", "192.0.2.14"),
         ("CONTROL_PLANE_PREFIX", "24"),
         ("CONTROL_PLANE_GATEWAY", "192.0.2.1"),
         ("CONTROL_PLANE_NIC", "enp1s0"),
@@ -925,12 +1053,39 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
     let seeds: Vec<String> =
         strings(&config, "members.static").iter().map(|m| m.trim_end_matches(":6443").to_string()).collect();
     assert_eq!(seeds, pool_addresses);
+    // A rollout (maxSurge) creates the new machine before deleting an old one: the pool must
+    // hold an address for it, or every rollout stalls.
+    let replicas: usize = at(kcp, "spec.replicas").as_u64().map(|n| n as usize).unwrap_or_else(|| {
+        s(kcp, "spec.replicas").parse().expect("spec.replicas is a number")
+    });
+    let surge = at(kcp, "spec.rolloutStrategy.rollingUpdate.maxSurge").as_u64().unwrap() as usize;
+    let mut pool_size = 0;
+    for p in at(pool, "spec.pools").as_sequence().unwrap() {
+        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (s(p, "start").parse().unwrap(), s(p, "end").parse().unwrap());
+        pool_size += (u32::from(b) - u32::from(a) + 1) as usize;
+    }
+    assert!(pool_size >= replicas + surge, "the IPPool has {pool_size} addresses for {replicas} replicas + maxSurge {surge}");
+    // The virtual IP is the endpoint's host, outside the pool (no machine gets it as its own).
+    let vip = s(&config, "vip.address");
+    assert_eq!(vip, s(m3c, "spec.controlPlaneEndpoint.host"), "vip.address is not controlPlaneEndpoint.host");
+    assert!(!pool_addresses.iter().any(|a| a == vip), "the virtual IP {vip} is in the IPPool");
 
     let pre = strings(spec, "preKubeadmCommands");
     assert_eq!(pre[0], "set -e", "stop at the first failure: kubeadm must never run without the endpoint");
     let start = position(&pre, "systemctl enable --now cpha");
     assert!(position(&pre, "cpha-bootstrap install") < start && position(&pre, "cpha-bootstrap node-env") < start);
-    assert_eq!(pre.last().map(String::as_str), Some("systemctl restart haproxy"));
+    let keepalived = position(&pre, "systemctl restart keepalived");
+    assert!(start < position(&pre, "systemctl restart haproxy") && start < keepalived);
+    // The first machine (InitConfiguration) waits for the address; a joining one does not.
+    let wait = pre.iter().position(|c| c.contains("cpha-bootstrap wait-vip")).expect("wait-vip in preKubeadmCommands");
+    assert!(keepalived < wait && wait == pre.len() - 1, "wait-vip is the last step before kubeadm: {pre:#?}");
+    for (kubeadm_yaml, waits) in [("kind: InitConfiguration\n", true), ("kind: JoinConfiguration\n", false)] {
+        let d = TempDir::new("metal3-wait");
+        let file = d.write("kubeadm.yaml", &format!("apiVersion: kubeadm.k8s.io/v1beta3\n{kubeadm_yaml}"));
+        let script = pre[wait].replace("/run/kubeadm/kubeadm.yaml", file.to_str().unwrap()).replace("cpha-bootstrap wait-vip", "echo WAITS");
+        let ran = run(Command::new(tool("bash")).args(["-c", &format!("set -e\n{script}\necho done")]));
+        assert!(ran.ok() && ran.stdout.contains("WAITS") == waits, "{kubeadm_yaml}: {}", ran.both());
+    }
 
     // The cloud-config the kubeadm bootstrap provider renders from the spec: files become
     // write_files, the commands runcmd around its kubeadm call.
@@ -1031,6 +1186,14 @@ fn vagrant_environment_validates() {
     };
     assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-init"));
     assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-join"));
+    // The virtual IP: keepalived after cpha, cp1 holding the address before kubeadm init.
+    assert!(line("systemctl enable --now cpha") < line("systemctl restart keepalived"));
+    assert!(line("systemctl restart keepalived") < line("cpha-bootstrap wait-vip"));
+    assert!(line("cpha-bootstrap wait-vip") < line("cpha-bootstrap kubeadm-init"));
+    assert!(provision.contains("keepalived.service.d/cpha.conf") && vagrantfile.contains("systemd/keepalived.service.d/cpha.conf"));
+    let vip = s(&config, "vip.address");
+    assert_eq!(Some(vip), endpoint.rsplit_once(':').map(|(h, _)| h), "vip.address is the endpoint's address");
+    assert!(!vagrantfile.contains(&format!("=> \"{vip}\"")), "the virtual IP {vip} is a VM's address");
 
     // vagrant validate itself fails when the binary to upload is missing.
     let ran = vagrant_validate(&dir.path().join("dot2"), "/nonexistent/cpha");
@@ -1197,8 +1360,8 @@ fn metal3_preflight_fails_when_either_program_is_missing() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(
-        line.contains("haproxy") && line.contains("nft"),
-        "the haproxy/nft preflight in preKubeadmCommands: {line:?}"
+        line.contains("haproxy") && line.contains("nft") && line.contains("keepalived"),
+        "the haproxy/nft/keepalived preflight in preKubeadmCommands: {line:?}"
     );
     let dir = TempDir::new("preflight");
     let with = |programs: &[&str]| {
@@ -1211,7 +1374,7 @@ fn metal3_preflight_fails_when_either_program_is_missing() {
         }
         run(Command::new("/bin/bash").args(["-c", &format!("set -e\n{line}\necho passed")]).env("PATH", &bin))
     };
-    for missing_one in [&["haproxy"][..], &["nft"][..], &[][..]] {
+    for missing_one in [&["haproxy", "nft"][..], &["haproxy", "keepalived"][..], &["nft", "keepalived"][..], &[][..]] {
         let ran = with(missing_one);
         assert!(
             !ran.ok() && !ran.stdout.contains("passed"),
@@ -1219,7 +1382,7 @@ fn metal3_preflight_fails_when_either_program_is_missing() {
             ran.both()
         );
     }
-    let ran = with(&["haproxy", "nft"]);
+    let ran = with(&["haproxy", "nft", "keepalived"]);
     assert!(ran.ok() && ran.stdout.contains("passed"), "{}", ran.both());
 }
 
@@ -1341,4 +1504,83 @@ fn daemonset_docs_say_every_joining_node_needs_a_forward() {
         header.contains("before\n# `kubeadm join`") || header.contains("before `kubeadm join`"),
         "deploy/daemonset.yaml:\n{header}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The virtual IP at first boot (issue 10)
+
+/// `cpha-bootstrap wait-vip` and the node address on the holder, in a network namespace of the
+/// test with the addresses of the cloud-init files: the host 192.0.2.11/24, the VIP 192.0.2.10
+/// added as keepalived adds it (/32).
+#[test]
+fn wait_vip_waits_for_the_address_with_a_bound_and_node_ip_is_never_the_vip() {
+    cpha_lab::require_root!();
+    let ns = cpha_lab::netns::Netns::new("cphadeploy-vip").unwrap();
+    let peer = cpha_lab::netns::Netns::new("cphadeploy-vippeer").unwrap();
+    let (dev, _) = cpha_lab::netns::veth_pair(&ns, &["192.0.2.11/24"], &peer, &["192.0.2.12/24"]).unwrap();
+    let dir = TempDir::new("wait-vip");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // systemctl: `is-active UNIT` answers from the file bin/active-UNIT (present: active).
+    let systemctl = bin.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!("#!/bin/sh\n[ \"$1\" = is-active ] || exit 0\nfor u; do :; done\n[ -e \"{}/active-$u\" ]\n", bin.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let active = |unit: &str| std::fs::write(bin.join(format!("active-{unit}")), "").unwrap();
+    let site = "CONTROL_PLANE_ENDPOINT=192.0.2.10:8443\nVIP_WAIT_TIMEOUT=2\n";
+    dir.write("etc/site.env", site);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let step = |args: &[&str]| {
+        let mut cmd = ns.command(tool("bash"));
+        cmd.arg(root().join("cloud-init/cpha-bootstrap"))
+            .args(args)
+            .env("PATH", &path)
+            .env("CPHA_ETC", dir.path().join("etc"));
+        run(&mut cmd)
+    };
+
+    // cpha not active: refused, kubeadm would have no endpoint.
+    let ran = step(&["wait-vip"]);
+    assert!(!ran.ok() && ran.stderr.contains("cpha.service is not active"), "{}", ran.both());
+    // keepalived not running: nothing will ever take the address; said at once.
+    active("cpha.service");
+    let started = Instant::now();
+    let ran = step(&["wait-vip"]);
+    assert!(!ran.ok() && ran.stderr.contains("keepalived.service is not active"), "{}", ran.both());
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    // keepalived running, the address held elsewhere (or never taken): bounded, with the reason.
+    active("keepalived.service");
+    let started = Instant::now();
+    let ran = step(&["wait-vip"]);
+    assert!(
+        !ran.ok() && ran.stderr.contains("does not hold the virtual IP 192.0.2.10 after 2s"),
+        "{}",
+        ran.both()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    // Before the VIP: node-env's address is the host's own.
+    let ran = step(&["node-env"]);
+    assert!(ran.ok() && ran.stdout.contains("CPHA_HAPROXY_BIND=192.0.2.11:9445"), "{}", ran.both());
+    // The address arrives while waiting: done.
+    let vip = std::thread::spawn({
+        let name = ns.name().to_string();
+        let dev = dev.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            run(Command::new("ip").args(["-n", &name, "address", "add", "192.0.2.10/32", "dev", &dev]))
+        }
+    });
+    dir.write("etc/site.env", &site.replace("=2\n", "=20\n"));
+    let ran = step(&["wait-vip"]);
+    assert!(vip.join().unwrap().ok());
+    assert!(ran.ok() && ran.stdout.contains("holds the virtual IP 192.0.2.10"), "{}", ran.both());
+    // On the holder the kernel's source address towards the endpoint is the VIP itself; the
+    // node address (HAProxy's bind, kubeadm's --apiserver-advertise-address) is still the host's.
+    let route = ns.ip(&["-o", "route", "get", "192.0.2.10"]).unwrap();
+    assert!(route.contains("src 192.0.2.10"), "the premise changed: {route}");
+    let ran = step(&["node-env"]);
+    assert!(ran.ok() && ran.stdout.contains("CPHA_HAPROXY_BIND=192.0.2.11:9445"), "{}", ran.both());
 }

@@ -177,6 +177,7 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     for (inside, repo) in [
         ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
         ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
+        ("/etc/systemd/system/keepalived.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"),
     ] {
         assert_eq!(std::fs::read_to_string(debian.path(inside)).unwrap(), read(repo), "{inside}");
     }
@@ -222,6 +223,7 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
         "/usr/local/bin/cpha",
         "/etc/systemd/system/cpha.service",
         "/etc/systemd/system/haproxy.service.d/cpha.conf",
+        "/etc/systemd/system/keepalived.service.d/cpha.conf",
         "/usr/share/man/man1/cpha.1.gz",
     ] {
         assert!(!debian.path(gone).exists(), "{gone} left after apt remove");
