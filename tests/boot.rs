@@ -22,7 +22,8 @@
 //! The scenarios, one test each: the host shape forms the endpoint (1), one of its machines is
 //! rebooted (2), the external LB shape (3; its apiservers are three stand-ins in the hub on
 //! 192.0.2.11..13 and the LB machine owns 192.0.2.10), the removal of `docs/deployment.md` (4),
-//! and a template with a regex under the unit's sandbox (5).
+//! a template with a regex under the unit's sandbox (5), and the VIP actuator's steps under the
+//! unit's sandbox with keepalived.service and its drop-in (6).
 //!
 //! NOTE: `--network-namespace-path` alone leaves the machine without CAP_NET_ADMIN and with a
 //! read-only /proc/sys/net (systemd 252); with `--private-network` as well it keeps both, as a
@@ -836,5 +837,152 @@ fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() ->
     // The sandbox is the unit's: the check ran with its capability set, not as full root.
     let caps = m.ok("systemctl show -p CapabilityBoundingSet --value cpha-check.service")?;
     ensure!(caps.trim() == "cap_net_admin", "cpha-check.service: CapabilityBoundingSet={caps}");
+    Ok(())
+}
+
+/// The repository's unit with its ExecStart replaced by `script ARG` (a oneshot): the same
+/// sandbox, for steps cpha's VIP actuator takes, run by the programs it runs.
+fn sandboxed_unit(script: &str) -> String {
+    let unit = check_config_unit("/dev/null");
+    unit.lines()
+        .map(|l| {
+            if l.starts_with("ExecStart=") {
+                format!("ExecStart=/bin/sh {script} %i")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// What cpha's VIP actuator does, step by step, as `sh`: the tracked file and the FIFO in
+/// /run/cpha, keepalived.conf written as a candidate beside the live file, `keepalived
+/// --config-test` on it, the rename; SIGHUP to the pid in keepalived's pid file (after checking
+/// that it names keepalived, through /proc); `ip address del` of an address keepalived left.
+const VIP_STEPS: &str = r#"set -eu
+# The machine's interface on 192.0.2.0/24 (its name comes from the test's veth).
+dev=$(ip -o address show to 192.0.2.11 | awk '{ print $2; exit }')
+case $1 in
+write)
+    [ -p /run/cpha/keepalived.fifo ] || mkfifo -m 600 /run/cpha/keepalived.fifo
+    echo -50 >/run/cpha/.vip-health.new && mv /run/cpha/.vip-health.new /run/cpha/vip-health
+    sed "s/@IF@/$dev/g" /etc/cpha/keepalived.conf.rendered >/etc/keepalived/.keepalived.conf.new
+    keepalived --config-test --use-file=/etc/keepalived/.keepalived.conf.new
+    mv /etc/keepalived/.keepalived.conf.new /etc/keepalived/keepalived.conf
+    ;;
+reload)
+    pid=$(cat /run/keepalived.pid)
+    [ "$(cat /proc/"$pid"/comm)" = keepalived ]
+    kill -HUP "$pid"
+    ;;
+release)
+    ip address del 192.0.2.99/32 dev "$dev"
+    ;;
+esac
+echo "vip step $1 done"
+"#;
+
+/// keepalived.conf as cpha's built-in template renders it for cp1 of the host shape
+/// (src/vip/keepalived.conf.tera; `@IF@`: the machine's interface, filled in by the step).
+const KEEPALIVED_CONF: &str = r#"global_defs {
+    script_user root
+    enable_script_security
+    vrrp_version 3
+    vrrp_notify_fifo /run/cpha/keepalived.fifo
+    fifo_write_vrrp_states_on_reload
+}
+track_file cpha_endpoint {
+    file "/run/cpha/vip-health"
+    weight 1
+}
+vrrp_instance cpha {
+    state BACKUP
+    interface @IF@
+    virtual_router_id 51
+    priority 100
+    advert_int 0.50
+    unicast_src_ip 192.0.2.11
+    unicast_peer {
+        192.0.2.12
+        192.0.2.13
+    }
+    virtual_ipaddress {
+        192.0.2.10/32 dev @IF@
+    }
+    track_file {
+        cpha_endpoint
+    }
+}
+"#;
+
+/// Scenario 6: what cpha's VIP actuator does works under cpha.service's sandbox (writing
+/// /etc/keepalived and /run/cpha, `keepalived --config-test`, SIGHUP by pid file, `ip address
+/// del` with CAP_NET_ADMIN), keepalived.service with the drop-in starts from those files and
+/// takes the address, /run/cpha outlives a stop of the unit, and a SIGKILLed keepalived is
+/// restarted by systemd.
+#[test]
+fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after_sigkill() -> Result<()> {
+    let net = Net::new()?;
+    let mut m = Machine::new(Some(&net), "vipbox", "192.0.2.11")?;
+    let root = m.root();
+    write(&root.join("etc/cpha/vip-steps.sh"), VIP_STEPS, 0o644)?;
+    write(&root.join("etc/cpha/keepalived.conf.rendered"), KEEPALIVED_CONF, 0o644)?;
+    write(&root.join("etc/systemd/system/cpha-vip@.service"), &sandboxed_unit("/etc/cpha/vip-steps.sh"), 0o644)?;
+    write(
+        &root.join("etc/systemd/system/keepalived.service.d/cpha.conf"),
+        &read("systemd/keepalived.service.d/cpha.conf"),
+        0o644,
+    )?;
+    m.boot()?;
+    let step = |name: &str| -> Result<()> {
+        let (code, out) = m.sh(&format!(
+            "systemctl start cpha-vip@{name}.service; journalctl -b -u cpha-vip@{name} --no-pager -o cat"
+        ))?;
+        let result = m.ok(&format!("systemctl show -p Result --value cpha-vip@{name}.service"))?;
+        ensure!(code == 0 && result.trim() == "success", "step {name} under the unit's sandbox failed:\n{out}");
+        Ok(())
+    };
+    // The sandbox is the unit's.
+    let caps = m.ok("systemctl show -p CapabilityBoundingSet --value cpha-vip@write.service")?;
+    ensure!(caps.trim() == "cap_net_admin", "cpha-vip@.service: CapabilityBoundingSet={caps}");
+    step("write")?;
+    m.ok("test -p /run/cpha/keepalived.fifo && grep -qx -- -50 /run/cpha/vip-health && test -s /etc/keepalived/keepalived.conf")?;
+    // The files stay when the unit stops (RuntimeDirectoryPreserve=yes): keepalived reads them.
+    m.ok("test -d /run/cpha && test -p /run/cpha/keepalived.fifo")?;
+
+    m.ok("systemctl start keepalived.service")?;
+    let holds = |m: &Machine| -> Result<bool> { Ok(!m.ok("ip -o address show to 192.0.2.10")?.trim().is_empty()) };
+    netns::wait_for("keepalived on vipbox to take 192.0.2.10", Duration::from_secs(20), || Ok(holds(&m)?.then_some(())))
+        .with_context(|| m.diagnostics())?;
+
+    // SIGHUP by pid file from the sandbox: keepalived reloads.
+    let reloads = |m: &Machine| -> Result<usize> {
+        let (_, out) = m.sh("journalctl -b -u keepalived.service --no-pager -o cat")?;
+        Ok(out.lines().filter(|l| l.contains("Reloading")).count())
+    };
+    let before = reloads(&m)?;
+    step("reload")?;
+    netns::wait_for("keepalived to reload after SIGHUP", Duration::from_secs(10), || Ok((reloads(&m)? > before).then_some(())))
+        .with_context(|| m.diagnostics())?;
+
+    // ip address del with the unit's one capability.
+    m.ok("ip address add 192.0.2.99/32 dev \"$(ip -o address show to 192.0.2.11 | awk '{ print $2; exit }')\"")?;
+    step("release")?;
+    ensure!(m.ok("ip -o address show to 192.0.2.99")?.trim().is_empty(), "192.0.2.99 is still there");
+
+    // A SIGKILLed keepalived (which leaves the address behind) is restarted by systemd.
+    let pid = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
+    m.ok("systemctl kill --signal=KILL keepalived.service")?;
+    netns::wait_for("systemd to restart the killed keepalived", Duration::from_secs(20), || {
+        let now = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
+        let active = m.sh("systemctl is-active keepalived.service")?.1.trim() == "active";
+        Ok((active && now != pid && now != "0").then_some(()))
+    })
+    .with_context(|| m.diagnostics())?;
+    netns::wait_for("the restarted keepalived to hold 192.0.2.10", Duration::from_secs(20), || Ok(holds(&m)?.then_some(())))
+        .with_context(|| m.diagnostics())?;
+    let _ = &mut m;
     Ok(())
 }
