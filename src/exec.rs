@@ -42,6 +42,7 @@ fn package_of(program: &str) -> &'static str {
         "haproxy" => "haproxy",
         "ip" => "iproute2",
         "conntrack" => "conntrack",
+        "keepalived" => "keepalived",
         _ => "unknown",
     }
 }

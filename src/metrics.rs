@@ -166,8 +166,28 @@ pub struct Metrics {
     /// Unix time of the last successful apply and of the last accepted member update.
     pub last_apply_success: Gauge<f64, AtomicU64>,
     pub last_member_update: Gauge<f64, AtomicU64>,
+    /// 1 while this host holds the virtual IP.
+    pub vip_held: Gauge,
+    /// This host taking (`taken`) and losing (`lost`) the virtual IP.
+    pub vip_changes: Family<ChangeLabel, Counter>,
+    /// 1 for keepalived's VRRP state as it last told it (`gone` when it does not run).
+    pub vrrp_state: Family<StateLabel, Gauge>,
+    /// 1 for the health advertised to keepalived.
+    pub vip_advertised: Family<HealthLabel, Gauge>,
     /// Servers `backend_server_up` has a series for.
     servers_seen: Mutex<BTreeSet<String>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabel {
+    /// `taken` or `lost`.
+    pub change: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabel {
+    /// `healthy`, `degraded` or `withdrawn`.
+    pub health: String,
 }
 
 fn unix_now() -> f64 {
@@ -201,6 +221,33 @@ impl Metrics {
         for carrier in ["forward", "haproxy"] {
             self.endpoint_carried.get_or_create(&CarrierLabel { carrier: carrier.into() }).set(0);
         }
+    }
+
+    /// The virtual IP's series, at 0, on a host that runs one.
+    pub fn zero_vip(&self) {
+        for change in ["taken", "lost"] {
+            self.vip_changes.get_or_create(&ChangeLabel { change: change.into() }).inc_by(0);
+        }
+        self.vip(false, None, None);
+    }
+
+    /// The virtual IP as this host sees it.
+    pub fn vip(&self, held: bool, vrrp: Option<crate::vip::Vrrp>, advertised: Option<crate::vip::Advertised>) {
+        self.vip_held.set(i64::from(held));
+        for state in crate::vip::Vrrp::NAMES {
+            let on = vrrp.is_some_and(|v| v.name() == state);
+            self.vrrp_state.get_or_create(&StateLabel { state: state.into() }).set(i64::from(on));
+        }
+        for health in crate::vip::Advertised::NAMES {
+            let on = advertised.is_some_and(|a| a.name() == health);
+            self.vip_advertised.get_or_create(&HealthLabel { health: health.into() }).set(i64::from(on));
+        }
+    }
+
+    /// This host took or lost the virtual IP.
+    pub fn vip_change(&self, held: bool) {
+        let change = if held { "taken" } else { "lost" };
+        self.vip_changes.get_or_create(&ChangeLabel { change: change.into() }).inc();
     }
 
     /// A member update from `source`, accepted or refused.
@@ -283,6 +330,18 @@ impl Metrics {
             "backend_server_up",
             "1 for each server of HAProxy's apiserver backend that is UP, 0 for the others",
             self.backend_server_up.clone(),
+        );
+        r.register("vip_held", "1 while this host holds the virtual IP", self.vip_held.clone());
+        r.register("vip_changes", "This host taking and losing the virtual IP", self.vip_changes.clone());
+        r.register(
+            "vrrp_state",
+            "keepalived's VRRP state on this host (1 for the current one; gone: not running)",
+            self.vrrp_state.clone(),
+        );
+        r.register(
+            "vip_advertised",
+            "Health advertised to keepalived (1 for the current one)",
+            self.vip_advertised.clone(),
         );
         r.register(
             "apply_duration_seconds",

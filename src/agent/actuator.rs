@@ -5,6 +5,7 @@
 //! - [`HaproxyActuator`]: haproxy.cfg and the Runtime API (real: [`HaproxyBackend`]).
 //! - [`Probes`]: members' `/readyz`, a request through the endpoint, HAProxy's sockets (real:
 //!   [`NetProbes`]).
+//! - [`VipActuator`]: the virtual IP through keepalived (real: `vip::keepalived::Keepalived`).
 //! - [`Reporter`]: what the agent tells the world (sd-notify, metrics, `/status`, Events).
 //!
 //! The clock is tokio's: the controller is given the time with every input, and tests pause
@@ -15,12 +16,13 @@
 #![allow(async_fn_in_trait)]
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::controller::{Adopted, Desired, Note, View};
+use super::controller::{Adopted, Desired, EndpointCheck, Note, View};
 use crate::haproxy::{Haproxy, HaproxySettings, Health, RenderInput, Server};
+use crate::vip::Advertised;
 
 pub trait EndpointActuator {
     /// nftables, iptables or userspace.
@@ -53,12 +55,51 @@ pub trait HaproxyActuator: Send + 'static {
 pub trait Probes: Clone + Send + Sync + 'static {
     /// The members among `candidates` that answer `/readyz`, in the given order.
     fn ready_members(&self, candidates: Vec<SocketAddr>) -> impl Future<Output = Vec<SocketAddr>> + Send;
-    /// A TLS request to the endpoint itself, as a client makes it; `Ok` when it reached a
-    /// member's `/readyz` and got 200.
-    fn endpoint(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// A TLS request to the endpoint itself, as a client makes it, to a member's `/readyz`.
+    fn endpoint(&self) -> impl Future<Output = EndpointCheck> + Send;
     /// Whether HAProxy's process accepts connections on its master or admin socket. Only a
     /// refused connection (or a missing socket) counts as gone; a slow answer is alive.
     fn haproxy_alive(&self) -> impl Future<Output = bool> + Send;
+}
+
+/// The virtual IP (real: [`crate::vip::keepalived::Keepalived`]; `None` on a host without one).
+pub trait VipActuator {
+    /// Writes the health keepalived tracks.
+    fn advertise(&mut self, level: Advertised) -> Result<(), String>;
+    /// The members' addresses changed (keepalived's unicast peers follow).
+    fn members(&mut self, members: Vec<IpAddr>);
+    /// Removes the address from this host; a one-line report.
+    fn release(&mut self) -> Result<String, String>;
+}
+
+impl<T: VipActuator> VipActuator for Option<T> {
+    fn advertise(&mut self, level: Advertised) -> Result<(), String> {
+        self.as_mut().map_or(Ok(()), |v| v.advertise(level))
+    }
+
+    fn members(&mut self, members: Vec<IpAddr>) {
+        if let Some(v) = self {
+            v.members(members);
+        }
+    }
+
+    fn release(&mut self) -> Result<String, String> {
+        self.as_mut().map_or(Ok(String::new()), VipActuator::release)
+    }
+}
+
+impl VipActuator for crate::vip::keepalived::Keepalived {
+    fn advertise(&mut self, level: Advertised) -> Result<(), String> {
+        crate::vip::keepalived::Keepalived::advertise(self, level).map_err(|e| format!("{e:#}"))
+    }
+
+    fn members(&mut self, members: Vec<IpAddr>) {
+        crate::vip::keepalived::Keepalived::members(self, members);
+    }
+
+    fn release(&mut self) -> Result<String, String> {
+        crate::vip::keepalived::Keepalived::release(self).map_err(|e| format!("{e:#}"))
+    }
 }
 
 pub trait Reporter {
@@ -74,6 +115,8 @@ pub trait Reporter {
     /// The loop is alive (systemd watchdog, `/healthz`).
     fn heartbeat(&mut self);
     fn stopping(&mut self, sentence: &str);
+    /// This host took (true) or lost the virtual IP.
+    fn vip_changed(&mut self, held: bool);
 }
 
 /// The real HAProxy actuator: [`Haproxy`] and the frontend address it binds.
@@ -123,8 +166,8 @@ impl Probes for NetProbes {
         super::probe::ready_members(&candidates, self.timeout).await
     }
 
-    async fn endpoint(&self) -> Result<(), String> {
-        super::probe::readyz_status(self.endpoint, self.timeout).await
+    async fn endpoint(&self) -> EndpointCheck {
+        super::probe::check(self.endpoint, self.timeout).await
     }
 
     async fn haproxy_alive(&self) -> bool {

@@ -23,12 +23,13 @@
 //! nothing listens, every connection to it fails, and waiting only adds failures.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::haproxy::resolve::{Resolved, Unresolved};
 use crate::haproxy::{Health, Server};
 use crate::members::{MemberSet, ServerName};
+use crate::vip::{Advertised, Vrrp, VrrpObserved};
 
 /// The controller's settings: what a configuration reload may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +49,60 @@ pub struct Settings {
     pub min_apply_interval: Duration,
     /// `forward.targets`: where the bootstrap forward points before any member is known.
     pub bootstrap_targets: Vec<SocketAddr>,
+    /// The virtual IP's health policy, when this host runs one.
+    pub vip: Option<VipPolicy>,
+}
+
+/// How the endpoint's checks become the health advertised to keepalived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipPolicy {
+    /// Consecutive good checks before a host that was not healthy is healthy again.
+    pub rise: u32,
+    /// Consecutive failed checks (of one kind) before a host advertises worse health.
+    pub fall: u32,
+    /// After advertising worse health, no better health for this long.
+    pub hold_down: Duration,
+    /// How often the endpoint is checked.
+    pub check_interval: Duration,
+}
+
+/// A request through the endpoint itself, as a client makes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointCheck {
+    /// A member's `/readyz` answered 200 through it.
+    Ready,
+    /// An apiserver answered through it, but not ready.
+    NotReady(String),
+    /// Nothing answered through it (refused, timed out, TLS failed).
+    Unreachable(String),
+}
+
+impl EndpointCheck {
+    fn as_result(&self) -> Result<(), String> {
+        match self {
+            EndpointCheck::Ready => Ok(()),
+            EndpointCheck::NotReady(why) | EndpointCheck::Unreachable(why) => Err(why.clone()),
+        }
+    }
+
+    /// The health this result argues for; `was_healthy`: whether this run was ever healthy
+    /// (before that, nothing answering is the first boot, not a failure).
+    fn argues(&self, was_healthy: bool) -> Advertised {
+        match self {
+            EndpointCheck::Ready => Advertised::Healthy,
+            EndpointCheck::NotReady(_) => Advertised::Degraded,
+            EndpointCheck::Unreachable(_) if was_healthy => Advertised::Withdrawn,
+            EndpointCheck::Unreachable(_) => Advertised::Degraded,
+        }
+    }
+}
+
+fn rank(level: Advertised) -> u8 {
+    match level {
+        Advertised::Withdrawn => 0,
+        Advertised::Degraded => 1,
+        Advertised::Healthy => 2,
+    }
 }
 
 /// What an earlier run left in the kernel, read at start.
@@ -162,9 +217,14 @@ pub enum Input {
     Liveness { alive: bool },
     /// The members among `probed` that answered `/readyz`.
     Probed { probed: Vec<SocketAddr>, ready: Vec<SocketAddr> },
-    /// A request through the endpoint itself, as a client makes it: `Ok` when a member's
-    /// `/readyz` answered 200 through it.
-    EndpointChecked(Result<(), String>),
+    /// A request through the endpoint itself, as a client makes it.
+    EndpointChecked(EndpointCheck),
+    /// keepalived's VRRP state and whether this host holds the virtual IP.
+    Vrrp(VrrpObserved),
+    /// The VIP actuator rendered (or refused to render) keepalived.conf.
+    VipConfigured(Result<String, String>),
+    /// The last `Effect::ReleaseVip` finished.
+    VipReleased(Result<String, String>),
     /// The last `Effect::Apply` finished.
     Applied(Result<String, String>),
     /// The last endpoint effect (forward, handover, reassert) finished.
@@ -198,6 +258,16 @@ pub enum Effect {
     Probe(Vec<SocketAddr>),
     /// Make a request through the endpoint itself.
     CheckEndpoint,
+    /// Tell keepalived this health (the tracked file).
+    Advertise(Advertised),
+    /// The members' addresses, for keepalived's unicast peers.
+    VipMembers(Vec<IpAddr>),
+    /// Remove the virtual IP from this host: keepalived is gone and left it.
+    ReleaseVip,
+    /// This host took (true) or lost the virtual IP, for the changes counter.
+    VipChanged {
+        held: bool,
+    },
     /// The desired state changed: the member source talks to these members directly, and the
     /// next resolution keeps DNS members where they are.
     Known(Desired),
@@ -258,6 +328,35 @@ pub struct View {
     pub last_apply: Option<String>,
     pub last_error: Option<String>,
     pub ready_sent: bool,
+    pub vip: Option<VipView>,
+}
+
+/// The virtual IP as this host sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VipView {
+    pub advertised: Option<Advertised>,
+    pub vrrp: Option<Vrrp>,
+    pub holds: bool,
+    pub since: Instant,
+    pub last_config: Option<String>,
+}
+
+/// The controller's part of the virtual IP: the advertised health with its hysteresis, and
+/// what keepalived last said.
+#[derive(Debug, Clone)]
+struct VipState {
+    policy: VipPolicy,
+    advertised: Option<Advertised>,
+    /// The last check's argument and how many checks in a row made it.
+    run: Option<(Advertised, u32)>,
+    was_healthy: bool,
+    /// When worse health was last advertised.
+    lowered_at: Option<Instant>,
+    observed: Option<VrrpObserved>,
+    holds_since: Instant,
+    releasing: bool,
+    members: Option<Vec<IpAddr>>,
+    last_config: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,7 +391,7 @@ pub struct Controller {
     gone_run: u32,
     alive: bool,
     ready_members: Option<Vec<SocketAddr>>,
-    endpoint_check: Option<Result<(), String>>,
+    endpoint_check: Option<EndpointCheck>,
     next_read: Instant,
     next_liveness: Instant,
     next_probe: Instant,
@@ -301,6 +400,72 @@ pub struct Controller {
     source_problem: Option<String>,
     last_apply: Option<String>,
     last_error: Option<String>,
+    vip: Option<VipState>,
+    next_check: Instant,
+}
+
+impl VipState {
+    fn new(policy: VipPolicy, now: Instant) -> Self {
+        Self {
+            policy,
+            advertised: None,
+            run: None,
+            was_healthy: false,
+            lowered_at: None,
+            observed: None,
+            holds_since: now,
+            releasing: false,
+            members: None,
+            last_config: None,
+        }
+    }
+
+    /// One endpoint check: the health to advertise now, if it changes.
+    ///
+    /// The first check sets it at once (a restarted agent must not first advertise something
+    /// it does not know). After that, worse health needs `fall` checks in a row that argue for
+    /// it; better health needs `rise` in a row, and healthy needs `holdDown` since health was
+    /// last lowered, so a flapping host gives the address away once and does not take it back
+    /// at each flap. Withdrawn may step up to degraded within the hold-down: a degraded host
+    /// holds the address only where no host is healthy (all apiservers back after an outage).
+    fn check(&mut self, now: Instant, check: &EndpointCheck) -> Option<Advertised> {
+        let argued = check.argues(self.was_healthy);
+        let count = match self.run {
+            Some((last, n)) if last == argued => n.saturating_add(1),
+            _ => 1,
+        };
+        self.run = Some((argued, count));
+        let next = match self.advertised {
+            None => argued,
+            Some(current) if current == argued => return None,
+            Some(current) if rank(argued) < rank(current) => {
+                if count < self.policy.fall {
+                    return None;
+                }
+                self.lowered_at = Some(now);
+                argued
+            }
+            Some(current) => {
+                if count < self.policy.rise {
+                    return None;
+                }
+                let held_down =
+                    self.lowered_at.is_some_and(|at| now.saturating_duration_since(at) < self.policy.hold_down);
+                // Within the hold-down a withdrawn host may come back as degraded (it takes
+                // the address only where no host is healthy) but not as healthy.
+                let next = if held_down { Advertised::Degraded } else { argued };
+                if rank(next) <= rank(current) {
+                    return None;
+                }
+                next
+            }
+        };
+        if next == Advertised::Healthy {
+            self.was_healthy = true;
+        }
+        self.advertised = Some(next);
+        Some(next)
+    }
 }
 
 /// Consecutive "gone" liveness checks before the fast fallback: one refused connect may be a
@@ -309,6 +474,7 @@ const GONE_AFTER: u32 = 2;
 
 impl Controller {
     pub fn new(settings: Settings, now: Instant) -> Self {
+        let vip = settings.vip.clone().map(|policy| VipState::new(policy, now));
         Self {
             settings,
             created: now,
@@ -336,6 +502,8 @@ impl Controller {
             source_problem: None,
             last_apply: None,
             last_error: None,
+            vip,
+            next_check: now,
         }
     }
 
@@ -353,7 +521,7 @@ impl Controller {
 
     /// When the driver should next send [`Input::Tick`].
     pub fn next_wake(&self) -> Instant {
-        let mut wake = self.next_liveness.min(self.next_read);
+        let mut wake = self.next_liveness.min(self.next_read).min(self.next_check);
         if !self.probing && self.desired.is_some() {
             wake = wake.min(self.next_probe);
         }
@@ -365,7 +533,7 @@ impl Controller {
 
     /// A carrier is installed and a request through the endpoint reached a ready member.
     fn carried(&self) -> bool {
-        self.phase.carrier().is_some() && matches!(self.endpoint_check, Some(Ok(())))
+        self.phase.carrier().is_some() && self.endpoint_check == Some(EndpointCheck::Ready)
     }
 
     pub fn view(&self) -> View {
@@ -375,7 +543,7 @@ impl Controller {
             phase_since: self.phase_since,
             endpoint_carried: self.carried(),
             carrier,
-            endpoint_check: self.endpoint_check.clone(),
+            endpoint_check: self.endpoint_check.as_ref().map(EndpointCheck::as_result),
             members: self.desired.iter().flat_map(|d| d.members.iter().map(ToString::to_string)).collect(),
             members_origin: self.origin.clone(),
             unresolved: self.desired.iter().flat_map(|d| d.unresolved.iter().map(ToString::to_string)).collect(),
@@ -387,6 +555,13 @@ impl Controller {
             last_apply: self.last_apply.clone(),
             last_error: self.last_error.clone(),
             ready_sent: self.ready_sent,
+            vip: self.vip.as_ref().map(|v| VipView {
+                advertised: v.advertised,
+                vrrp: v.observed.map(|o| o.vrrp),
+                holds: v.observed.is_some_and(|o| o.holds),
+                since: v.holds_since,
+                last_config: v.last_config.clone(),
+            }),
         }
     }
 
@@ -405,12 +580,31 @@ impl Controller {
             Input::Haproxy(health) => self.observe(now, health, &mut out),
             Input::Liveness { alive } => self.liveness(alive, &mut out),
             Input::Probed { probed, ready } => self.probed(probed, ready, &mut out),
-            Input::EndpointChecked(result) => self.endpoint_check = Some(result),
+            Input::EndpointChecked(check) => self.endpoint_checked(now, check, &mut out),
+            Input::Vrrp(observed) => self.vrrp(now, observed, &mut out),
+            Input::VipConfigured(result) => self.vip_configured(result, &mut out),
+            Input::VipReleased(result) => {
+                if let Some(vip) = &mut self.vip {
+                    vip.releasing = false;
+                }
+                match result {
+                    Ok(report) => out.push(Effect::Event(Note {
+                        warning: true,
+                        reason: "VipReleased",
+                        action: "ReleaseVip",
+                        message: report,
+                    })),
+                    Err(err) => self.last_error = Some(format!("removing the virtual IP keepalived left: {err}")),
+                }
+            }
             Input::Applied(result) => self.applied(result),
             Input::EndpointDone(result) => self.endpoint_done(now, result, &mut out),
             Input::Tick => {}
             Input::Reconfigure(settings) => {
                 // The HAProxy settings may have changed what is rendered: apply again.
+                if let (Some(vip), Some(policy)) = (&mut self.vip, &settings.vip) {
+                    vip.policy = policy.clone();
+                }
                 self.settings = settings;
                 self.healthy_run = 0;
                 self.unhealthy_run = 0;
@@ -479,6 +673,16 @@ impl Controller {
             return;
         }
         out.push(Effect::Known(desired));
+        if let Some(vip) = &mut self.vip {
+            let mut hosts: Vec<IpAddr> =
+                self.desired.iter().flat_map(|d| d.servers.iter().map(|s| s.addr.ip())).collect();
+            hosts.sort();
+            hosts.dedup();
+            if vip.members.as_ref() != Some(&hosts) {
+                vip.members = Some(hosts.clone());
+                out.push(Effect::VipMembers(hosts));
+            }
+        }
         self.mark_due();
         // New members: probe them now rather than at the next round; until then the members
         // known to be ready stay the forward's choice.
@@ -686,6 +890,9 @@ impl Controller {
         if now >= self.next_read {
             self.next_read = now + self.settings.interval;
             out.push(Effect::ReadHaproxy);
+        }
+        if now >= self.next_check {
+            self.next_check = now + self.check_interval();
             if self.phase.carrier().is_some() {
                 out.push(Effect::CheckEndpoint);
             }
@@ -705,6 +912,74 @@ impl Controller {
                     self.last_apply_started = Some(now);
                     out.push(Effect::Apply(desired.servers.clone()));
                 }
+            }
+        }
+    }
+
+    /// The endpoint is checked every `handover.interval`, or more often for a virtual IP.
+    fn check_interval(&self) -> Duration {
+        match &self.vip {
+            Some(vip) => vip.policy.check_interval.min(self.settings.interval),
+            None => self.settings.interval,
+        }
+    }
+
+    fn endpoint_checked(&mut self, now: Instant, check: EndpointCheck, out: &mut Vec<Effect>) {
+        if let Some(level) = self.vip.as_mut().and_then(|vip| vip.check(now, &check)) {
+            let why = match &check {
+                EndpointCheck::Ready => "a ready apiserver answers through the endpoint".to_string(),
+                EndpointCheck::NotReady(why) | EndpointCheck::Unreachable(why) => why.clone(),
+            };
+            if level == Advertised::Withdrawn {
+                out.push(Effect::Event(Note {
+                    warning: true,
+                    reason: "VipWithdrawn",
+                    action: "Advertise",
+                    message: format!("the endpoint stopped working on this host ({why}): giving up the virtual IP"),
+                }));
+            }
+            tracing::info!(health = level.name(), "advertising to keepalived: {why}");
+            out.push(Effect::Advertise(level));
+        }
+        self.endpoint_check = Some(check);
+    }
+
+    fn vrrp(&mut self, now: Instant, observed: VrrpObserved, out: &mut Vec<Effect>) {
+        let Some(vip) = &mut self.vip else { return };
+        let held_before = vip.observed.is_some_and(|o| o.holds);
+        vip.observed = Some(observed);
+        if observed.holds != held_before {
+            vip.holds_since = now;
+            out.push(Effect::VipChanged { held: observed.holds });
+            if observed.holds {
+                out.push(Effect::Event(Note {
+                    warning: false,
+                    reason: "VipTaken",
+                    action: "HoldVip",
+                    message: format!("this host holds the virtual IP now (VRRP {})", observed.vrrp.name()),
+                }));
+            }
+        }
+        // A killed keepalived leaves the address on the interface, and a backup takes it over:
+        // two hosts would answer for it. Nobody else removes it until keepalived restarts.
+        if observed.vrrp == Vrrp::Gone && observed.holds && !vip.releasing {
+            vip.releasing = true;
+            out.push(Effect::ReleaseVip);
+        }
+    }
+
+    fn vip_configured(&mut self, result: Result<String, String>, out: &mut Vec<Effect>) {
+        let Some(vip) = &mut self.vip else { return };
+        match result {
+            Ok(report) => vip.last_config = Some(report),
+            Err(err) => {
+                out.push(Effect::Event(Note {
+                    warning: true,
+                    reason: "VipConfigRefused",
+                    action: "RenderKeepalived",
+                    message: err.clone(),
+                }));
+                self.last_error = Some(format!("keepalived: {err}"));
             }
         }
     }
@@ -763,8 +1038,8 @@ impl Controller {
     pub fn sentence(&self) -> String {
         let phase = self.phase.name();
         let verified = match &self.endpoint_check {
-            Some(Ok(())) => "",
-            Some(Err(_)) => " (no ready apiserver answers through it yet)",
+            Some(EndpointCheck::Ready) => "",
+            Some(_) => " (no ready apiserver answers through it yet)",
             None => " (not checked yet)",
         };
         match self.phase.carrier() {

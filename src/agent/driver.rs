@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter};
+use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter, VipActuator};
 use super::controller::{Controller, Effect, Input, Settings};
 use crate::haproxy::{HaproxySettings, Server};
 
@@ -96,12 +96,13 @@ pub enum Ended {
     Aborted,
 }
 
-pub struct Driver<E, P, R> {
+pub struct Driver<E, P, R, V> {
     pub controller: Controller,
     pub endpoint: E,
     pub haproxy: HaproxyHandle,
     pub probes: P,
     pub reporter: R,
+    pub vip: V,
     pub inputs_tx: mpsc::Sender<Input>,
     pub inputs: mpsc::Receiver<Input>,
     pub signals: mpsc::Receiver<Signal>,
@@ -109,7 +110,7 @@ pub struct Driver<E, P, R> {
     pub reload: Box<dyn FnMut() -> Result<Reloaded, String>>,
 }
 
-impl<E: EndpointActuator, P: Probes, R: Reporter> Driver<E, P, R> {
+impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R, V> {
     /// Adopts what the kernel holds and runs until a stop signal or a fatal error.
     pub async fn run(&mut self) -> anyhow::Result<Ended> {
         let adopted = self.endpoint.adopt().await?;
@@ -150,6 +151,12 @@ impl<E: EndpointActuator, P: Probes, R: Reporter> Driver<E, P, R> {
         let sentence = if keep { "stopping; the forward stays in place" } else { "stopping; removing the forward" };
         self.reporter.stopping(sentence);
         tracing::info!(keep_forward = keep, "shutting down");
+        if !keep {
+            // The endpoint goes away here: the virtual IP goes first, to a host that keeps one.
+            if let Err(err) = self.vip.advertise(crate::vip::Advertised::Withdrawn) {
+                tracing::error!("withdrawing the virtual IP: {err}");
+            }
+        }
         let signals = &mut self.signals;
         let endpoint = &mut self.endpoint;
         tokio::select! {
@@ -216,6 +223,35 @@ impl<E: EndpointActuator, P: Probes, R: Reporter> Driver<E, P, R> {
                     tokio::spawn(async move {
                         let _ = tx.send(Input::EndpointChecked(probes.endpoint().await)).await;
                     });
+                    None
+                }
+                Effect::Advertise(level) => {
+                    if let Err(err) = self.vip.advertise(level) {
+                        tracing::error!("advertising {} to keepalived: {err}", level.name());
+                    }
+                    None
+                }
+                Effect::VipMembers(members) => {
+                    self.vip.members(members);
+                    None
+                }
+                Effect::ReleaseVip => {
+                    let result = self.vip.release();
+                    match &result {
+                        Ok(report) => tracing::warn!("{report}"),
+                        Err(err) => tracing::error!("removing the virtual IP: {err}"),
+                    }
+                    let now = Instant::now().into_std();
+                    queue.extend(self.controller.handle(now, Input::VipReleased(result)));
+                    None
+                }
+                Effect::VipChanged { held } => {
+                    if held {
+                        tracing::info!("this host holds the virtual IP now");
+                    } else {
+                        tracing::info!("this host no longer holds the virtual IP");
+                    }
+                    self.reporter.vip_changed(held);
                     None
                 }
                 Effect::Known(desired) => {

@@ -1,13 +1,14 @@
 //! In-memory actuators for the agent's unit tests: they record what they were asked to do and
 //! answer as the test sets them to.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter};
-use super::controller::{Adopted, Desired, Note, View};
+use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter, VipActuator};
+use super::controller::{Adopted, Desired, EndpointCheck, Note, View};
 use crate::haproxy::{HaproxySettings, Health, Server};
+use crate::vip::Advertised;
 
 /// Everything the fakes were asked to do, in order.
 #[derive(Clone, Default)]
@@ -111,11 +112,11 @@ impl Probes for FakeProbes {
         candidates.into_iter().filter(|c| ready.contains(c)).collect()
     }
 
-    async fn endpoint(&self) -> Result<(), String> {
+    async fn endpoint(&self) -> EndpointCheck {
         if self.endpoint_ok.load(Ordering::SeqCst) {
-            Ok(())
+            EndpointCheck::Ready
         } else {
-            Err("connection refused".into())
+            EndpointCheck::Unreachable("connection refused".into())
         }
     }
 
@@ -159,5 +160,36 @@ impl Reporter for FakeReporter {
 
     fn stopping(&mut self, sentence: &str) {
         self.log.push(format!("stopping {sentence}"));
+    }
+
+    fn vip_changed(&mut self, held: bool) {
+        self.log.push(format!("vip held={held}"));
+    }
+}
+
+/// The VIP actuator: records what it is told; `release` fails while `fail` is set.
+#[derive(Clone, Default)]
+pub struct FakeVip {
+    pub log: Log,
+    pub fail: Arc<AtomicBool>,
+}
+
+impl VipActuator for FakeVip {
+    fn advertise(&mut self, level: Advertised) -> Result<(), String> {
+        self.log.push(format!("advertise {}", level.name()));
+        Ok(())
+    }
+
+    fn members(&mut self, members: Vec<IpAddr>) {
+        self.log.push(format!("members {members:?}"));
+    }
+
+    fn release(&mut self) -> Result<String, String> {
+        self.log.push("release");
+        if self.fail.load(Ordering::SeqCst) {
+            Err("ip: injected failure".into())
+        } else {
+            Ok("removed".into())
+        }
     }
 }

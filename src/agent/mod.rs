@@ -78,6 +78,12 @@ pub fn controller_settings(config: &Config) -> controller::Settings {
         liveness_interval: h.liveness_interval,
         min_apply_interval: config.haproxy.min_apply_interval,
         bootstrap_targets: config.forward.targets.iter().map(|e| e.0).collect(),
+        vip: config.vip.as_ref().map(|v| controller::VipPolicy {
+            rise: v.rise,
+            fall: v.fall,
+            hold_down: v.hold_down,
+            check_interval: v.check_interval,
+        }),
     }
 }
 
@@ -86,6 +92,9 @@ fn reload(options: &Options) -> Result<(Config, Reloaded), String> {
     let config = options.load().map_err(|e| format!("{e:#}"))?;
     config.haproxy.check().map_err(|e| format!("haproxy: {e}"))?;
     Template::from_settings(&config.haproxy).map_err(|e| format!("haproxy: {e}"))?;
+    if let Some(vip) = &config.vip {
+        crate::vip::render::Template::from_settings(vip).map_err(|e| format!("vip: {e}"))?;
+    }
     let reloaded = Reloaded {
         controller: controller_settings(&config),
         haproxy: config.haproxy.clone(),
@@ -126,6 +135,26 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         HaproxyHandle::spawn(HaproxyBackend { haproxy, bind: config.haproxy_bind() }, inputs_tx.clone());
     supervise("the HAProxy worker", worker, root.clone(), ended_tx.clone());
 
+    let vip = match &config.vip {
+        Some(settings) => {
+            let (tx, rx) = mpsc::channel(16);
+            let keepalived = crate::vip::keepalived::Keepalived::start(
+                settings.clone(),
+                initial_vip_members(&config),
+                config.handover.liveness_interval,
+                tx,
+                root.child_token(),
+            )?;
+            tokio::spawn(vip_bridge(rx, inputs_tx.clone()));
+            metrics.zero_vip();
+            Some(keepalived)
+        }
+        None => None,
+    };
+    let vip_base = vip.as_ref().map(|k| {
+        (config.vip.as_ref().map(|v| v.address.to_string()).unwrap_or_default(), k.placement().interface.clone())
+    });
+
     let (known_tx, known_rx) = watch::channel(MemberSet::new());
     let (sticky_tx, sticky_rx) = watch::channel(BTreeMap::new());
     let mut sources = Sources {
@@ -157,6 +186,7 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
             ..AgentStatus::default()
         },
         wall: (SystemTime::now(), Instant::now()),
+        vip: vip_base,
     };
     metrics.zero(config.members.source_name(), &controller::Phase::NAMES, &controller::TRANSITIONS);
 
@@ -175,6 +205,7 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         haproxy: haproxy_handle,
         probes,
         reporter,
+        vip,
         inputs_tx,
         inputs,
         signals: crate::signals::listen()?,
@@ -316,6 +347,43 @@ async fn bridge(
     }
 }
 
+/// The VIP actuator's reports to controller inputs.
+async fn vip_bridge(mut events: mpsc::Receiver<crate::vip::keepalived::VipEvent>, inputs: mpsc::Sender<Input>) {
+    use crate::vip::keepalived::VipEvent;
+    while let Some(event) = events.recv().await {
+        let input = match event {
+            VipEvent::Observed(observed) => {
+                tracing::debug!(vrrp = observed.vrrp.name(), holds = observed.holds, "virtual IP observed");
+                Input::Vrrp(observed)
+            }
+            VipEvent::Configured(result) => Input::VipConfigured(result),
+        };
+        if inputs.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The members keepalived.conf is first written for, before any member set is accepted: the
+/// configured members and the forward's targets that are addresses.
+fn initial_vip_members(config: &Config) -> Vec<IpAddr> {
+    use crate::members::source::SourceSettings;
+    let mut out: Vec<IpAddr> = config.forward.targets.iter().map(|e| e.0.ip()).collect();
+    let sets = [
+        match &config.members.source {
+            SourceSettings::Static(set) => Some(set),
+            _ => None,
+        },
+        config.members.seed.as_ref(),
+    ];
+    for set in sets.into_iter().flatten() {
+        out.extend(set.iter().filter_map(|m| m.socket_addr()).map(|a| a.ip()));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// What the agent tells the world: sd-notify, metrics, `/status`, Events.
 struct AgentReporter {
     metrics: Arc<Metrics>,
@@ -327,6 +395,15 @@ struct AgentReporter {
     base: AgentStatus,
     /// A wall-clock reading and the monotonic one taken with it, to date phase changes.
     wall: (SystemTime, Instant),
+    /// The virtual IP's address and interface, on a host that runs one.
+    vip: Option<(String, String)>,
+}
+
+impl AgentReporter {
+    fn unix(&self, at: Instant) -> u64 {
+        let t = self.wall.0 + at.saturating_duration_since(self.wall.1);
+        t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+    }
 }
 
 impl Reporter for AgentReporter {
@@ -391,6 +468,21 @@ impl Reporter for AgentReporter {
             haproxy_servers_total: view.haproxy.total,
             last_apply: view.last_apply.clone(),
             last_error: view.last_error.clone(),
+            vip: match (&view.vip, &self.vip) {
+                (Some(v), Some((address, interface))) => {
+                    self.metrics.vip(v.holds, v.vrrp, v.advertised);
+                    Some(status::VipStatus {
+                        address: address.clone(),
+                        interface: interface.clone(),
+                        held: v.holds,
+                        held_since: self.unix(v.since),
+                        vrrp_state: v.vrrp.map_or("unknown", |s| s.name()).to_string(),
+                        advertised: v.advertised.map_or("none yet", |a| a.name()).to_string(),
+                        last_config: v.last_config.clone(),
+                    })
+                }
+                _ => None,
+            },
             ..self.base.clone()
         };
         *self.shared.status.write().expect("status lock") = status;
@@ -403,6 +495,10 @@ impl Reporter for AgentReporter {
 
     fn stopping(&mut self, sentence: &str) {
         notify::stopping(sentence);
+    }
+
+    fn vip_changed(&mut self, held: bool) {
+        self.metrics.vip_change(held);
     }
 }
 

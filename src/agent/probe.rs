@@ -38,6 +38,18 @@ pub async fn readyz_status(addr: SocketAddr, timeout: Duration) -> Result<(), St
     }
 }
 
+/// `GET /readyz` on `addr`, told apart: ready, an apiserver that answered not ready, or
+/// nothing that answered at all.
+pub async fn check(addr: SocketAddr, timeout: Duration) -> super::controller::EndpointCheck {
+    use super::controller::EndpointCheck;
+    match tokio::time::timeout(timeout, get_status(addr)).await {
+        Ok(Ok(200)) => EndpointCheck::Ready,
+        Ok(Ok(status)) => EndpointCheck::NotReady(format!("{addr} answered /readyz with HTTP {status}")),
+        Ok(Err(err)) => EndpointCheck::Unreachable(format!("{addr}: {err}")),
+        Err(_) => EndpointCheck::Unreachable(format!("{addr}: no answer within {timeout:?}")),
+    }
+}
+
 /// The members among `candidates` that are ready, probed concurrently, in the given order.
 pub async fn ready_members(candidates: &[SocketAddr], timeout: Duration) -> Vec<SocketAddr> {
     let mut set = tokio::task::JoinSet::new();

@@ -40,6 +40,26 @@ pub struct AgentStatus {
     pub haproxy_servers_total: usize,
     pub last_apply: Option<String>,
     pub last_error: Option<String>,
+    /// The virtual IP, on a host that runs one.
+    #[serde(default)]
+    pub vip: Option<VipStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VipStatus {
+    pub address: String,
+    pub interface: String,
+    /// Whether this host holds the address now.
+    pub held: bool,
+    /// Unix seconds of the last change of `held`.
+    pub held_since: u64,
+    /// keepalived's VRRP state: master, backup, fault, stop; unknown (running, not told yet) or
+    /// gone (not running).
+    pub vrrp_state: String,
+    /// The health cpha advertises to keepalived: healthy, degraded, withdrawn (none yet).
+    pub advertised: String,
+    /// The last keepalived.conf change.
+    pub last_config: Option<String>,
 }
 
 impl AgentStatus {
@@ -64,6 +84,16 @@ impl AgentStatus {
                 "not answering".to_string()
             },
         );
+        if let Some(vip) = &self.vip {
+            s.push_str(&format!(
+                "vip         {} on {}: {} (VRRP {}, advertised {})\n",
+                vip.address,
+                vip.interface,
+                if vip.held { "held by this host" } else { "not held here" },
+                vip.vrrp_state,
+                vip.advertised,
+            ));
+        }
         for (label, value) in [
             ("last apply", &self.last_apply),
             ("rejected", &self.last_rejected_update),

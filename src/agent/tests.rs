@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::controller::{Adopted, Controller, Effect, Input, Phase, Settings};
+use super::controller::{Adopted, Controller, Effect, EndpointCheck, Input, Phase, Settings, VipPolicy};
 use crate::haproxy::resolve::{Resolved, Unresolved};
 use crate::haproxy::{Health, Server};
 use crate::members::{parse, MemberSet, ParseOptions};
+use crate::vip::{Advertised, Vrrp, VrrpObserved};
 
 fn settings() -> Settings {
     Settings {
@@ -19,6 +20,7 @@ fn settings() -> Settings {
         liveness_interval: Duration::from_millis(200),
         min_apply_interval: Duration::from_secs(2),
         bootstrap_targets: vec![],
+        vip: None,
     }
 }
 
@@ -415,10 +417,10 @@ fn flapping_around_the_thresholds_moves_nothing() {
 fn readiness_is_what_a_request_through_the_endpoint_sees() {
     let mut r = balanced();
     assert!(!r.c.view().endpoint_carried);
-    let e = r.input(Input::EndpointChecked(Ok(())));
+    let e = r.input(Input::EndpointChecked(EndpointCheck::Ready));
     assert!(r.c.view().endpoint_carried);
     assert!(e.iter().any(|e| matches!(e, Effect::Status(_))), "a change of truth is announced");
-    r.input(Input::EndpointChecked(Err("10.0.0.10:6443: connection refused".into())));
+    r.input(Input::EndpointChecked(EndpointCheck::Unreachable("10.0.0.10:6443: connection refused".into())));
     let v = r.c.view();
     assert!(!v.endpoint_carried);
     assert!(r.c.sentence().contains("no ready apiserver"), "{}", r.c.sentence());
@@ -435,6 +437,161 @@ fn periodic_work_is_scheduled_by_time() {
 }
 
 // ----------------------------------------------------------------------------------------------
+// The virtual IP: the health advertised to keepalived, and what keepalived says.
+
+fn vip_settings() -> Settings {
+    Settings {
+        vip: Some(VipPolicy {
+            rise: 3,
+            fall: 2,
+            hold_down: Duration::from_secs(10),
+            check_interval: Duration::from_millis(500),
+        }),
+        ..settings()
+    }
+}
+
+fn advertised(effects: &[Effect]) -> Vec<Advertised> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Advertise(level) => Some(*level),
+            _ => None,
+        })
+        .collect()
+}
+
+fn unreachable() -> Input {
+    Input::EndpointChecked(EndpointCheck::Unreachable("10.0.0.10:6443: connection refused".into()))
+}
+
+fn check_ready() -> Input {
+    Input::EndpointChecked(EndpointCheck::Ready)
+}
+
+/// Forwarding with a VIP, the endpoint checked healthy.
+fn vip_healthy() -> Run {
+    let mut r = Run::new(vip_settings());
+    r.acts(Input::Started { adopted: Adopted::Nothing });
+    let e = r.acts(accepted("10.0.0.3 10.0.0.1 10.0.0.2"));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert!(e.contains(&Effect::VipMembers(vec![ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")])), "{e:?}");
+    r.done();
+    r.acts(Input::Applied(Ok("file written".into())));
+    assert_eq!(advertised(&r.at(100).acts(check_ready())), [Advertised::Healthy], "the first check decides at once");
+    r
+}
+
+#[test]
+fn first_boot_holds_the_vip_degraded_until_an_apiserver_answers() {
+    let mut r = Run::new(vip_settings());
+    r.acts(Input::Started { adopted: Adopted::Nothing });
+    r.acts(accepted("10.0.0.1"));
+    r.done();
+    // Before kubeadm init nothing answers behind the forward: degraded, not withdrawn, so the
+    // first host still holds the address kubeadm dials.
+    assert_eq!(advertised(&r.at(100).acts(unreachable())), [Advertised::Degraded]);
+    for t in [600, 1100, 1600] {
+        assert!(advertised(&r.at(t).acts(unreachable())).is_empty(), "{t}");
+    }
+    assert!(advertised(&r.at(2100).acts(check_ready())).is_empty());
+    assert!(advertised(&r.at(2600).acts(check_ready())).is_empty());
+    assert_eq!(advertised(&r.at(3100).acts(check_ready())), [Advertised::Healthy], "rise, no hold-down at first");
+}
+
+#[test]
+fn a_host_whose_endpoint_stops_working_withdraws_after_fall_checks() {
+    let mut r = vip_healthy();
+    assert!(advertised(&r.at(600).acts(unreachable())).is_empty(), "one failure is not enough");
+    assert!(advertised(&r.at(1100).acts(check_ready())).is_empty());
+    assert!(advertised(&r.at(1600).acts(unreachable())).is_empty());
+    let e = r.at(2100).acts(unreachable());
+    assert_eq!(advertised(&e), [Advertised::Withdrawn]);
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipWithdrawn" && n.warning)), "{e:?}");
+    // Back within the hold-down: degraded (it holds the address only where none is healthy).
+    for t in [2600, 3100] {
+        assert!(advertised(&r.at(t).acts(check_ready())).is_empty(), "{t}");
+    }
+    assert_eq!(advertised(&r.at(3600).acts(check_ready())), [Advertised::Degraded]);
+    for t in (4100..12_100).step_by(500) {
+        assert!(advertised(&r.at(t).acts(check_ready())).is_empty(), "{t}: held down");
+    }
+    assert_eq!(advertised(&r.at(12_100).acts(check_ready())), [Advertised::Healthy], "10 s after the fall");
+}
+
+#[test]
+fn an_apiserver_that_answers_not_ready_degrades_instead_of_withdrawing() {
+    let mut r = vip_healthy();
+    let not_ready = || Input::EndpointChecked(EndpointCheck::NotReady("answered /readyz with HTTP 500".into()));
+    assert!(advertised(&r.at(600).acts(not_ready())).is_empty());
+    assert_eq!(advertised(&r.at(1100).acts(not_ready())), [Advertised::Degraded]);
+    assert_eq!(advertised(&r.at(1600).acts(unreachable())), [], "a new kind of failure counts anew");
+    assert_eq!(advertised(&r.at(2100).acts(unreachable())), [Advertised::Withdrawn]);
+}
+
+#[test]
+fn a_flapping_endpoint_does_not_bounce_the_vip() {
+    let mut r = vip_healthy();
+    let mut changes = Vec::new();
+    // Two failures, one success, for a minute: it gives the address away once and never
+    // claims it back while it flaps.
+    for i in 0..120u64 {
+        let input = if i % 3 == 2 { check_ready() } else { unreachable() };
+        changes.extend(advertised(&r.at(600 + 500 * i).acts(input)));
+    }
+    assert_eq!(changes, [Advertised::Withdrawn], "{changes:?}");
+    // Alternating success and failure never reaches `fall`: it keeps the address.
+    let mut r = vip_healthy();
+    for i in 0..120u64 {
+        let input = if i % 2 == 0 { unreachable() } else { check_ready() };
+        assert!(advertised(&r.at(600 + 500 * i).acts(input)).is_empty(), "{i}");
+    }
+}
+
+#[test]
+fn a_killed_keepalived_leaves_the_address_and_it_is_removed_once() {
+    let mut r = vip_healthy();
+    let observed = |vrrp, holds| Input::Vrrp(VrrpObserved { vrrp, holds });
+    let e = r.acts(observed(Vrrp::Master, true));
+    assert!(e.contains(&Effect::VipChanged { held: true }), "{e:?}");
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipTaken")), "{e:?}");
+    let v = r.c.view().vip.unwrap();
+    assert!(v.holds && v.vrrp == Some(Vrrp::Master));
+    let e = r.acts(observed(Vrrp::Gone, true));
+    assert_eq!(e, [Effect::ReleaseVip]);
+    assert!(r.acts(observed(Vrrp::Gone, true)).is_empty(), "one removal at a time");
+    let e = r.acts(Input::VipReleased(Ok("removed 10.0.0.10/32 from eth0".into())));
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipReleased")), "{e:?}");
+    assert_eq!(r.acts(observed(Vrrp::Gone, false)), [Effect::VipChanged { held: false }]);
+    // A backup that holds the address briefly is keepalived's business, not cpha's.
+    let e = r.acts(observed(Vrrp::Backup, true));
+    assert!(!e.contains(&Effect::ReleaseVip), "{e:?}");
+}
+
+#[test]
+fn the_same_members_do_not_reconfigure_keepalived() {
+    let mut r = vip_healthy();
+    let e = r.acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3"));
+    assert!(!e.iter().any(|e| matches!(e, Effect::VipMembers(_))), "{e:?}");
+    let e = r.acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3 10.0.0.4"));
+    assert!(e.iter().any(|e| matches!(e, Effect::VipMembers(m) if m.len() == 4)), "{e:?}");
+    let e = r.acts(Input::VipConfigured(Err("keepalived --config-test refused the rendered file".into())));
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipConfigRefused")), "{e:?}");
+    assert!(r.c.view().last_error.unwrap().contains("keepalived"));
+}
+
+#[test]
+fn with_a_vip_the_endpoint_is_checked_at_its_interval() {
+    let mut r = vip_healthy();
+    let checks = |e: Vec<Effect>| e.iter().filter(|e| matches!(e, Effect::CheckEndpoint)).count();
+    let mut n = 0;
+    for t in (200..=3000).step_by(100) {
+        n += checks(r.at(t).input(Input::Tick));
+    }
+    assert_eq!(n, 6, "every 500 ms over 3 s");
+}
+
+// ----------------------------------------------------------------------------------------------
 // The driver with in-memory actuators.
 
 mod driver {
@@ -445,7 +602,7 @@ mod driver {
 
     use super::*;
     use crate::agent::driver::{Driver, Ended, HaproxyHandle, Reloaded, Signal};
-    use crate::agent::fake::{FakeEndpoint, FakeHaproxy, FakeProbes, FakeReporter, Log};
+    use crate::agent::fake::{FakeEndpoint, FakeHaproxy, FakeProbes, FakeReporter, FakeVip, Log};
 
     struct Rig {
         endpoint: Log,
@@ -479,6 +636,7 @@ mod driver {
             haproxy: handle,
             probes: probes.clone(),
             reporter: reporter.clone(),
+            vip: None::<FakeVip>,
             inputs_tx: inputs_tx.clone(),
             inputs,
             signals,

@@ -26,8 +26,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::haproxy::check::check(&config.haproxy, &path)
             .map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")).into())
     });
+    let vip = match (&result, &config.vip) {
+        (Ok(()), Some(vip)) => Some(check_keepalived(&config, vip, &members, &dir)),
+        _ => None,
+    };
     let _ = std::fs::remove_dir_all(&dir);
     result?;
+    let vip = vip.transpose()?;
     println!(
         "{}: valid ({} members source, {} topology, endpoint {}, HAProxy frontend {}; haproxy -c accepts the rendered file)",
         args.config.path.display(),
@@ -36,5 +41,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.endpoint.listen,
         config.haproxy_bind()
     );
+    if let Some(line) = vip {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// Places the VIP on this host and runs `keepalived --config-test` on the keepalived.conf it
+/// would write (a temporary copy; nothing of keepalived's is touched).
+fn check_keepalived(
+    config: &crate::config::Config,
+    vip: &crate::vip::VipSettings,
+    members: &crate::members::MemberSet,
+    dir: &std::path::Path,
+) -> anyhow::Result<String> {
+    let (place, text) = super::render::render_keepalived(config, members)?;
+    let path = dir.join("keepalived.conf");
+    std::fs::write(&path, &text).context("writing the candidate keepalived.conf")?;
+    crate::vip::keepalived::config_test(&vip.keepalived.binary, &path)
+        .map_err(|e| Coded::config(format!("rendered keepalived.conf: {e}")))?;
+    Ok(format!(
+        "vip {} on {} (this host's address {}/{}): keepalived --config-test accepts the rendered file",
+        vip.address, place.interface, place.source, place.prefix_len
+    ))
 }

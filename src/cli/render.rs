@@ -21,13 +21,33 @@ pub struct Args {
     /// then falls back to a sample set of three).
     #[arg(long, value_name = "LIST")]
     pub members: Option<String>,
+
+    /// Print keepalived.conf (the `vip:` section, placed on this host) instead of haproxy.cfg.
+    #[arg(long)]
+    pub keepalived: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let members = members_for(&config, args.members.as_deref())?;
-    print!("{}", render(&config, &members)?);
+    if args.keepalived {
+        print!("{}", render_keepalived(&config, &members)?.1);
+    } else {
+        print!("{}", render(&config, &members)?);
+    }
     Ok(())
+}
+
+/// keepalived.conf for `members` on this host: the VIP placed, the members (as IP addresses)
+/// made unicast peers.
+pub fn render_keepalived(config: &Config, members: &MemberSet) -> anyhow::Result<(crate::vip::place::Placement, String)> {
+    let Some(vip) = &config.vip else {
+        return Err(Coded::usage("the configuration has no vip: section").into());
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    let resolved = runtime.block_on(resolve::resolve(members, &Default::default(), config.haproxy.runtime_timeout));
+    let ips: Vec<_> = resolved.servers.iter().map(|s| s.addr.ip()).collect();
+    crate::vip::render_for(vip, &ips).map_err(|e| Coded::config(e).into())
 }
 
 /// The member set to render: given on the command line, or known from the configuration.

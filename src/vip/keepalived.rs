@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::place::{self, Placement};
 use super::render::{self, Template};
-use super::{Advertised, Vrrp, VrrpObserved, VipSettings};
+use super::{Advertised, VipSettings, Vrrp, VrrpObserved};
 use crate::exec;
 
 /// `keepalived --config-test` and the reload command get this long.
@@ -49,10 +49,12 @@ pub struct Keepalived {
 
 impl Keepalived {
     /// Checks the settings against this host and prepares the files keepalived reads (the
-    /// tracked file, created "degraded" when absent; the FIFO); starts the configuration and
-    /// observation tasks, which report on `events` until `stop`.
+    /// tracked file, created "degraded" when absent; the FIFO; keepalived.conf for `members`,
+    /// written before this returns, so keepalived can start after cpha); starts the
+    /// configuration and observation tasks, which report on `events` until `stop`.
     pub fn start(
         settings: VipSettings,
+        members: Vec<IpAddr>,
         poll: Duration,
         events: mpsc::Sender<VipEvent>,
         stop: CancellationToken,
@@ -69,7 +71,20 @@ impl Keepalived {
             write_track(&k.track_file, Advertised::Degraded.track_value(settings.degraded_penalty))?;
         }
         ensure_fifo(&k.notify_fifo)?;
-        let (peers, peers_rx) = watch::channel(None);
+        let first = apply(&settings, &place, &template, &render::peers(&settings, &members, &place));
+        let report = match first {
+            Ok(Some(report)) => Some(Ok(report)),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
+        };
+        if let Some(report) = report {
+            match &report {
+                Ok(done) => tracing::info!("{done}"),
+                Err(err) => tracing::error!("keepalived: {err}"),
+            }
+            let _ = events.try_send(VipEvent::Configured(report));
+        }
+        let (peers, peers_rx) = watch::channel(Some(members));
         tokio::spawn(configure(settings.clone(), place.clone(), template, peers_rx, events.clone(), stop.clone()));
         tokio::spawn(observe(settings.clone(), poll, events, stop));
         Ok(Keepalived { settings, place, peers })
@@ -143,6 +158,11 @@ async fn configure(
                 .await
                 .unwrap_or_else(|e| Err(format!("panicked: {e}")));
             let changed = matches!(&result, Ok(Some(_)));
+            match &result {
+                Ok(Some(report)) => tracing::info!("{report}"),
+                Ok(None) => {}
+                Err(err) => tracing::error!("keepalived: {err}"),
+            }
             let report = result.map(|r| r.unwrap_or_default());
             if report.as_ref().is_ok_and(String::is_empty) {
                 // Nothing changed: nothing to say.
@@ -188,9 +208,10 @@ pub fn config_test(binary: &Path, file: &Path) -> Result<(), String> {
     let arg = format!("--use-file={}", file.display());
     match exec::run_with_timeout(&program, &["--config-test", arg.as_str()], None, KEEPALIVED_TIMEOUT) {
         Ok(_) => Ok(()),
-        Err(exec::ExecError::Failed { stderr, .. }) => {
-            Err(format!("keepalived --config-test refused the rendered file; the running one is kept: {}", stderr.trim()))
-        }
+        Err(exec::ExecError::Failed { stderr, .. }) => Err(format!(
+            "keepalived --config-test refused the rendered file; the running one is kept: {}",
+            stderr.trim()
+        )),
         Err(err) => Err(format!("keepalived --config-test: {err}")),
     }
 }
@@ -203,11 +224,16 @@ fn reload(s: &VipSettings) -> Result<String, String> {
         return Ok(format!("reloaded with `{}`", k.reload_command.join(" ")));
     }
     let Some(pid) = read_pid(&k.pid_file) else {
-        return Ok(format!("keepalived is not running ({} names no process): it reads the file when it starts", k.pid_file.display()));
+        return Ok(format!(
+            "keepalived is not running ({} names no process): it reads the file when it starts",
+            k.pid_file.display()
+        ));
     };
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP) {
         Ok(()) => Ok(format!("keepalived (pid {pid}) reloaded with SIGHUP")),
-        Err(nix::errno::Errno::ESRCH) => Ok(format!("keepalived (pid {pid}) is not running: it reads the file when it starts")),
+        Err(nix::errno::Errno::ESRCH) => {
+            Ok(format!("keepalived (pid {pid}) is not running: it reads the file when it starts"))
+        }
         Err(err) => Err(format!("SIGHUP to keepalived (pid {pid}): {err}")),
     }
 }
@@ -219,11 +245,26 @@ fn read_pid(path: &Path) -> Option<i32> {
     (pid > 1 && comm.trim() == "keepalived").then_some(pid)
 }
 
+/// After keepalived closes its FIFO, how long cpha waits for it to open it again (a reload
+/// closes and reopens it) before taking it for gone, unless its pid file shows it running.
+const REOPEN_GRACE: Duration = Duration::from_millis(300);
+
+/// What the FIFO reader thread sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fifo {
+    /// keepalived opened it (or had it open when cpha started reading).
+    Opened,
+    State(Vrrp),
+    /// Every writer closed it: keepalived exited, or is reloading.
+    Closed,
+}
+
 /// The observation task: keepalived's state from the FIFO, the address from the kernel, every
-/// `poll` and at each FIFO line; reports each change.
+/// `poll` and at each FIFO event; reports each change.
 async fn observe(settings: VipSettings, poll: Duration, events: mpsc::Sender<VipEvent>, stop: CancellationToken) {
     let fifo = settings.keepalived.notify_fifo.clone();
-    let (lines_tx, mut lines) = mpsc::channel::<Option<Vrrp>>(16);
+    let pid_file = settings.keepalived.pid_file.clone();
+    let (lines_tx, mut lines) = mpsc::channel::<Fifo>(16);
     let mut vrrp = if has_reader(&fifo) { Vrrp::Unknown } else { Vrrp::Gone };
     // NOTE: a thread, not a tokio task: opening a FIFO blocks until keepalived opens it, and
     // the thread ends with the process.
@@ -231,22 +272,37 @@ async fn observe(settings: VipSettings, poll: Duration, events: mpsc::Sender<Vip
         .name("cpha-vrrp-fifo".into())
         .spawn(move || read_fifo(&fifo, &lines_tx))
         .expect("spawning the FIFO reader");
+    let mut closed_at: Option<tokio::time::Instant> = None;
     let mut last: Option<VrrpObserved> = None;
-    let mut tick = tokio::time::interval(poll);
+    let mut tick = tokio::time::interval(poll.min(REOPEN_GRACE));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            line = lines.recv() => match line {
-                Some(Some(state)) => vrrp = state,
-                // Opened: keepalived runs; its state comes with its next line.
-                Some(None) if vrrp == Vrrp::Gone => vrrp = Vrrp::Unknown,
-                Some(None) => {}
+            event = lines.recv() => match event {
+                Some(Fifo::State(state)) => vrrp = state,
+                Some(Fifo::Opened) => {
+                    closed_at = None;
+                    if vrrp == Vrrp::Gone {
+                        vrrp = Vrrp::Unknown;
+                    }
+                }
+                Some(Fifo::Closed) => closed_at = Some(tokio::time::Instant::now()),
                 None => return,
             },
             _ = tick.tick() => {}
         }
-        // A FIFO reader that saw the end sends Gone through the state channel.
+        if let Some(at) = closed_at {
+            // A reload closes the FIFO too: gone only when no keepalived process runs, or it
+            // did not reopen the FIFO within the grace.
+            if read_pid(&pid_file).is_some() {
+                if vrrp == Vrrp::Gone {
+                    vrrp = Vrrp::Unknown;
+                }
+            } else if at.elapsed() >= REOPEN_GRACE {
+                vrrp = Vrrp::Gone;
+            }
+        }
         let holds = match place::held(settings.address) {
             Ok(held) => held.is_some(),
             Err(err) => {
@@ -264,9 +320,8 @@ async fn observe(settings: VipSettings, poll: Duration, events: mpsc::Sender<Vip
     }
 }
 
-/// Reads FIFO lines forever: `Some(state)` per state line, `None` when keepalived opened it,
-/// `Some(Gone)` when it closed it (keepalived exited).
-fn read_fifo(path: &PathBuf, out: &mpsc::Sender<Option<Vrrp>>) {
+/// Reads the FIFO forever, reporting opens, state lines and closes.
+fn read_fifo(path: &PathBuf, out: &mpsc::Sender<Fifo>) {
     loop {
         // Blocks until a writer (keepalived) has the FIFO open.
         let file = match OpenOptions::new().read(true).open(path) {
@@ -277,23 +332,22 @@ fn read_fifo(path: &PathBuf, out: &mpsc::Sender<Option<Vrrp>>) {
                 continue;
             }
         };
-        if out.blocking_send(None).is_err() {
+        if out.blocking_send(Fifo::Opened).is_err() {
             return;
         }
         for line in BufReader::new(file).lines() {
             let Ok(line) = line else { break };
             if let Some(state) = Vrrp::from_fifo_line(&line) {
                 tracing::debug!(line, "keepalived");
-                if out.blocking_send(Some(state)).is_err() {
+                if out.blocking_send(Fifo::State(state)).is_err() {
                     return;
                 }
             }
         }
-        // End of file: every writer closed it, so keepalived's VRRP process is gone.
-        if out.blocking_send(Some(Vrrp::Gone)).is_err() {
+        // End of file: every writer closed it.
+        if out.blocking_send(Fifo::Closed).is_err() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -333,12 +387,12 @@ mod tests {
         std::thread::spawn(move || read_fifo(&path, &tx));
         use std::io::Write;
         let mut writer = OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
-        assert_eq!(rx.blocking_recv().unwrap(), None, "opened");
+        assert_eq!(rx.blocking_recv().unwrap(), Fifo::Opened);
         writeln!(writer, "INSTANCE \"cpha\" BACKUP 100").unwrap();
         writeln!(writer, "INSTANCE \"cpha\" MASTER 100").unwrap();
         drop(writer);
         let got: Vec<_> = (0..3).map(|_| rx.blocking_recv().unwrap()).collect();
-        assert_eq!(got, vec![Some(Vrrp::Backup), Some(Vrrp::Master), Some(Vrrp::Gone)]);
+        assert_eq!(got, vec![Fifo::State(Vrrp::Backup), Fifo::State(Vrrp::Master), Fifo::Closed]);
     }
 
     #[test]

@@ -18,6 +18,18 @@ pub mod settings;
 
 pub use settings::VipSettings;
 
+use std::net::IpAddr;
+
+/// keepalived.conf for these members on this host, as the agent would write it, with where it
+/// places the address (for `cpha render` and `check-config`).
+pub fn render_for(settings: &VipSettings, members: &[IpAddr]) -> Result<(place::Placement, String), String> {
+    let placement = place::locate(settings).map_err(|e| e.to_string())?;
+    let template = render::Template::from_settings(settings).map_err(|e| e.to_string())?;
+    let peers = render::peers(settings, members, &placement);
+    let text = template.render(settings, &placement, &peers).map_err(|e| e.to_string())?;
+    Ok((placement, text))
+}
+
 /// The health cpha advertises to keepalived through the tracked file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advertised {

@@ -139,7 +139,12 @@ mod tests {
     }
 
     fn host() -> Vec<IfAddr> {
-        vec![a("lo", "127.0.0.1", 8), a("eth0", "192.0.2.11", 24), a("eth1", "198.51.100.5", 24), a("eth0", "fe80::1", 64)]
+        vec![
+            a("lo", "127.0.0.1", 8),
+            a("eth0", "192.0.2.11", 24),
+            a("eth1", "198.51.100.5", 24),
+            a("eth0", "fe80::1", 64),
+        ]
     }
 
     fn settings(address: &str, interface: Option<&str>) -> VipSettings {

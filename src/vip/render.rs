@@ -88,7 +88,8 @@ impl Template {
     pub fn compile(text: &str, origin: String) -> Result<Template, RenderError> {
         let mut tera = Tera::default();
         tera.autoescape_on(vec![]);
-        tera.add_raw_template(NAME, text).map_err(|e| RenderError::Parse { origin: origin.clone(), message: chain(&e) })?;
+        tera.add_raw_template(NAME, text)
+            .map_err(|e| RenderError::Parse { origin: origin.clone(), message: chain(&e) })?;
         Ok(Template { tera, origin })
     }
 

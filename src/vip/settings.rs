@@ -134,7 +134,10 @@ impl VipSettings {
             return Err(bad("address", "is required: the virtual IP clients dial the endpoint at"));
         }
         if a.is_loopback() || a.is_multicast() || is_link_local(&a) || is_broadcast(&a) {
-            return Err(bad("address", format!("{a} cannot be a virtual IP (loopback, multicast, link-local or broadcast)")));
+            return Err(bad(
+                "address",
+                format!("{a} cannot be a virtual IP (loopback, multicast, link-local or broadcast)"),
+            ));
         }
         if !endpoint.is_unspecified() && endpoint != a {
             return Err(bad(
@@ -146,14 +149,26 @@ impl VipSettings {
             check_interface_name(name).map_err(|m| bad("interface", m))?;
         }
         if !(1..=255).contains(&self.virtual_router_id) {
-            return Err(bad("virtualRouterId", format!("{} is out of range: VRRP router ids are 1 to 255", self.virtual_router_id)));
+            return Err(bad(
+                "virtualRouterId",
+                format!("{} is out of range: VRRP router ids are 1 to 255", self.virtual_router_id),
+            ));
         }
         if !(1..=254).contains(&self.priority) {
-            return Err(bad("priority", format!("{} is out of range 1-254 (255 is VRRP's address owner, which cpha's health cannot lower)", self.priority)));
+            return Err(bad(
+                "priority",
+                format!(
+                    "{} is out of range 1-254 (255 is VRRP's address owner, which cpha's health cannot lower)",
+                    self.priority
+                ),
+            ));
         }
         let advert = self.advert_interval;
-        if advert < Duration::from_millis(10) || advert > MAX_ADVERT || advert.as_millis() % 10 != 0 {
-            return Err(bad("advertInterval", format!("{advert:?}: VRRPv3 intervals are 10ms to 40.95s in steps of 10ms")));
+        if advert < Duration::from_millis(10) || advert > MAX_ADVERT || !advert.as_millis().is_multiple_of(10) {
+            return Err(bad(
+                "advertInterval",
+                format!("{advert:?}: VRRPv3 intervals are 10ms to 40.95s in steps of 10ms"),
+            ));
         }
         if self.preempt_delay > Duration::from_secs(1000) {
             return Err(bad("preemptDelay", format!("{:?} is more than keepalived's 1000s", self.preempt_delay)));
@@ -186,7 +201,10 @@ impl VipSettings {
         if self.degraded_penalty >= self.priority {
             return Err(bad(
                 "degradedPenalty",
-                format!("{} must be lower than vip.priority {}: a degraded host keeps a priority of at least 1", self.degraded_penalty, self.priority),
+                format!(
+                    "{} must be lower than vip.priority {}: a degraded host keeps a priority of at least 1",
+                    self.degraded_penalty, self.priority
+                ),
             ));
         }
         let k = &self.keepalived;

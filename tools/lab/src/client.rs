@@ -211,13 +211,20 @@ struct WorkerResult {
     latencies_us: Vec<u32>,
     ids: HashMap<String, u64>,
     errors: Errors,
+    timeline: Vec<crate::report::ConnRecord>,
 }
 
 /// `connect-loop` and `connrate`: `concurrency` workers open connection after connection until
 /// the duration passes, `max_conns` are opened, or a stop is asked for.
 pub fn load(opts: &LoadOpts) -> LoadReport {
     let pace =
-        Pace { concurrency: opts.concurrency, duration: opts.duration, max_conns: opts.max_conns, rate: opts.rate };
+        Pace {
+            concurrency: opts.concurrency,
+            duration: opts.duration,
+            max_conns: opts.max_conns,
+            rate: opts.rate,
+            timeline: false,
+        };
     run_load(&pace, &|_n| {
         let id = short_conn(opts.to, opts.timeout, opts.request)?;
         match &opts.expect_id {
@@ -239,6 +246,8 @@ pub(crate) struct Pace {
     pub max_conns: u64,
     /// Cap on new connections per second over all workers.
     pub rate: Option<f64>,
+    /// Record every connection's start, end and outcome in the report.
+    pub timeline: bool,
 }
 
 /// One short connection of a load run, given its number: the server's id, if it sends one.
@@ -270,6 +279,7 @@ pub(crate) fn run_load(pace: &Pace, conn: &ConnFn<'_>) -> LoadReport {
     let elapsed = start.elapsed();
 
     let mut latencies = Vec::new();
+    let mut timeline = Vec::new();
     let mut ids: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors = Errors::default();
     let (mut ok, mut failed) = (0, 0);
@@ -277,6 +287,7 @@ pub(crate) fn run_load(pace: &Pace, conn: &ConnFn<'_>) -> LoadReport {
         ok += r.ok;
         failed += r.failed;
         latencies.extend(r.latencies_us);
+        timeline.extend(r.timeline);
         for (id, n) in r.ids {
             *ids.entry(id).or_default() += n;
         }
@@ -297,6 +308,10 @@ pub(crate) fn run_load(pace: &Pace, conn: &ConnFn<'_>) -> LoadReport {
         errors: errors.first(),
         first_failure_s: errors.span.map(|s| s.0),
         last_failure_s: errors.span.map(|s| s.1),
+        timeline: {
+            timeline.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+            timeline
+        },
     }
 }
 
@@ -329,7 +344,10 @@ fn worker(
             break;
         }
         let t0 = Instant::now();
-        match conn(n) {
+        let failed_before = r.failed;
+        let result = conn(n);
+        let stopped = matches!(result, Err(Failure::Stopped));
+        match result {
             Ok(id) => {
                 r.ok += 1;
                 let us = t0.elapsed().as_micros();
@@ -353,6 +371,13 @@ fn worker(
                 let kind = format!("{step}: {}", kind_name(&err));
                 r.errors.record(&kind, at, format!("conn {n} at {at:.3}s: {step}: {err}"));
             }
+        }
+        if pace.timeline && !stopped {
+            r.timeline.push(crate::report::ConnRecord {
+                start_s: t0.duration_since(start).as_secs_f64(),
+                end_s: start.elapsed().as_secs_f64(),
+                ok: r.failed == failed_before,
+            });
         }
     }
     r

@@ -114,6 +114,8 @@ pub struct HttpsLoopOpts {
     pub rate: Option<f64>,
     /// A connection is ok only with this status.
     pub expect_status: u16,
+    /// Record every connection in the report.
+    pub timeline: bool,
 }
 
 /// `https-loop`: a steady stream of new connections, each a TCP connect, a full TLS handshake,
@@ -126,7 +128,13 @@ pub fn https_loop(opts: &HttpsLoopOpts) -> Result<LoadReport> {
     let request =
         Request { method: "GET", target: &t.path, host: &host, token: None, json: None, close: true }.encode();
     let pace =
-        Pace { concurrency: opts.concurrency, duration: opts.duration, max_conns: opts.max_conns, rate: opts.rate };
+        Pace {
+            concurrency: opts.concurrency,
+            duration: opts.duration,
+            max_conns: opts.max_conns,
+            rate: opts.rate,
+            timeline: opts.timeline,
+        };
     Ok(run_load(&pace, &|_n| {
         let mut tls = open(t.to, t.timeout, OnStop::GiveUp, &config, &name)?;
         let resp = exchange(&mut tls, &mut ResponseReader::default(), &request, MAX_BODY)?;

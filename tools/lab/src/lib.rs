@@ -22,6 +22,7 @@ pub mod report;
 pub mod server;
 pub mod stop;
 pub mod tls;
+pub mod vrrp;
 
 /// Panics with a clear message unless the process runs as root with `ip netns` usable.
 ///

@@ -160,6 +160,9 @@ enum Cmd {
         /// Name to verify, send as SNI and as Host (default: the IP of --to).
         #[arg(long)]
         server_name: Option<String>,
+        /// Report every connection (start, end, outcome) in `timeline`.
+        #[arg(long)]
+        timeline: bool,
     },
     /// One long-lived HTTPS connection with keep-alive: a GET every interval, each answer 200,
     /// until SIGTERM/SIGINT or --max-duration.
@@ -351,6 +354,7 @@ fn run(cmd: Cmd) -> Result<bool> {
             rate,
             ca,
             server_name,
+            timeline,
         } => {
             stop::install()?;
             let report = https::https_loop(&HttpsLoopOpts {
@@ -360,6 +364,7 @@ fn run(cmd: Cmd) -> Result<bool> {
                 max_conns,
                 rate,
                 expect_status,
+                timeline,
             })?;
             emit(&report)?;
             Ok(report.failed == 0 && report.ok > 0)

@@ -252,6 +252,12 @@ impl Child {
         Ok(Child { child, name, lines, status: None })
     }
 
+    /// Wraps a process started elsewhere (its stdout already taken), so it is stopped on drop.
+    pub fn from_std(child: std::process::Child, name: impl Into<String>) -> Child {
+        let (_tx, lines) = mpsc::channel();
+        Child { child, name: name.into(), lines, status: None }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -70,6 +70,18 @@ pub struct LoadReport {
     pub first_failure_s: Option<f64>,
     #[serde(default)]
     pub last_failure_s: Option<f64>,
+    /// Every connection, by start time, when asked for (`--timeline`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<ConnRecord>,
+}
+
+/// One connection of a load run: when it started and ended (seconds since the start of the
+/// run), and whether it succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnRecord {
+    pub start_s: f64,
+    pub end_s: f64,
+    pub ok: bool,
 }
 
 /// `cpha-lab http`: one request and its answer.
