@@ -255,18 +255,56 @@ fn assert_cloud_config_valid(file: &Path) {
     );
 }
 
+/// `cpha check-config` as on a host of the configuration's shape. With a `vip:` section it
+/// places the virtual IP among the host's addresses (and keepalived checks the interface), so
+/// it runs in a network namespace of the test where the host has its address on the VIP's
+/// /24 (the files' subnets), never on this machine's own interfaces: `host`, or else the first
+/// seed member's address (a control-plane host of that cluster).
 fn check_config(file: &Path) -> Ran {
-    run(Command::new(env!("CARGO_BIN_EXE_cpha")).arg("check-config").arg("--config").arg(file))
+    check_config_on(file, None)
+}
+
+fn check_config_on(file: &Path, host: Option<&str>) -> Ran {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let config: Value = serde_yaml::from_str(&text).unwrap_or(Value::Null);
+    let host = config.get("vip").filter(|v| !v.is_null()).map(|_| {
+        host.map(str::to_string).unwrap_or_else(|| {
+            let seed = s(&config, "members.static.0");
+            let addr = seed.rsplit_once('=').map_or(seed, |(_, a)| a);
+            addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string()
+        })
+    });
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cpha"));
+    let Some(host) = host else {
+        return run(cmd.arg("check-config").arg("--config").arg(file));
+    };
+    cpha_lab::require_root!();
+    let ns = cpha_lab::netns::Netns::new("cphadeploy-host").unwrap();
+    let segment = cpha_lab::netns::Netns::new("cphadeploy-seg").unwrap();
+    cpha_lab::netns::veth_pair(&ns, &[&format!("{host}/24")], &segment, &[]).unwrap();
+    cmd = ns.command(env!("CARGO_BIN_EXE_cpha"));
+    run(cmd.arg("check-config").arg("--config").arg(file))
 }
 
 fn assert_config_valid(file: &Path) {
-    let ran = check_config(file);
+    assert_config_valid_on(file, None)
+}
+
+fn assert_config_valid_on(file: &Path, host: Option<&str>) {
+    let ran = check_config_on(file, host);
     assert!(
         !(ran.code == 64 || ran.code == 2) || !ran.stderr.contains("check-config"),
         "`cpha check-config` is missing from the cpha binary: it validates every example configuration here\n{}",
         ran.both()
     );
     assert!(ran.ok(), "cpha check-config --config {}:\n{}", file.display(), ran.both());
+    let has_vip = std::fs::read_to_string(file).unwrap().lines().any(|l| l == "vip:" || l.trim_start() == "vip:");
+    assert!(
+        !has_vip || ran.stdout.contains("keepalived --config-test accepts the rendered file"),
+        "cpha check-config --config {} did not check the virtual IP:\n{}",
+        file.display(),
+        ran.both()
+    );
 }
 
 /// A copy of a unit whose ExecStart runs the binary under test, so `verify` can check it.
@@ -1209,9 +1247,11 @@ fn vagrant_environment_validates() {
 
 #[test]
 fn example_configs_pass_check_config() {
-    for file in ["examples/config-host.yaml", "examples/config-daemonset.yaml", "examples/config-external-lb.yaml"] {
+    for file in ["examples/config-host.yaml", "examples/config-daemonset.yaml"] {
         assert_config_valid(&root().join(file));
     }
+    // As on lb1 (192.0.2.21): its vip.unicastPeers names lb2.
+    assert_config_valid_on(&root().join("examples/config-external-lb.yaml"), Some("192.0.2.21"));
     let host = doc(&read("examples/config-host.yaml"));
     assert_eq!(s(&host, "endpoint.topology"), "retarget");
     assert_eq!(
@@ -1583,4 +1623,91 @@ fn wait_vip_waits_for_the_address_with_a_bound_and_node_ip_is_never_the_vip() {
     assert!(route.contains("src 192.0.2.10"), "the premise changed: {route}");
     let ran = step(&["node-env"]);
     assert!(ran.ok() && ran.stdout.contains("CPHA_HAPROXY_BIND=192.0.2.11:9445"), "{}", ran.both());
+}
+
+/// The DaemonSet's keepalived container, as the kubelet would run it: its own command from the
+/// manifest, with only the capabilities the manifest adds (a bounding set of NET_ADMIN and
+/// NET_RAW), a read-only root filesystem and the two emptyDir volumes (bind mounts of the
+/// test's directories), on a node of the shape (192.0.2.11/24 in a network namespace). It waits
+/// for the keepalived.conf the sidecar writes (`cpha render --keepalived` of
+/// examples/config-daemonset.yaml), then takes the virtual IP, and writes its pid where cpha's
+/// configuration looks for it.
+#[test]
+fn daemonset_keepalived_container_takes_the_address_with_its_two_capabilities() {
+    cpha_lab::require_root!();
+    let all = docs(&read("deploy/daemonset.yaml"));
+    let pod = at(one(&all, "DaemonSet"), "spec.template.spec");
+    let keepalived = at(pod, "containers")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| s(c, "name") == "keepalived")
+        .expect("a keepalived container");
+    let command = strings(keepalived, "command");
+    assert_eq!(&command[..2], ["/bin/sh", "-c"], "{command:?}");
+    let caps: Vec<String> =
+        strings(keepalived, "securityContext.capabilities.add").iter().map(|c| format!("+{}", c.to_lowercase())).collect();
+    let config = doc(&read("examples/config-daemonset.yaml"));
+    let k = |key: &str| s(&config, &format!("vip.keepalived.{key}")).to_string();
+
+    let node = cpha_lab::netns::Netns::new("cphadeploy-node").unwrap();
+    let segment = cpha_lab::netns::Netns::new("cphadeploy-seg").unwrap();
+    cpha_lab::netns::veth_pair(&node, &["192.0.2.11/24"], &segment, &["192.0.2.12/24"]).unwrap();
+    let dir = TempDir::new("keepalived-container");
+    let (etc, run_dir) = (dir.path().join("etc-keepalived"), dir.path().join("run-cpha"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    // What the sidecar prepares at its start: the health file (healthy) and the FIFO, whose
+    // reading end the test holds open as cpha does.
+    std::fs::write(run_dir.join(Path::new(&k("trackFile")).file_name().unwrap()), "0\n").unwrap();
+    let fifo = run_dir.join(Path::new(&k("notifyFifo")).file_name().unwrap());
+    assert!(run(Command::new("mkfifo").arg("-m").arg("600").arg(&fifo)).ok());
+    let reader = std::process::Command::new("sh")
+        .args(["-c", "exec cat \"$1\" >\"$1.log\"", "sh"])
+        .arg(&fifo)
+        .spawn()
+        .unwrap();
+    let _reader = cpha_lab::netns::Child::from_std(reader, "fifo reader");
+
+    // The container: its volumes mounted where the manifest mounts them, the root read-only,
+    // the capabilities bounded, then its own command.
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /run; mkdir -p {run_mount}; mount --bind {run_dir} {run_mount}; \
+         mount --bind {etc} {etc_mount}; mount -o remount,bind,ro /; \
+         exec setpriv --bounding-set=-all,{caps} --inh-caps=-all /bin/sh -c \"$1\"",
+        run_mount = Path::new(&k("pidFile")).parent().unwrap().display(),
+        run_dir = run_dir.display(),
+        etc = etc.display(),
+        etc_mount = Path::new(&k("configFile")).parent().unwrap().display(),
+        caps = caps.join(","),
+    );
+    let mut cmd = node.command("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh", &command[2]]);
+    let mut container = cpha_lab::netns::Child::spawn(cmd, "the keepalived container").unwrap();
+    assert_eq!(
+        container.stdout_line(Duration::from_secs(10)).unwrap(),
+        format!("waiting for cpha to write {}", k("configFile")),
+        "the container waits for cpha's file"
+    );
+    // The sidecar writes keepalived.conf.
+    let mut render = node.command(env!("CARGO_BIN_EXE_cpha"));
+    render.args(["render", "--keepalived", "--config"]).arg(root().join("examples/config-daemonset.yaml"));
+    let rendered = run(&mut render);
+    assert!(rendered.ok(), "cpha render --keepalived:\n{}", rendered.both());
+    std::fs::write(etc.join(Path::new(&k("configFile")).file_name().unwrap()), &rendered.stdout).unwrap();
+
+    let held = cpha_lab::netns::wait_for("the keepalived container to take 192.0.2.10", Duration::from_secs(20), || {
+        let out = node.ip(&["-o", "address", "show", "to", "192.0.2.10"])?;
+        Ok((!out.trim().is_empty()).then_some(out))
+    });
+    let pid_file = run_dir.join(Path::new(&k("pidFile")).file_name().unwrap());
+    let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+    let status = container.stop(Duration::from_secs(5));
+    assert!(held.is_ok(), "{held:?}");
+    assert_eq!(pid.trim(), container.pid().to_string(), "keepalived's pid file ({}) names the container's keepalived", k("pidFile"));
+    assert!(status.is_ok(), "{status:?}");
+    // Stopped, it gives the address back.
+    assert!(node.ip(&["-o", "address", "show", "to", "192.0.2.10"]).unwrap().trim().is_empty());
+    let states = std::fs::read_to_string(fifo.with_extension("fifo.log")).unwrap_or_default();
+    assert!(states.contains("INSTANCE \"cpha\" MASTER"), "keepalived reported no MASTER state: {states:?}");
 }
