@@ -7,8 +7,8 @@
 //! kube-standin outside the machines, in the role of etcd.
 //!
 //! ```text
-//!   hub namespace: bridge 192.0.2.1/24, the store (kube-standin) on 192.0.2.1:2379,
-//!                  the endpoint 192.0.2.10 routed to cp1 (what a VIP manager would do)
+//!   hub namespace: bridge 192.0.2.1/24, the store (kube-standin) on 192.0.2.1:2379;
+//!                  the endpoint 192.0.2.10 is the virtual IP one machine's keepalived holds
 //!     ├── veth ── cp1 192.0.2.11  (cloud-init/init.yaml)
 //!     ├── veth ── cp2 192.0.2.12  (cloud-init/join.yaml)
 //!     └── veth ── cp3 192.0.2.13  (cloud-init/join.yaml)
@@ -21,7 +21,7 @@
 //!
 //! The scenarios, one test each: the host shape forms the endpoint (1), one of its machines is
 //! rebooted (2), the external LB shape (3; its apiservers are three stand-ins in the hub on
-//! 192.0.2.11..13 and the LB machine owns 192.0.2.10), the removal of `docs/deployment.md` (4),
+//! 192.0.2.11..13 and two LB machines share 192.0.2.10), the removal of `docs/deployment.md` (4),
 //! a template with a regex under the unit's sandbox (5), and the VIP actuator's steps under the
 //! unit's sandbox with keepalived.service and its drop-in (6).
 //!
@@ -428,8 +428,8 @@ impl Machine {
     /// What a failing assertion shows about this machine.
     fn diagnostics(&self) -> String {
         let script = "tail -n 40 /var/log/cloud-init-output.log; cloud-init schema --system 2>&1 | tail -n 5; \
-                      systemctl --failed --no-legend; \
-                      journalctl -b --no-pager -n 60 -u cpha -u haproxy -u kube-apiserver-double -t kubeadm-double";
+                      systemctl --failed --no-legend; cpha status 2>&1 | head -n 20; \
+                      journalctl -b --no-pager -n 60 -u cpha -u haproxy -u keepalived -u kube-apiserver-double -t kubeadm-double";
         match self.sh(script) {
             Ok((_, out)) => format!("--- {}:\n{out}", self.name),
             Err(err) => format!("--- {}: {err:#}\n{}", self.name, self.console_tail()),
@@ -542,8 +542,21 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     let cm =
         net.kubectl(&["-n", "kube-system", "get", "configmap", "cpha-members", "-o", "jsonpath={.data.members}"])?;
     ensure!(cm.contains("cp3=192.0.2.13:6443"), "the member ConfigMap was not applied: {cm:?}");
-    // From a client outside the control plane, through cp1's forward and HAProxy.
+    // From a client outside the control plane, through the virtual IP: exactly one machine
+    // holds it, and the hub's connection went to that machine (its MAC answered for the VIP).
+    let holder = vip_holder(&machines)?;
     ensure!(net.endpoint_readyz()?.trim() == "ok");
+    ensure_hub_reaches(&net, &machines[holder])?;
+    // cpha's own account agrees with the kernel: the holder says so and is VRRP master, the
+    // others are backups.
+    for (i, m) in machines.iter().enumerate() {
+        netns::wait_for(&format!("{}'s /status to show the VIP as the kernel has it", m.name), Duration::from_secs(20), || {
+            let vip = m.agent()?["vip"].clone();
+            let want = if i == holder { (true, "master") } else { (false, "backup") };
+            Ok((vip["held"].as_bool() == Some(want.0) && vip["vrrp_state"] == want.1).then_some(()))
+        })
+        .with_context(|| m.diagnostics())?;
+    }
     // HAProxy logs its connections into the journal (the built-in haproxy.cfg has `log`).
     let cp1 = &machines[0];
     netns::wait_for("an HAProxy connection log line on cp1", Duration::from_secs(20), || {
@@ -587,7 +600,7 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     };
     let before = reloaded(cp2)?;
     cp2.ok(
-        "printf '  reload: systemd\\n  hardStopAfter: 7m\\n' >>/etc/cpha/config.yaml && systemctl reload cpha.service",
+        "sed -i 's|^haproxy:$|haproxy:\\n  reload: systemd\\n  hardStopAfter: 7m|' /etc/cpha/config.yaml && systemctl reload cpha.service",
     )?;
     netns::wait_for("cpha on cp2 to reload HAProxy through systemd", Duration::from_secs(60), || {
         let (_, cfg) = cp2.sh("grep -c 'hard-stop-after 7m' /etc/haproxy/haproxy.cfg")?;
@@ -605,6 +618,34 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     Ok(())
 }
 
+/// The one machine that holds the virtual IP 192.0.2.10, waited for; two holding it is an error.
+fn vip_holder(machines: &[Machine]) -> Result<usize> {
+    netns::wait_for("exactly one machine to hold the virtual IP 192.0.2.10", Duration::from_secs(30), || {
+        let mut holders = Vec::new();
+        for (i, m) in machines.iter().enumerate() {
+            if !m.ok("ip -o address show to 192.0.2.10")?.trim().is_empty() {
+                holders.push(i);
+            }
+        }
+        Ok((holders.len() == 1).then(|| holders[0]))
+    })
+    .with_context(|| machines.iter().map(Machine::diagnostics).collect::<Vec<_>>().join("\n"))
+}
+
+/// The hub's last connection to the virtual IP went to `holder`: the hub's neighbour entry for
+/// 192.0.2.10 is the MAC address of the holder's interface.
+fn ensure_hub_reaches(net: &Net, holder: &Machine) -> Result<()> {
+    let mac = holder.ok("cat /sys/class/net/$(ip -o address show to 192.0.2.10 | awk '{ print $2; exit }')/address")?;
+    let neigh = net.hub.ip(&["neigh", "show", "192.0.2.10"])?;
+    ensure!(
+        neigh.contains(mac.trim()),
+        "the hub reached 192.0.2.10 at {neigh:?}, not at {} ({})",
+        holder.name,
+        mac.trim()
+    );
+    Ok(())
+}
+
 /// Three control-plane hosts booted from `init.yaml` (cp1) and `join.yaml` (cp2, cp3), each
 /// waited for until cloud-init is done and cpha has handed the endpoint to HAProxy with the
 /// members from the ConfigMap. The hub routes the endpoint to cp1.
@@ -618,8 +659,8 @@ fn host_shape_cluster() -> Result<(Net, Vec<Machine>)> {
         m.seed(seed)?;
         machines.push(m);
     }
-    // Clients that are not control-plane hosts reach the endpoint through a route to one of them.
-    net.hub.ip(&["route", "add", "192.0.2.10/32", "via", "192.0.2.11"])?;
+    // Clients that are not control-plane hosts reach the endpoint through the virtual IP
+    // (vip: in the shipped configuration): no route of the test's points at a machine.
     let started = Instant::now();
     for m in &mut machines {
         m.boot()?;
@@ -757,31 +798,58 @@ fn server(m: &Machine, name: &str) -> Result<Option<(u32, u32)>> {
         .and_then(|f| Some((f[5].parse().ok()?, f[6].parse().ok()?))))
 }
 
-/// Scenario 3: the external LB shape. One host boots from `lb.yaml`, owns the endpoint address
-/// 192.0.2.10, seeds from the static list, follows `default/kubernetes` once its credentials
-/// work, and hands the endpoint to HAProxy (release topology: the forward steps aside).
+/// Scenario 3: the external LB shape, two hosts. lb1 (192.0.2.21) and lb2 (192.0.2.22) boot from
+/// `lb.yaml` (lb2's copy naming lb1 as its VRRP peer), seed from the static list, follow
+/// `default/kubernetes` once their credentials work and hand the endpoint to HAProxy (retarget:
+/// the forward points at HAProxy on the host's own address). One holds the virtual IP
+/// 192.0.2.10; powered off, the other takes it and the endpoint answers from there.
 #[test]
 fn booted_external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
     let mut net = Net::new()?;
     let _apiservers = net.start_apiservers()?;
-    let m = Machine::new(Some(&net), "lb", "192.0.2.10")?;
-    // What lb.yaml leaves to the operator ("copy in later"): the account's token and the CA.
-    write(&m.root().join("etc/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
-    std::fs::copy(net.ca(), m.root().join("etc/cpha/kubernetes-ca.crt"))?;
-    m.seed(&read("cloud-init/lb.yaml"))?;
-    let mut m = m;
-    m.boot()?;
-    m.wait_cloud_init(CLOUD_INIT_TIMEOUT)?;
-    m.wait_phase("balanced", Duration::from_secs(90))?;
-    let agent = m.wait_live_members(Duration::from_secs(60))?;
-    ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "members {}", agent["members"]);
-    // From a client: HAProxy answers on the endpoint itself, and no NAT rule is left in the path.
+    let lb1_seed = read("cloud-init/lb.yaml");
+    // The one line lb2's user-data differs in: its peer is lb1.
+    let lb2_seed = set_line(&lb1_seed, "- 192.0.2.22", "- 192.0.2.21");
+    let mut machines = Vec::new();
+    for (name, ip, seed) in [("lb1", "192.0.2.21", &lb1_seed), ("lb2", "192.0.2.22", &lb2_seed)] {
+        let m = Machine::new(Some(&net), name, ip)?;
+        // What lb.yaml leaves to the operator ("copy in later"): the account's token and the CA.
+        write(&m.root().join("etc/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
+        std::fs::copy(net.ca(), m.root().join("etc/cpha/kubernetes-ca.crt"))?;
+        m.seed(seed)?;
+        machines.push(m);
+    }
+    for m in &mut machines {
+        m.boot()?;
+    }
+    for (m, ip) in machines.iter().zip(["192.0.2.21", "192.0.2.22"]) {
+        m.wait_cloud_init(CLOUD_INIT_TIMEOUT)?;
+        m.wait_phase("balanced", Duration::from_secs(90))?;
+        let agent = m.wait_live_members(Duration::from_secs(60))?;
+        ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "{}: members {}", m.name, agent["members"]);
+        // Retarget: HAProxy on the host's own address, the forward in front pointing at it.
+        let listening = m.ok("ss -Hltnp 'sport = :9445'")?;
+        ensure!(listening.contains("haproxy") && listening.contains(ip), "{}: HAProxy is not on {ip}:9445:\n{listening}", m.name);
+        let rules = m.ok("nft list ruleset")?;
+        ensure!(rules.contains(&format!("dnat ip to {ip}:9445")), "{}: the forward does not point at HAProxy:\n{rules}", m.name);
+    }
+    // From a client: through the virtual IP, held by exactly one of the two.
+    let holder = vip_holder(&machines)?;
     let out = net.readyz("192.0.2.10:6443")?;
     ensure!(out.trim() == "ok", "{out}");
-    let listening = m.ok("ss -Hltnp 'sport = :6443'")?;
-    ensure!(listening.contains("haproxy"), "HAProxy does not hold 192.0.2.10:6443:\n{listening}");
-    let rules = m.ok("nft list ruleset")?;
-    ensure!(!rules.contains("dnat"), "a DNAT rule is still in the path after the handover:\n{rules}");
+    ensure_hub_reaches(&net, &machines[holder])?;
+    // The active LB host goes away: the backup takes the address and serves the endpoint.
+    machines[holder].stop()?;
+    let other = 1 - holder;
+    netns::wait_for(&format!("{} to take the virtual IP", machines[other].name), Duration::from_secs(20), || {
+        Ok((!machines[other].ok("ip -o address show to 192.0.2.10")?.trim().is_empty()).then_some(()))
+    })
+    .with_context(|| machines[other].diagnostics())?;
+    netns::wait_for("the endpoint to answer through the backup", Duration::from_secs(20), || {
+        Ok(net.readyz("192.0.2.10:6443").ok().filter(|o| o.trim() == "ok").map(|_| ()))
+    })
+    .with_context(|| machines[other].diagnostics())?;
+    ensure_hub_reaches(&net, &machines[other])?;
     Ok(())
 }
 
@@ -808,7 +876,10 @@ fn check_config_unit(config: &str) -> String {
 /// (HAProxy's PCRE2 JIT needs writable+executable memory: MemoryDenyWriteExecute= refused it).
 #[test]
 fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() -> Result<()> {
-    let mut m = Machine::new(None, "sandbox", "")?;
+    // On cp1's address: the configuration's vip: section is checked too (keepalived
+    // --config-test under the same sandbox), and it needs the VIP's subnet on an interface.
+    let net = Net::new()?;
+    let mut m = Machine::new(Some(&net), "sandbox", "192.0.2.11")?;
     let root = m.root();
     let builtin = read("src/haproxy/haproxy.cfg.tera");
     let marker = "    default_backend {{ backend.name }}\n";
@@ -834,6 +905,8 @@ fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() ->
         "check-config under the unit's sandbox failed (exit {code}):\n{out}"
     );
     ensure!(!out.contains("jit compilation failed"), "{out}");
+    // keepalived --config-test ran under the same sandbox, on the machine's interface.
+    ensure!(out.contains("keepalived --config-test accepts the rendered file"), "{out}");
     // The sandbox is the unit's: the check ran with its capability set, not as full root.
     let caps = m.ok("systemctl show -p CapabilityBoundingSet --value cpha-check.service")?;
     ensure!(caps.trim() == "cap_net_admin", "cpha-check.service: CapabilityBoundingSet={caps}");
@@ -974,7 +1047,8 @@ fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after
 
     // A SIGKILLed keepalived (which leaves the address behind) is restarted by systemd.
     let pid = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
-    m.ok("systemctl kill --signal=KILL keepalived.service")?;
+    // Every keepalived process at once, by pid (`systemctl kill` races the VRRP child's own exit).
+    m.ok("kill -KILL $(pidof keepalived)")?;
     netns::wait_for("systemd to restart the killed keepalived", Duration::from_secs(20), || {
         let now = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
         let active = m.sh("systemctl is-active keepalived.service")?.1.trim() == "active";
