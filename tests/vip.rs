@@ -58,7 +58,11 @@ fn vip_status(lab: &VipLab, i: usize) -> serde_json::Value {
 fn the_worker_reaches_the_endpoint_through_the_vip_from_the_first_boot() {
     let (lab, holder) = lab_up(false).unwrap();
     // No HAProxy anywhere: the holder's bootstrap forward carries the endpoint.
-    assert!(lab.worker_request(Duration::from_secs(3)), "GET https://{ENDPOINT}/readyz from the worker\n{}", lab.logs());
+    assert!(
+        lab.worker_request(Duration::from_secs(3)),
+        "GET https://{ENDPOINT}/readyz from the worker\n{}",
+        lab.logs()
+    );
     let status = lab.status(holder).unwrap();
     assert_eq!(status["agent"]["phase"], "forwarding", "{status}");
     let vip = &status["agent"]["vip"];
@@ -83,6 +87,14 @@ fn the_worker_reaches_the_endpoint_through_the_vip_from_the_first_boot() {
     assert!(metrics.contains("cpha_vip_held 1"), "{metrics}");
     assert!(metrics.contains("cpha_vip_changes_total{change=\"taken\"} 1"), "{metrics}");
     assert!(metrics.contains("cpha_vrrp_state{state=\"master\"} 1"), "{metrics}");
+    assert!(metrics.contains("cpha_vip_advertised{health=\"healthy\"} 1"), "{metrics}");
+    // The series deploy/monitoring's alerts use exist on a backup too, from the start.
+    let backup = lab.metrics((holder + 1) % 3).unwrap();
+    for line in
+        ["cpha_vip_held 0", "cpha_vip_advertised{health=\"withdrawn\"} 0", "cpha_vip_changes_total{change=\"taken\"} 0"]
+    {
+        assert!(backup.lines().any(|l| l == line), "{line} missing:\n{backup}");
+    }
     assert_eq!(lab.holders().unwrap(), vec![holder]);
 }
 
@@ -219,7 +231,8 @@ fn check_config_refuses_vip_settings_that_cannot_work_and_writes_nothing() {
             "endpoint:\n  listen: {vip}:8443\n  haproxyBind: 10.81.0.11:9445\nmembers:\n  source: static\n  static: [10.81.0.11:6443, 10.81.0.12:6443]\nhaproxy:\n  configPath: {d}/haproxy.cfg\nvip:\n  address: {vip}\n  keepalived:\n    configFile: {d}/keepalived.conf\n    trackFile: {d}/vip-health\n    notifyFifo: {d}/keepalived.fifo\n{extra}"
         );
         std::fs::write(&path, text).unwrap();
-        let out = host.command(env!("CARGO_BIN_EXE_cpha")).args(["check-config", "--config"]).arg(&path).output().unwrap();
+        let out =
+            host.command(env!("CARGO_BIN_EXE_cpha")).args(["check-config", "--config"]).arg(&path).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
     let (code, out) = check("10.81.0.10", "");

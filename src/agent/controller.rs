@@ -258,8 +258,11 @@ pub enum Effect {
     Probe(Vec<SocketAddr>),
     /// Make a request through the endpoint itself.
     CheckEndpoint,
-    /// Tell keepalived this health (the tracked file).
-    Advertise(Advertised),
+    /// Tell keepalived this health (the tracked file), and why.
+    Advertise {
+        health: Advertised,
+        why: String,
+    },
     /// The members' addresses, for keepalived's unicast peers.
     VipMembers(Vec<IpAddr>),
     /// Remove the virtual IP from this host: keepalived is gone and left it.
@@ -938,8 +941,7 @@ impl Controller {
                     message: format!("the endpoint stopped working on this host ({why}): giving up the virtual IP"),
                 }));
             }
-            tracing::info!(health = level.name(), "advertising to keepalived: {why}");
-            out.push(Effect::Advertise(level));
+            out.push(Effect::Advertise { health: level, why });
         }
         self.endpoint_check = Some(check);
     }
@@ -947,7 +949,16 @@ impl Controller {
     fn vrrp(&mut self, now: Instant, observed: VrrpObserved, out: &mut Vec<Effect>) {
         let Some(vip) = &mut self.vip else { return };
         let held_before = vip.observed.is_some_and(|o| o.holds);
+        let gone_before = vip.observed.is_some_and(|o| o.vrrp == Vrrp::Gone);
         vip.observed = Some(observed);
+        if observed.vrrp == Vrrp::Gone && !gone_before {
+            out.push(Effect::Event(Note {
+                warning: true,
+                reason: "KeepalivedGone",
+                action: "ObserveVrrp",
+                message: "keepalived is not running: this host cannot hold the virtual IP".into(),
+            }));
+        }
         if observed.holds != held_before {
             vip.holds_since = now;
             out.push(Effect::VipChanged { held: observed.holds });

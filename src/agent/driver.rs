@@ -225,9 +225,10 @@ impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R
                     });
                     None
                 }
-                Effect::Advertise(level) => {
-                    if let Err(err) = self.vip.advertise(level) {
-                        tracing::error!("advertising {} to keepalived: {err}", level.name());
+                Effect::Advertise { health, why } => {
+                    tracing::info!(health = health.name(), "advertising to keepalived: {why}");
+                    if let Err(err) = self.vip.advertise(health) {
+                        tracing::error!("advertising {} to keepalived: {err}", health.name());
                     }
                     None
                 }
@@ -267,6 +268,9 @@ impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R
                     None
                 }
                 Effect::Event(note) => {
+                    if note.warning {
+                        tracing::warn!(reason = note.reason, "{}", note.message);
+                    }
                     self.reporter.event(note);
                     None
                 }

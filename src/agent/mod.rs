@@ -192,6 +192,7 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
 
     let on_shutdown = Arc::new(RwLock::new(config.forward.on_shutdown));
     let running_endpoint = config.endpoint.clone();
+    let running_vip = config.vip.clone();
     let keep = on_shutdown.clone();
     let probes = NetProbes {
         endpoint: dial_address(&config),
@@ -213,6 +214,20 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
             let (config, reloaded) = reload(&options)?;
             if config.endpoint != running_endpoint {
                 tracing::warn!("endpoint.listen and endpoint.topology changes take effect at the next restart");
+            }
+            let vip_place = |v: &Option<crate::vip::VipSettings>| {
+                v.as_ref().map(|v| crate::vip::VipSettings {
+                    rise: 0,
+                    fall: 0,
+                    hold_down: Duration::ZERO,
+                    check_interval: Duration::ZERO,
+                    ..v.clone()
+                })
+            };
+            if vip_place(&config.vip) != vip_place(&running_vip) {
+                tracing::warn!(
+                    "vip: changes other than rise, fall, holdDown and checkInterval take effect at the next restart"
+                );
             }
             sources.start(&config.members, &config.kubernetes);
             *on_shutdown.write().expect("lock") = config.forward.on_shutdown;

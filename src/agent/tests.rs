@@ -455,7 +455,7 @@ fn advertised(effects: &[Effect]) -> Vec<Advertised> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Advertise(level) => Some(*level),
+            Effect::Advertise { health, .. } => Some(*health),
             _ => None,
         })
         .collect()
@@ -558,7 +558,9 @@ fn a_killed_keepalived_leaves_the_address_and_it_is_removed_once() {
     let v = r.c.view().vip.unwrap();
     assert!(v.holds && v.vrrp == Some(Vrrp::Master));
     let e = r.acts(observed(Vrrp::Gone, true));
-    assert_eq!(e, [Effect::ReleaseVip]);
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "KeepalivedGone" && n.warning)), "{e:?}");
+    assert_eq!(e.last(), Some(&Effect::ReleaseVip));
+    assert_eq!(e.iter().filter(|e| **e == Effect::ReleaseVip).count(), 1);
     assert!(r.acts(observed(Vrrp::Gone, true)).is_empty(), "one removal at a time");
     let e = r.acts(Input::VipReleased(Ok("removed 10.0.0.10/32 from eth0".into())));
     assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipReleased")), "{e:?}");
@@ -615,6 +617,12 @@ mod driver {
     }
 
     fn rig(adopted: Adopted, reload: Result<Settings, String>) -> Rig {
+        rig_with(adopted, reload, settings(), true)
+    }
+
+    /// `keep`: how the driver shuts down. The VIP fake writes into the endpoint's log, so the
+    /// order of the two shows.
+    fn rig_with(adopted: Adopted, reload: Result<Settings, String>, start: Settings, keep: bool) -> Rig {
         let endpoint = Log::default();
         let haproxy = FakeHaproxy {
             log: Log::default(),
@@ -631,12 +639,12 @@ mod driver {
         let (signals_tx, signals) = mpsc::channel(8);
         let (handle, _worker) = HaproxyHandle::spawn(haproxy.clone(), inputs_tx.clone());
         let mut driver = Driver {
-            controller: Controller::new(settings(), tokio::time::Instant::now().into_std()),
+            controller: Controller::new(start, tokio::time::Instant::now().into_std()),
             endpoint: FakeEndpoint { log: endpoint.clone(), adopted, fail: Arc::new(AtomicBool::new(false)) },
             haproxy: handle,
             probes: probes.clone(),
             reporter: reporter.clone(),
-            vip: None::<FakeVip>,
+            vip: FakeVip { log: endpoint.clone(), fail: Arc::new(AtomicBool::new(false)) },
             inputs_tx: inputs_tx.clone(),
             inputs,
             signals,
@@ -650,7 +658,7 @@ mod driver {
         };
         let task = tokio::task::spawn_local(async move {
             let ended = driver.run().await?;
-            driver.shutdown(true).await;
+            driver.shutdown(keep).await;
             Ok(ended)
         });
         Rig { endpoint, haproxy, probes, reporter, inputs: inputs_tx, signals: signals_tx, task }
@@ -736,6 +744,33 @@ mod driver {
             assert!(r.reporter.log.lines().iter().any(|l| l.starts_with("READY")), "{:?}", r.reporter.log.lines());
             r.signals.send(Signal::Stop).await.unwrap();
             r.task.await.unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn the_vip_follows_the_checks_and_is_withdrawn_before_the_endpoint_is_released() {
+        local(async {
+            let r =
+                rig_with(Adopted::Forward(vec![addr("10.0.0.1:6443")]), Err("unused".into()), vip_settings(), false);
+            r.inputs.send(accepted("10.0.0.1 10.0.0.2")).await.unwrap();
+            wait("healthy advertised", || r.endpoint.count("advertise healthy") == 1).await;
+            assert_eq!(r.endpoint.count("members [10.0.0.1, 10.0.0.2]"), 1, "{:?}", r.endpoint.lines());
+            // keepalived killed with the address on this host: removed once.
+            r.inputs.send(Input::Vrrp(VrrpObserved { vrrp: Vrrp::Gone, holds: true })).await.unwrap();
+            wait("the release", || r.endpoint.count("release") == 1).await;
+            wait("the event", || r.reporter.log.count("event VipReleased") == 1).await;
+            // The endpoint stops working: withdrawn after two failed checks 500 ms apart.
+            r.probes.endpoint_ok.store(false, Ordering::SeqCst);
+            let broke = tokio::time::Instant::now();
+            wait("withdrawn advertised", || r.endpoint.count("advertise withdrawn") == 1).await;
+            assert!(broke.elapsed() <= Duration::from_millis(1100), "{:?}", broke.elapsed());
+            r.probes.endpoint_ok.store(true, Ordering::SeqCst);
+            wait("degraded within the hold-down", || r.endpoint.count("advertise degraded") == 1).await;
+            r.signals.send(Signal::Stop).await.unwrap();
+            r.task.await.unwrap().unwrap();
+            let lines = r.endpoint.lines();
+            let tail: Vec<&str> = lines.iter().rev().take(2).rev().map(String::as_str).collect();
+            assert_eq!(tail, ["advertise withdrawn", "shutdown keep=false"], "{lines:?}");
         });
     }
 }

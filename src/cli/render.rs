@@ -40,7 +40,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// keepalived.conf for `members` on this host: the VIP placed, the members (as IP addresses)
 /// made unicast peers.
-pub fn render_keepalived(config: &Config, members: &MemberSet) -> anyhow::Result<(crate::vip::place::Placement, String)> {
+pub fn render_keepalived(
+    config: &Config,
+    members: &MemberSet,
+) -> anyhow::Result<(crate::vip::place::Placement, String)> {
     let Some(vip) = &config.vip else {
         return Err(Coded::usage("the configuration has no vip: section").into());
     };

@@ -165,6 +165,16 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_vip_is_placed_by_its_subnet_never_on_a_link_local_address() {
+        let mut addrs = host();
+        addrs.push(a("eth1", "2001:db8::5", 64));
+        let p = locate_in(&settings("2001:db8::10", None), &addrs).unwrap();
+        assert_eq!((p.interface.as_str(), p.prefix_len), ("eth1", 64));
+        assert_eq!(p.source, "2001:db8::5".parse::<IpAddr>().unwrap());
+        assert!(locate_in(&settings("fe80::10", None), &addrs).is_err(), "link-local is never a subnet for a VIP");
+    }
+
+    #[test]
     fn a_held_vip_is_not_its_own_source() {
         let mut addrs = host();
         addrs.insert(1, a("eth0", "192.0.2.10", 32));

@@ -217,6 +217,23 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_vip_is_held_as_a_host_address_with_v6_peers() {
+        let s = VipSettings { address: "2001:db8::10".parse().unwrap(), ..VipSettings::default() };
+        let place = Placement {
+            interface: "eth0".into(),
+            prefix_len: 64,
+            source: "2001:db8::11".parse().unwrap(),
+            local: BTreeSet::from(["2001:db8::11".parse().unwrap()]),
+        };
+        let members = ips(&["2001:db8::11", "2001:db8::12", "192.0.2.12"]);
+        let p = peers(&s, &members, &place);
+        assert_eq!(p, ips(&["2001:db8::12"]));
+        let text = Template::builtin().render(&s, &place, &p).unwrap();
+        assert!(text.contains("2001:db8::10/128 dev eth0"), "{text}");
+        assert!(text.contains("unicast_src_ip 2001:db8::11"), "{text}");
+    }
+
+    #[test]
     fn a_template_with_an_unknown_variable_is_an_error() {
         let t = Template::compile("{{ vip.nothing }}", "test".into()).unwrap();
         let err = t.render(&settings(), &place(), &[]).unwrap_err().to_string();

@@ -280,6 +280,12 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
     drop(labs);
     let doc = render(opts, &rows, &environment(opts, load, congestion_control), started.elapsed());
     if let Some(out) = &opts.out {
+        // The failover section (tools/bench --failover) is another run's: kept as it is.
+        let old = std::fs::read_to_string(out).unwrap_or_default();
+        let doc = match crate::failover::section_of(&old) {
+            Some(section) => crate::failover::replace_section(&doc, section),
+            None => doc.clone(),
+        };
         write_atomically(out, &doc)?;
         eprintln!("bench: wrote {}", out.display());
     }

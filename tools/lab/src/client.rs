@@ -217,14 +217,13 @@ struct WorkerResult {
 /// `connect-loop` and `connrate`: `concurrency` workers open connection after connection until
 /// the duration passes, `max_conns` are opened, or a stop is asked for.
 pub fn load(opts: &LoadOpts) -> LoadReport {
-    let pace =
-        Pace {
-            concurrency: opts.concurrency,
-            duration: opts.duration,
-            max_conns: opts.max_conns,
-            rate: opts.rate,
-            timeline: false,
-        };
+    let pace = Pace {
+        concurrency: opts.concurrency,
+        duration: opts.duration,
+        max_conns: opts.max_conns,
+        rate: opts.rate,
+        timeline: false,
+    };
     run_load(&pace, &|_n| {
         let id = short_conn(opts.to, opts.timeout, opts.request)?;
         match &opts.expect_id {

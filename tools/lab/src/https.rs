@@ -127,14 +127,13 @@ pub fn https_loop(opts: &HttpsLoopOpts) -> Result<LoadReport> {
     let host = t.host();
     let request =
         Request { method: "GET", target: &t.path, host: &host, token: None, json: None, close: true }.encode();
-    let pace =
-        Pace {
-            concurrency: opts.concurrency,
-            duration: opts.duration,
-            max_conns: opts.max_conns,
-            rate: opts.rate,
-            timeline: opts.timeline,
-        };
+    let pace = Pace {
+        concurrency: opts.concurrency,
+        duration: opts.duration,
+        max_conns: opts.max_conns,
+        rate: opts.rate,
+        timeline: opts.timeline,
+    };
     Ok(run_load(&pace, &|_n| {
         let mut tls = open(t.to, t.timeout, OnStop::GiveUp, &config, &name)?;
         let resp = exchange(&mut tls, &mut ResponseReader::default(), &request, MAX_BODY)?;

@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod client;
 pub mod dur;
+pub mod failover;
 pub mod http;
 pub mod https;
 pub mod netns;

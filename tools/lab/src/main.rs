@@ -240,6 +240,24 @@ enum Cmd {
         #[arg(long)]
         congestion_control: Option<String>,
     },
+    /// The virtual IP's failover benchmark: three hosts with keepalived and cpha, a worker
+    /// under load, each failure of the holder `--runs` times, then an idle run under CPU load.
+    BenchFailover {
+        #[arg(long)]
+        cpha: PathBuf,
+        #[arg(long)]
+        standin: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// The idle stability run (0s to skip).
+        #[arg(long, default_value = "10m")]
+        idle: Dur,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// The Markdown file whose failover section is (re)written.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -394,6 +412,19 @@ fn run(cmd: Cmd) -> Result<bool> {
                 https::request(&HttpOpts { method, url, data, token, ca, server_name, timeout: timeout.get() })?;
             emit(&report)?;
             Ok(report.error.is_none() && (200..300).contains(&report.status))
+        }
+        Cmd::BenchFailover { cpha, standin, runs, idle, rate, out } => {
+            stop::install()?;
+            let lab = std::env::current_exe().context("locating the cpha-lab binary")?;
+            let section = cpha_lab::failover::run(&cpha_lab::failover::FailoverOpts {
+                programs: cpha_lab::vrrp::Programs { cpha, standin, lab },
+                runs,
+                idle: idle.get(),
+                rate,
+                out,
+            })?;
+            print!("{section}");
+            Ok(true)
         }
         Cmd::Bench { cpha, cpha_missing, runs, duration, concurrency, only, layout, out, congestion_control } => {
             let layouts = layout

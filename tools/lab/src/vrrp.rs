@@ -250,7 +250,11 @@ vip:
         cmd.args(["run", "--config"]).arg(&path).stderr(log(&h.dir, "cpha.log")?);
         h.agent = Some(Child::spawn(cmd, format!("cpha run h{}", h.n))?);
         wait_for(&format!("cpha on h{} to carry the endpoint", i + 1), Duration::from_secs(30), || {
-            Ok(self.status(i).ok().filter(|s| s["agent"]["phase"] != "starting" && s["agent"]["phase"].is_string()).map(|_| ()))
+            Ok(self
+                .status(i)
+                .ok()
+                .filter(|s| s["agent"]["phase"] != "starting" && s["agent"]["phase"].is_string())
+                .map(|_| ()))
         })
         .with_context(|| self.log(i, "cpha.log"))?;
         wait_for("keepalived.conf written by cpha", Duration::from_secs(10), || {
