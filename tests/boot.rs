@@ -429,7 +429,8 @@ impl Machine {
     fn diagnostics(&self) -> String {
         let script = "tail -n 40 /var/log/cloud-init-output.log; cloud-init schema --system 2>&1 | tail -n 5; \
                       systemctl --failed --no-legend; cpha status 2>&1 | head -n 20; \
-                      journalctl -b --no-pager -n 60 -u cpha -u haproxy -u keepalived -u kube-apiserver-double -t kubeadm-double";
+                      journalctl -b --no-pager -n 60 -u cpha -u haproxy -u keepalived -u kube-apiserver-double; \
+                      journalctl -b --no-pager -n 20 -t kubeadm-double";
         match self.sh(script) {
             Ok((_, out)) => format!("--- {}:\n{out}", self.name),
             Err(err) => format!("--- {}: {err:#}\n{}", self.name, self.console_tail()),
