@@ -551,11 +551,15 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     // cpha's own account agrees with the kernel: the holder says so and is VRRP master, the
     // others are backups.
     for (i, m) in machines.iter().enumerate() {
-        netns::wait_for(&format!("{}'s /status to show the VIP as the kernel has it", m.name), Duration::from_secs(20), || {
-            let vip = m.agent()?["vip"].clone();
-            let want = if i == holder { (true, "master") } else { (false, "backup") };
-            Ok((vip["held"].as_bool() == Some(want.0) && vip["vrrp_state"] == want.1).then_some(()))
-        })
+        netns::wait_for(
+            &format!("{}'s /status to show the VIP as the kernel has it", m.name),
+            Duration::from_secs(20),
+            || {
+                let vip = m.agent()?["vip"].clone();
+                let want = if i == holder { (true, "master") } else { (false, "backup") };
+                Ok((vip["held"].as_bool() == Some(want.0) && vip["vrrp_state"] == want.1).then_some(()))
+            },
+        )
         .with_context(|| m.diagnostics())?;
     }
     // HAProxy logs its connections into the journal (the built-in haproxy.cfg has `log`).
@@ -830,9 +834,17 @@ fn booted_external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
         ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "{}: members {}", m.name, agent["members"]);
         // Retarget: HAProxy on the host's own address, the forward in front pointing at it.
         let listening = m.ok("ss -Hltnp 'sport = :9445'")?;
-        ensure!(listening.contains("haproxy") && listening.contains(ip), "{}: HAProxy is not on {ip}:9445:\n{listening}", m.name);
+        ensure!(
+            listening.contains("haproxy") && listening.contains(ip),
+            "{}: HAProxy is not on {ip}:9445:\n{listening}",
+            m.name
+        );
         let rules = m.ok("nft list ruleset")?;
-        ensure!(rules.contains(&format!("dnat ip to {ip}:9445")), "{}: the forward does not point at HAProxy:\n{rules}", m.name);
+        ensure!(
+            rules.contains(&format!("dnat ip to {ip}:9445")),
+            "{}: the forward does not point at HAProxy:\n{rules}",
+            m.name
+        );
     }
     // From a client: through the virtual IP, held by exactly one of the two.
     let holder = vip_holder(&machines)?;
@@ -919,13 +931,7 @@ fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() ->
 fn sandboxed_unit(script: &str) -> String {
     let unit = check_config_unit("/dev/null");
     unit.lines()
-        .map(|l| {
-            if l.starts_with("ExecStart=") {
-                format!("ExecStart=/bin/sh {script} %i")
-            } else {
-                l.to_string()
-            }
-        })
+        .map(|l| if l.starts_with("ExecStart=") { format!("ExecStart=/bin/sh {script} %i") } else { l.to_string() })
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -1028,8 +1034,12 @@ fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after
 
     m.ok("systemctl start keepalived.service")?;
     let holds = |m: &Machine| -> Result<bool> { Ok(!m.ok("ip -o address show to 192.0.2.10")?.trim().is_empty()) };
-    netns::wait_for("keepalived on vipbox to take 192.0.2.10", Duration::from_secs(20), || Ok(holds(&m)?.then_some(())))
-        .with_context(|| m.diagnostics())?;
+    netns::wait_for(
+        "keepalived on vipbox to take 192.0.2.10",
+        Duration::from_secs(20),
+        || Ok(holds(&m)?.then_some(())),
+    )
+    .with_context(|| m.diagnostics())?;
 
     // SIGHUP by pid file from the sandbox: keepalived reloads.
     let reloads = |m: &Machine| -> Result<usize> {
@@ -1038,8 +1048,10 @@ fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after
     };
     let before = reloads(&m)?;
     step("reload")?;
-    netns::wait_for("keepalived to reload after SIGHUP", Duration::from_secs(10), || Ok((reloads(&m)? > before).then_some(())))
-        .with_context(|| m.diagnostics())?;
+    netns::wait_for("keepalived to reload after SIGHUP", Duration::from_secs(10), || {
+        Ok((reloads(&m)? > before).then_some(()))
+    })
+    .with_context(|| m.diagnostics())?;
 
     // ip address del with the unit's one capability.
     m.ok("ip address add 192.0.2.99/32 dev \"$(ip -o address show to 192.0.2.11 | awk '{ print $2; exit }')\"")?;
@@ -1056,8 +1068,10 @@ fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after
         Ok((active && now != pid && now != "0").then_some(()))
     })
     .with_context(|| m.diagnostics())?;
-    netns::wait_for("the restarted keepalived to hold 192.0.2.10", Duration::from_secs(20), || Ok(holds(&m)?.then_some(())))
-        .with_context(|| m.diagnostics())?;
+    netns::wait_for("the restarted keepalived to hold 192.0.2.10", Duration::from_secs(20), || {
+        Ok(holds(&m)?.then_some(()))
+    })
+    .with_context(|| m.diagnostics())?;
     let _ = &mut m;
     Ok(())
 }

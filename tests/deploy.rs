@@ -474,7 +474,10 @@ fn keepalived_dropin_passes_systemd_verify_and_restarts_a_killed_keepalived() {
     let packaged = std::fs::read_to_string(&unit).unwrap();
     assert!(packaged.contains("ConditionFileNotEmpty=/etc/keepalived/keepalived.conf"), "{packaged}");
     // keepalived's default pid file is where cpha's default vip.keepalived.pidFile points.
-    assert!(!packaged.contains("--pid") && !packaged.contains("PIDFile="), "the package moved the pid file: {packaged}");
+    assert!(
+        !packaged.contains("--pid") && !packaged.contains("PIDFile="),
+        "the package moved the pid file: {packaged}"
+    );
 
     // The check can fail: a misspelt directive in the drop-in.
     let broken = TempDir::new("keepalived-dropin-broken");
@@ -607,7 +610,10 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
         // by then), and the VIP is the endpoint's address.
         let keepalived = position(&runcmd, "systemctl restart keepalived");
         assert!(start < keepalived, "{file}: keepalived starts after cpha");
-        assert!(position(&runcmd, "systemctl enable keepalived") < keepalived, "{file}: keepalived enabled for reboots");
+        assert!(
+            position(&runcmd, "systemctl enable keepalived") < keepalived,
+            "{file}: keepalived enabled for reboots"
+        );
         let listen = s(&config, "endpoint.listen");
         assert_eq!(
             listen.rsplit_once(':').map(|(host, _)| host),
@@ -617,7 +623,10 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
         match kubeadm {
             Some("cpha-bootstrap kubeadm-init") => {
                 let wait = position(&runcmd, "cpha-bootstrap wait-vip");
-                assert!(keepalived < wait && wait < position(&runcmd, "cpha-bootstrap kubeadm-init"), "{file}: wait-vip");
+                assert!(
+                    keepalived < wait && wait < position(&runcmd, "cpha-bootstrap kubeadm-init"),
+                    "{file}: wait-vip"
+                );
             }
             Some(kubeadm) => {
                 assert!(keepalived < position(&runcmd, kubeadm), "{file}: keepalived before {kubeadm}");
@@ -626,10 +635,18 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
             None => {
                 // Two LB hosts: the peers are explicit (the members are not the LB hosts).
                 let peers = strings(&config, "vip.unicastPeers");
-                assert!(!peers.is_empty() && !peers.iter().any(|p| p == s(&config, "vip.address")), "{file}: {peers:?}");
-                let seeds: Vec<String> =
-                    strings(&config, "members.static").iter().map(|m| m.rsplit_once('=').map_or(m.as_str(), |x| x.1).to_string()).collect();
-                assert!(!peers.iter().any(|p| seeds.iter().any(|m| m.starts_with(&format!("{p}:")))), "{file}: a peer is a member");
+                assert!(
+                    !peers.is_empty() && !peers.iter().any(|p| p == s(&config, "vip.address")),
+                    "{file}: {peers:?}"
+                );
+                let seeds: Vec<String> = strings(&config, "members.static")
+                    .iter()
+                    .map(|m| m.rsplit_once('=').map_or(m.as_str(), |x| x.1).to_string())
+                    .collect();
+                assert!(
+                    !peers.iter().any(|p| seeds.iter().any(|m| m.starts_with(&format!("{p}:")))),
+                    "{file}: a peer is a member"
+                );
                 assert!(position(&runcmd, "cpha-bootstrap node-env") < start, "{file}: node-env before cpha starts");
             }
         }
@@ -915,7 +932,10 @@ fn daemonset_grants_only_what_cpha_needs() {
     ] {
         assert!(script.contains(&arg), "the keepalived container does not run with {arg}: {script}");
     }
-    assert!(script.contains(&format!("until [ -s {} ]", k("configFile"))), "keepalived waits for cpha's file: {script}");
+    assert!(
+        script.contains(&format!("until [ -s {} ]", k("configFile"))),
+        "keepalived waits for cpha's file: {script}"
+    );
     let mounts = |c: &Value| -> BTreeMap<String, (String, bool)> {
         at(c, "volumeMounts")
             .as_sequence()
@@ -1093,16 +1113,21 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
     assert_eq!(seeds, pool_addresses);
     // A rollout (maxSurge) creates the new machine before deleting an old one: the pool must
     // hold an address for it, or every rollout stalls.
-    let replicas: usize = at(kcp, "spec.replicas").as_u64().map(|n| n as usize).unwrap_or_else(|| {
-        s(kcp, "spec.replicas").parse().expect("spec.replicas is a number")
-    });
+    let replicas: usize = at(kcp, "spec.replicas")
+        .as_u64()
+        .map(|n| n as usize)
+        .unwrap_or_else(|| s(kcp, "spec.replicas").parse().expect("spec.replicas is a number"));
     let surge = at(kcp, "spec.rolloutStrategy.rollingUpdate.maxSurge").as_u64().unwrap() as usize;
     let mut pool_size = 0;
     for p in at(pool, "spec.pools").as_sequence().unwrap() {
-        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (s(p, "start").parse().unwrap(), s(p, "end").parse().unwrap());
+        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+            (s(p, "start").parse().unwrap(), s(p, "end").parse().unwrap());
         pool_size += (u32::from(b) - u32::from(a) + 1) as usize;
     }
-    assert!(pool_size >= replicas + surge, "the IPPool has {pool_size} addresses for {replicas} replicas + maxSurge {surge}");
+    assert!(
+        pool_size >= replicas + surge,
+        "the IPPool has {pool_size} addresses for {replicas} replicas + maxSurge {surge}"
+    );
     // The virtual IP is the endpoint's host, outside the pool (no machine gets it as its own).
     let vip = s(&config, "vip.address");
     assert_eq!(vip, s(m3c, "spec.controlPlaneEndpoint.host"), "vip.address is not controlPlaneEndpoint.host");
@@ -1120,7 +1145,9 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
     for (kubeadm_yaml, waits) in [("kind: InitConfiguration\n", true), ("kind: JoinConfiguration\n", false)] {
         let d = TempDir::new("metal3-wait");
         let file = d.write("kubeadm.yaml", &format!("apiVersion: kubeadm.k8s.io/v1beta3\n{kubeadm_yaml}"));
-        let script = pre[wait].replace("/run/kubeadm/kubeadm.yaml", file.to_str().unwrap()).replace("cpha-bootstrap wait-vip", "echo WAITS");
+        let script = pre[wait]
+            .replace("/run/kubeadm/kubeadm.yaml", file.to_str().unwrap())
+            .replace("cpha-bootstrap wait-vip", "echo WAITS");
         let ran = run(Command::new(tool("bash")).args(["-c", &format!("set -e\n{script}\necho done")]));
         assert!(ran.ok() && ran.stdout.contains("WAITS") == waits, "{kubeadm_yaml}: {}", ran.both());
     }
@@ -1228,7 +1255,10 @@ fn vagrant_environment_validates() {
     assert!(line("systemctl enable --now cpha") < line("systemctl restart keepalived"));
     assert!(line("systemctl restart keepalived") < line("cpha-bootstrap wait-vip"));
     assert!(line("cpha-bootstrap wait-vip") < line("cpha-bootstrap kubeadm-init"));
-    assert!(provision.contains("keepalived.service.d/cpha.conf") && vagrantfile.contains("systemd/keepalived.service.d/cpha.conf"));
+    assert!(
+        provision.contains("keepalived.service.d/cpha.conf")
+            && vagrantfile.contains("systemd/keepalived.service.d/cpha.conf")
+    );
     let vip = s(&config, "vip.address");
     assert_eq!(Some(vip), endpoint.rsplit_once(':').map(|(h, _)| h), "vip.address is the endpoint's address");
     assert!(!vagrantfile.contains(&format!("=> \"{vip}\"")), "the virtual IP {vip} is a VM's address");
@@ -1565,7 +1595,10 @@ fn wait_vip_waits_for_the_address_with_a_bound_and_node_ip_is_never_the_vip() {
     let systemctl = bin.join("systemctl");
     std::fs::write(
         &systemctl,
-        format!("#!/bin/sh\n[ \"$1\" = is-active ] || exit 0\nfor u; do :; done\n[ -e \"{}/active-$u\" ]\n", bin.display()),
+        format!(
+            "#!/bin/sh\n[ \"$1\" = is-active ] || exit 0\nfor u; do :; done\n[ -e \"{}/active-$u\" ]\n",
+            bin.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -1595,11 +1628,7 @@ fn wait_vip_waits_for_the_address_with_a_bound_and_node_ip_is_never_the_vip() {
     active("keepalived.service");
     let started = Instant::now();
     let ran = step(&["wait-vip"]);
-    assert!(
-        !ran.ok() && ran.stderr.contains("does not hold the virtual IP 192.0.2.10 after 2s"),
-        "{}",
-        ran.both()
-    );
+    assert!(!ran.ok() && ran.stderr.contains("does not hold the virtual IP 192.0.2.10 after 2s"), "{}", ran.both());
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     // Before the VIP: node-env's address is the host's own.
     let ran = step(&["node-env"]);
@@ -1645,8 +1674,10 @@ fn daemonset_keepalived_container_takes_the_address_with_its_two_capabilities() 
         .expect("a keepalived container");
     let command = strings(keepalived, "command");
     assert_eq!(&command[..2], ["/bin/sh", "-c"], "{command:?}");
-    let caps: Vec<String> =
-        strings(keepalived, "securityContext.capabilities.add").iter().map(|c| format!("+{}", c.to_lowercase())).collect();
+    let caps: Vec<String> = strings(keepalived, "securityContext.capabilities.add")
+        .iter()
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect();
     let config = doc(&read("examples/config-daemonset.yaml"));
     let k = |key: &str| s(&config, &format!("vip.keepalived.{key}")).to_string();
 
@@ -1662,11 +1693,8 @@ fn daemonset_keepalived_container_takes_the_address_with_its_two_capabilities() 
     std::fs::write(run_dir.join(Path::new(&k("trackFile")).file_name().unwrap()), "0\n").unwrap();
     let fifo = run_dir.join(Path::new(&k("notifyFifo")).file_name().unwrap());
     assert!(run(Command::new("mkfifo").arg("-m").arg("600").arg(&fifo)).ok());
-    let reader = std::process::Command::new("sh")
-        .args(["-c", "exec cat \"$1\" >\"$1.log\"", "sh"])
-        .arg(&fifo)
-        .spawn()
-        .unwrap();
+    let reader =
+        std::process::Command::new("sh").args(["-c", "exec cat \"$1\" >\"$1.log\"", "sh"]).arg(&fifo).spawn().unwrap();
     let _reader = cpha_lab::netns::Child::from_std(reader, "fifo reader");
 
     // The container: its volumes mounted where the manifest mounts them, the root read-only,
@@ -1696,15 +1724,21 @@ fn daemonset_keepalived_container_takes_the_address_with_its_two_capabilities() 
     assert!(rendered.ok(), "cpha render --keepalived:\n{}", rendered.both());
     std::fs::write(etc.join(Path::new(&k("configFile")).file_name().unwrap()), &rendered.stdout).unwrap();
 
-    let held = cpha_lab::netns::wait_for("the keepalived container to take 192.0.2.10", Duration::from_secs(20), || {
-        let out = node.ip(&["-o", "address", "show", "to", "192.0.2.10"])?;
-        Ok((!out.trim().is_empty()).then_some(out))
-    });
+    let held =
+        cpha_lab::netns::wait_for("the keepalived container to take 192.0.2.10", Duration::from_secs(20), || {
+            let out = node.ip(&["-o", "address", "show", "to", "192.0.2.10"])?;
+            Ok((!out.trim().is_empty()).then_some(out))
+        });
     let pid_file = run_dir.join(Path::new(&k("pidFile")).file_name().unwrap());
     let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
     let status = container.stop(Duration::from_secs(5));
     assert!(held.is_ok(), "{held:?}");
-    assert_eq!(pid.trim(), container.pid().to_string(), "keepalived's pid file ({}) names the container's keepalived", k("pidFile"));
+    assert_eq!(
+        pid.trim(),
+        container.pid().to_string(),
+        "keepalived's pid file ({}) names the container's keepalived",
+        k("pidFile")
+    );
     assert!(status.is_ok(), "{status:?}");
     // Stopped, it gives the address back.
     assert!(node.ip(&["-o", "address", "show", "to", "192.0.2.10"]).unwrap().trim().is_empty());

@@ -207,10 +207,7 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     }
     let dropins = debian.sh_ok("systemd-delta --no-pager --type=extended").stdout;
     assert!(dropins.contains("haproxy.service -> /etc/systemd/system/haproxy.service.d/cpha.conf"), "{dropins}");
-    assert!(
-        dropins.contains("keepalived.service -> /etc/systemd/system/keepalived.service.d/cpha.conf"),
-        "{dropins}"
-    );
+    assert!(dropins.contains("keepalived.service -> /etc/systemd/system/keepalived.service.d/cpha.conf"), "{dropins}");
 
     // A man page for every subcommand, and completions every shell can load.
     for sub in subcommands() {
