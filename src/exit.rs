@@ -5,6 +5,8 @@ use crate::exec::ExecError;
 
 /// Command line usage error.
 pub const USAGE: u8 = 64;
+/// The input is refused as data: `cpha members remove` of the last member, for instance.
+pub const DATAERR: u8 = 65;
 /// A program cpha needs is missing.
 pub const UNAVAILABLE: u8 = 69;
 /// A system error: a port in use, a failed system call.

@@ -166,6 +166,9 @@ pub struct Metrics {
     /// Unix time of the last successful apply and of the last accepted member update.
     pub last_apply_success: Gauge<f64, AtomicU64>,
     pub last_member_update: Gauge<f64, AtomicU64>,
+    /// 1 while the member list and the apiservers' own registrations have disagreed for
+    /// longer than `members.drift.after`.
+    pub member_drift: Gauge,
     /// 1 while this host holds the virtual IP.
     pub vip_held: Gauge,
     /// This host taking (`taken`) and losing (`lost`) the virtual IP.
@@ -310,6 +313,11 @@ impl Metrics {
         );
         r.register("applies", "Changes applied to HAProxy, by method and result", self.applies.clone());
         r.register("reloads", "HAProxy reloads, by result", self.reloads.clone());
+        r.register(
+            "member_drift",
+            "1 while the member list and the apiservers' registrations (EndpointSlice) have disagreed longer than members.drift.after",
+            self.member_drift.clone(),
+        );
         r.register("backend_servers_up", "Servers UP in HAProxy's apiserver backend", self.backend_servers_up.clone());
         r.register(
             "forward_installed",

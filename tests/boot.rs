@@ -539,10 +539,29 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
         );
     }
     // HAProxy took the endpoint on every host (host_shape_cluster waited for it), with the three
-    // members of the ConfigMap that init.yaml applied.
+    // members of the ConfigMap: created by cp1's registration, the others added by theirs, none
+    // written by hand.
     let cm =
         net.kubectl(&["-n", "kube-system", "get", "configmap", "cpha-members", "-o", "jsonpath={.data.members}"])?;
-    ensure!(cm.contains("cp3=192.0.2.13:6443"), "the member ConfigMap was not applied: {cm:?}");
+    ensure!(
+        cm == "cp1=192.0.2.11:6443\ncp2=192.0.2.12:6443\ncp3=192.0.2.13:6443\n",
+        "the hosts did not register themselves: {cm:?}"
+    );
+    let (code, _) = machines[0].sh("test -e /etc/cpha/members-configmap.yaml")?;
+    ensure!(code != 0, "cp1 carries a member list written by hand");
+    // Each agent runs on its own ServiceAccount token, not on kubeadm's admin credentials.
+    net.kubectl(&["-n", "kube-system", "get", "serviceaccount", "cpha"])?;
+    for m in &machines {
+        let mode = m.ok("stat -c %a /etc/cpha/token")?;
+        ensure!(mode.trim() == "600", "{}: /etc/cpha/token has mode {mode}", m.name);
+        let (_, log) = m.sh("journalctl -b -u cpha.service --no-pager -o cat")?;
+        ensure!(
+            log.lines().any(|l| l.contains("credentials found") && l.contains("token file /etc/cpha/token")),
+            "{}: the agent did not use its own token:\n{}",
+            m.name,
+            log.lines().filter(|l| l.contains("credential")).collect::<Vec<_>>().join("\n")
+        );
+    }
     // From a client outside the control plane, through the virtual IP: exactly one machine
     // holds it, and the hub's connection went to that machine (its MAC answered for the VIP).
     let holder = vip_holder(&machines)?;
@@ -734,6 +753,20 @@ fn booted_host_shape_a_rebooted_machine_rejoins() -> Result<()> {
 fn booted_host_shape_removal_leaves_no_rule_and_no_file() -> Result<()> {
     let (net, machines) = host_shape_cluster()?;
     let cp2 = &machines[1];
+    // Decommissioned first, as docs/deployment.md says: out of the member list, and out of every
+    // other HAProxy.
+    cp2.ok(&decommission_command())?;
+    let cm =
+        net.kubectl(&["-n", "kube-system", "get", "configmap", "cpha-members", "-o", "jsonpath={.data.members}"])?;
+    ensure!(cm == "cp1=192.0.2.11:6443\ncp3=192.0.2.13:6443\n", "cp2 is still listed: {cm:?}");
+    let cp1 = &machines[0];
+    netns::wait_for("cp1's HAProxy to withdraw cp2", Duration::from_secs(30), || {
+        Ok(match server(cp1, "cp2")? {
+            None => Some(()),
+            Some((_, admin)) => (admin != 0).then_some(()),
+        })
+    })
+    .with_context(|| cp1.diagnostics())?;
     let removal = removal_commands();
     for command in &removal {
         cp2.ok(command)?;
@@ -760,6 +793,18 @@ fn booted_host_shape_removal_leaves_no_rule_and_no_file() -> Result<()> {
     ensure!(!drop_in.contains("cpha"), "cp2: HAProxy still runs with cpha's drop-in: {drop_in}");
     ensure!(net.endpoint_readyz()?.trim() == "ok");
     Ok(())
+}
+
+/// The command of docs/deployment.md's "Decommissioning a control-plane host" that takes the
+/// host out of the member list (the one line starting with `cpha-bootstrap deregister`).
+fn decommission_command() -> String {
+    let doc = read("docs/deployment.md");
+    let section =
+        &doc[doc.find("**Decommissioning a control-plane host.**").expect("docs/deployment.md: decommissioning")..];
+    let lines: Vec<&str> =
+        section.lines().map(str::trim).filter(|l| l.starts_with("cpha-bootstrap deregister")).collect();
+    assert!(!lines.is_empty(), "docs/deployment.md's decommissioning names no `cpha-bootstrap deregister`");
+    lines[0].split(" #").next().unwrap_or_default().trim().to_string()
 }
 
 /// The shell commands of the `sh` blocks in docs/deployment.md's "Removing cpha" section, one

@@ -145,7 +145,6 @@ fn embedded(file: &str) -> BTreeMap<&'static str, &'static str> {
     match file {
         "cloud-init/init.yaml" => {
             m.insert("/etc/cpha/config.yaml", "examples/config-host.yaml");
-            m.insert("/etc/cpha/members-configmap.yaml", "deploy/members-configmap.yaml");
         }
         "cloud-init/join.yaml" => {
             m.insert("/etc/cpha/config.yaml", "examples/config-host.yaml");
@@ -667,10 +666,14 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
                 );
             }
         }
-        if file == "cloud-init/init.yaml" {
+        // The host shape registers itself once kubeadm has run: the agent's own token first,
+        // then this host into the member ConfigMap (no host listed by hand).
+        if file == "cloud-init/init.yaml" || file == "cloud-init/join.yaml" {
+            let kubeadm = if file == "cloud-init/init.yaml" { "kubeadm-init" } else { "kubeadm-join" };
             assert!(
-                position(&runcmd, "cpha-bootstrap kubeadm-init") < position(&runcmd, "cpha-bootstrap apply-members")
+                position(&runcmd, &format!("cpha-bootstrap {kubeadm}")) < position(&runcmd, "cpha-bootstrap identity")
             );
+            assert!(position(&runcmd, "cpha-bootstrap identity") < position(&runcmd, "cpha-bootstrap register"));
         }
     }
 
@@ -808,19 +811,15 @@ fn validate_manifests(files: &[PathBuf]) -> Ran {
 
 #[test]
 fn manifests_pass_the_kubernetes_schemas() {
-    let files: Vec<PathBuf> = [
-        "deploy/daemonset.yaml",
-        "deploy/external-lb-rbac.yaml",
-        "deploy/members-configmap.yaml",
-        "vagrant/members-configmap.yaml",
-    ]
-    .iter()
-    .map(|f| root().join(f))
-    .collect();
+    let files: Vec<PathBuf> =
+        ["deploy/daemonset.yaml", "deploy/external-lb-rbac.yaml", "deploy/members-configmap.yaml"]
+            .iter()
+            .map(|f| root().join(f))
+            .collect();
     let ran = validate_manifests(&files);
     assert!(ran.ok(), "kubernetes-validate --strict:\n{}", ran.both());
     let passed = ran.stdout.matches(" passed for resource ").count();
-    assert_eq!(passed, 11, "every object is checked against a schema:\n{}", ran.both());
+    assert_eq!(passed, 12, "every object is checked against a schema:\n{}", ran.both());
 
     // A field the DaemonSet schema does not have is refused.
     let dir = TempDir::new("manifests");
@@ -835,7 +834,24 @@ fn manifests_pass_the_kubernetes_schemas() {
 
 #[test]
 fn daemonset_grants_only_what_cpha_needs() {
-    let all = docs(&read("deploy/daemonset.yaml"));
+    let everything = docs(&read("deploy/daemonset.yaml"));
+    // The drift report's read-only Role and binding live where the EndpointSlice is; they grant
+    // get, list and watch of that one object and nothing else.
+    let (registrations, all): (Vec<Value>, Vec<Value>) =
+        everything.into_iter().partition(|d| s(d, "metadata.name") == "cpha-registrations");
+    assert_eq!(registrations.len(), 2, "the registrations Role and RoleBinding");
+    for d in &registrations {
+        assert_eq!(s(d, "metadata.namespace"), "default", "{d:?}");
+    }
+    let reg_role = one(&registrations, "Role");
+    let reg_rules = at(reg_role, "rules").as_sequence().unwrap();
+    assert_eq!(reg_rules.len(), 1);
+    assert_eq!(strings(&reg_rules[0], "resources"), ["endpointslices"]);
+    assert_eq!(strings(&reg_rules[0], "resourceNames"), ["kubernetes"]);
+    assert_eq!(strings(&reg_rules[0], "verbs"), ["get", "list", "watch"]);
+    let reg_binding = one(&registrations, "RoleBinding");
+    assert_eq!(s(reg_binding, "roleRef.name"), "cpha-registrations");
+    assert_eq!(s(reg_binding, "subjects.0.namespace"), "kube-system");
     for d in &all {
         assert_eq!(s(d, "metadata.namespace"), "kube-system", "{d:?}");
     }
@@ -1236,9 +1252,10 @@ fn vagrant_environment_validates() {
         vagrantfile.contains(&format!("ENDPOINT = \"{endpoint}\"")),
         "the Vagrantfile's ENDPOINT is not {endpoint}"
     );
-    let members = doc(&read("vagrant/members-configmap.yaml"));
-    let listed: Vec<String> = s(&members, "data.members").lines().map(str::to_string).collect();
-    assert_eq!(listed, strings(&config, "members.static"));
+    // No member list is written by hand: the VMs register themselves. The seed names the VMs.
+    assert!(!root().join("vagrant/members-configmap.yaml").exists());
+    assert!(!vagrantfile.contains("members-configmap"), "the Vagrantfile still uploads a member list");
+    let listed = strings(&config, "members.static");
     for member in &listed {
         let (name, addr) = member.split_once('=').unwrap();
         let ip = addr.trim_end_matches(":6443");
@@ -1262,6 +1279,8 @@ fn vagrant_environment_validates() {
     let vip = s(&config, "vip.address");
     assert_eq!(Some(vip), endpoint.rsplit_once(':').map(|(h, _)| h), "vip.address is the endpoint's address");
     assert!(!vagrantfile.contains(&format!("=> \"{vip}\"")), "the virtual IP {vip} is a VM's address");
+    assert!(line("cpha-bootstrap kubeadm-join") < line("cpha-bootstrap identity"));
+    assert!(line("cpha-bootstrap identity") < line("cpha-bootstrap register"));
 
     // vagrant validate itself fails when the binary to upload is missing.
     let ran = vagrant_validate(&dir.path().join("dot2"), "/nonexistent/cpha");
@@ -1284,10 +1303,10 @@ fn example_configs_pass_check_config() {
     assert_config_valid_on(&root().join("examples/config-external-lb.yaml"), Some("192.0.2.21"));
     let host = doc(&read("examples/config-host.yaml"));
     assert_eq!(s(&host, "endpoint.topology"), "retarget");
-    assert_eq!(
-        strings(&host, "kubernetes.kubeconfig"),
-        ["/etc/kubernetes/admin.conf", "/etc/kubernetes/super-admin.conf"]
-    );
+    // The long-running agent holds its own read-only token, never kubeadm's admin credentials.
+    assert_eq!(s(&host, "kubernetes.tokenFile"), "/etc/cpha/token");
+    assert_eq!(s(&host, "kubernetes.caFile"), "/etc/kubernetes/pki/ca.crt");
+    assert!(at(&host, "kubernetes").get("kubeconfig").is_none(), "the host shape names admin.conf");
     assert_eq!(s(&host, "members.source"), "configMap");
     let members = doc(&read("deploy/members-configmap.yaml"));
     assert_eq!(s(&members, "metadata.name"), s(&host, "members.configMap.name"));

@@ -60,7 +60,6 @@ install -D -m 0644 "$src/cpha.service" /etc/systemd/system/cpha.service
 install -D -m 0644 "$src/haproxy-cpha.conf" /etc/systemd/system/haproxy.service.d/cpha.conf
 install -D -m 0644 "$src/keepalived-cpha.conf" /etc/systemd/system/keepalived.service.d/cpha.conf
 install -D -m 0644 "$src/config.yaml" /etc/cpha/config.yaml
-install -D -m 0644 "$src/members-configmap.yaml" /etc/cpha/members-configmap.yaml
 # The binary is already in place: nothing to download.
 printf 'CPHA_URL=\nCPHA_SHA256=\n' >/etc/cpha/install.env
 {
@@ -95,8 +94,10 @@ if [ "$role" = init ]; then
     # kubeadm writes the endpoint into every kubeconfig: this VM must hold its address first.
     cpha-bootstrap wait-vip
     cpha-bootstrap kubeadm-init
-    cpha-bootstrap apply-members
 else
     cpha-bootstrap kubeadm-join
 fi
+# The agent's own token, then this VM into the member list (cp1 creates the ConfigMap).
+cpha-bootstrap identity
+cpha-bootstrap register
 cpha status

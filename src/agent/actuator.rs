@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::controller::{Adopted, Desired, EndpointCheck, Note, View};
+use super::controller::{Adopted, Desired, Drift, EndpointCheck, Note, View};
 use crate::haproxy::{Haproxy, HaproxySettings, Health, RenderInput, Server};
 use crate::vip::Advertised;
 
@@ -108,6 +108,8 @@ pub trait Reporter {
     fn event(&mut self, note: Note);
     fn transition(&mut self, from: &'static str, to: &'static str);
     fn rejected(&mut self, source: &str);
+    /// The drift between the member list and the registrations was found (`Some`) or ended.
+    fn drift(&mut self, drift: Option<&Drift>);
     /// The desired state the agent now drives to (the source talks to its members directly).
     fn known(&mut self, desired: &Desired);
     /// The controller's view, after every input.

@@ -49,6 +49,9 @@ pub struct Settings {
     pub min_apply_interval: Duration,
     /// `forward.targets`: where the bootstrap forward points before any member is known.
     pub bootstrap_targets: Vec<SocketAddr>,
+    /// How long the member list and the apiservers' own registrations may disagree before it
+    /// is reported (`members.drift.after`); `None`: not compared.
+    pub drift_after: Option<Duration>,
     /// The virtual IP's health policy, when this host runs one.
     pub vip: Option<VipPolicy>,
 }
@@ -237,6 +240,9 @@ pub enum Input {
     ReconfigureRefused(String),
     /// SIGUSR1: re-apply HAProxy and put the forward back as it should be.
     Resync,
+    /// The addresses the apiservers registered themselves under (the `default/kubernetes`
+    /// EndpointSlice), compared with the member list for the drift report only.
+    Registered(Vec<SocketAddr>),
 }
 
 /// Something to do.
@@ -284,12 +290,59 @@ pub enum Effect {
         source: String,
     },
     Event(Note),
+    /// The member list and the apiservers' registrations have disagreed for longer than
+    /// `drift_after` (`Some`), or agree again (`None`). A report only: HAProxy is not changed.
+    Drift(Option<Drift>),
     /// READY=1 with this sentence: the endpoint is carried and the first apply is known.
     Ready(String),
     /// STATUS= this sentence.
     Status(String),
     /// The agent cannot go on (the bootstrap forward could not be installed).
     Fail(String),
+}
+
+/// How the member list and the apiservers' own registrations differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    /// Registered in the EndpointSlice, not in the member list: an apiserver HAProxy never
+    /// sends to.
+    pub unlisted: Vec<SocketAddr>,
+    /// In the member list, not registered: a member that is gone or not an apiserver (yet).
+    pub unregistered: Vec<SocketAddr>,
+}
+
+impl Drift {
+    fn between(listed: &[SocketAddr], registered: &[SocketAddr]) -> Option<Drift> {
+        let mut unlisted: Vec<SocketAddr> = registered.iter().filter(|a| !listed.contains(a)).copied().collect();
+        let mut unregistered: Vec<SocketAddr> = listed.iter().filter(|a| !registered.contains(a)).copied().collect();
+        unlisted.sort();
+        unlisted.dedup();
+        unregistered.sort();
+        unregistered.dedup();
+        (!unlisted.is_empty() || !unregistered.is_empty()).then_some(Drift { unlisted, unregistered })
+    }
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[SocketAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        f.write_str("the member list and the apiservers' registrations disagree")?;
+        if !self.unlisted.is_empty() {
+            write!(f, "; registered but not listed: {}", list(&self.unlisted))?;
+        }
+        if !self.unregistered.is_empty() {
+            write!(f, "; listed but not registered: {}", list(&self.unregistered))?;
+        }
+        Ok(())
+    }
+}
+
+/// A disagreement being watched: since when, and whether it was reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Drifting {
+    drift: Drift,
+    since: Instant,
+    reported: bool,
 }
 
 /// A Kubernetes Event worth posting.
@@ -331,6 +384,9 @@ pub struct View {
     pub last_apply: Option<String>,
     pub last_error: Option<String>,
     pub ready_sent: bool,
+    /// The reported drift between the member list and the registrations, and since when the
+    /// two disagree.
+    pub drift: Option<(String, Instant)>,
     pub vip: Option<VipView>,
 }
 
@@ -403,6 +459,8 @@ pub struct Controller {
     source_problem: Option<String>,
     last_apply: Option<String>,
     last_error: Option<String>,
+    registered: Option<Vec<SocketAddr>>,
+    drifting: Option<Drifting>,
     vip: Option<VipState>,
     next_check: Instant,
 }
@@ -505,6 +563,8 @@ impl Controller {
             source_problem: None,
             last_apply: None,
             last_error: None,
+            registered: None,
+            drifting: None,
             vip,
             next_check: now,
         }
@@ -530,6 +590,11 @@ impl Controller {
         }
         if let (Apply::Due, Some(at)) = (self.apply, self.apply_allowed_at()) {
             wake = wake.min(at);
+        }
+        if let (Some(d), Some(after)) = (&self.drifting, self.settings.drift_after) {
+            if !d.reported {
+                wake = wake.min(d.since + after);
+            }
         }
         wake
     }
@@ -558,6 +623,7 @@ impl Controller {
             last_apply: self.last_apply.clone(),
             last_error: self.last_error.clone(),
             ready_sent: self.ready_sent,
+            drift: self.drifting.as_ref().filter(|d| d.reported).map(|d| (d.drift.to_string(), d.since)),
             vip: self.vip.as_ref().map(|v| VipView {
                 advertised: v.advertised,
                 vrrp: v.observed.map(|o| o.vrrp),
@@ -624,13 +690,66 @@ impl Controller {
                 self.mark_due();
                 self.last_apply_started = None;
             }
+            Input::Registered(addresses) => self.registered = Some(addresses),
         }
+        self.compare(now, &mut out);
         self.schedule(now, &mut out);
         self.maybe_ready(&mut out);
         if self.ready_sent && carried_before != self.carried() {
             out.push(Effect::Status(self.sentence()));
         }
         out
+    }
+
+    /// The drift report: the member list against the apiservers' registrations, reported once
+    /// they have disagreed for `drift_after`, and again when the difference changes or ends.
+    /// It never changes what HAProxy or the forward do.
+    fn compare(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Some(after) = self.settings.drift_after else { return };
+        let drift = match (&self.desired, &self.registered) {
+            (Some(desired), Some(registered)) => {
+                let listed: Vec<SocketAddr> = desired.servers.iter().map(|s| s.addr).collect();
+                Drift::between(&listed, registered)
+            }
+            // Until both are known there is nothing to compare.
+            _ => return,
+        };
+        match (drift, self.drifting.take()) {
+            (None, Some(was)) if was.reported => {
+                out.push(Effect::Drift(None));
+                out.push(Effect::Event(Note {
+                    warning: false,
+                    reason: "MembersInSync",
+                    action: "Compare",
+                    message: "the member list matches the apiservers' registrations again".into(),
+                }));
+            }
+            (None, _) => {}
+            (Some(drift), was) => {
+                let mut d = match was {
+                    Some(was) if was.drift == drift => was,
+                    // A different difference while reported is reported at once; before, it
+                    // keeps the time the disagreement began.
+                    Some(was) => Drifting { drift, since: was.since, reported: false },
+                    None => Drifting { drift, since: now, reported: false },
+                };
+                if !d.reported && now >= d.since + after {
+                    d.reported = true;
+                    out.push(Effect::Drift(Some(d.drift.clone())));
+                    out.push(Effect::Event(Note {
+                        warning: true,
+                        reason: "MembersDrift",
+                        action: "Compare",
+                        message: format!(
+                            "{} (for {}; HAProxy is left as the member list says)",
+                            d.drift,
+                            humantime::format_duration(Duration::from_secs((now - d.since).as_secs()))
+                        ),
+                    }));
+                }
+                self.drifting = Some(d);
+            }
+        }
     }
 
     fn started(&mut self, now: Instant, adopted: Adopted, out: &mut Vec<Effect>) {

@@ -274,6 +274,10 @@ impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R
                     self.reporter.event(note);
                     None
                 }
+                Effect::Drift(drift) => {
+                    self.reporter.drift(drift.as_ref());
+                    None
+                }
                 Effect::Ready(sentence) => {
                     tracing::info!("ready: {sentence}");
                     self.reporter.ready(&sentence);

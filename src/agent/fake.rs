@@ -150,6 +150,13 @@ impl Reporter for FakeReporter {
         self.log.push(format!("rejected {source}"));
     }
 
+    fn drift(&mut self, drift: Option<&super::controller::Drift>) {
+        self.log.push(match drift {
+            Some(d) => format!("drift {d}"),
+            None => "drift resolved".into(),
+        });
+    }
+
     fn known(&mut self, _desired: &Desired) {}
 
     fn publish(&mut self, view: &View) {

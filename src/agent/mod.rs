@@ -48,7 +48,7 @@ use crate::members::{MemberSet, ServerName};
 use crate::metrics::{Metrics, StateLabel, TransitionLabels};
 use crate::notify;
 use actuator::{HaproxyBackend, NetProbes, Reporter};
-use controller::{Carrier, Controller, Desired, Input, Note, View};
+use controller::{Carrier, Controller, Desired, Drift, Input, Note, View};
 use driver::{Driver, Ended, HaproxyHandle, Reloaded};
 use endpoint::{Endpoint, EndpointConfig};
 use server::Shared;
@@ -78,6 +78,7 @@ pub fn controller_settings(config: &Config) -> controller::Settings {
         liveness_interval: h.liveness_interval,
         min_apply_interval: config.haproxy.min_apply_interval,
         bootstrap_targets: config.forward.targets.iter().map(|e| e.0).collect(),
+        drift_after: config.members.drift.as_ref().map(|d| d.after),
         vip: config.vip.as_ref().map(|v| controller::VipPolicy {
             rise: v.rise,
             fall: v.fall,
@@ -322,6 +323,33 @@ impl Sources {
         supervise("the member source", task, stop.clone(), self.ended.clone());
         let bridge = tokio::spawn(bridge(rx, self.inputs.clone(), self.sticky.clone(), self.resolve_timeout));
         supervise("the member bridge", bridge, stop.clone(), self.ended.clone());
+        if let Some(drift) = &members.drift {
+            // The apiservers' own registrations, for the drift report only: no state file, no
+            // seed, and metrics of its own so the member gauges stay the member list's.
+            let registrations = MembersSettings {
+                source: members_source::SourceSettings::EndpointSlice {
+                    namespace: drift.namespace.clone(),
+                    name: drift.name.clone(),
+                    port_name: drift.port_name.clone(),
+                },
+                seed: None,
+                parse: crate::members::ParseOptions { allow_empty: true, ..members.parse.clone() },
+                state_file: None,
+                drift: None,
+            };
+            let (tx, rx) = mpsc::channel(8);
+            let task = tokio::spawn(members_source::run(
+                registrations,
+                kube.clone(),
+                Arc::new(Metrics::default()),
+                tx,
+                self.known.clone(),
+                stop.clone(),
+            ));
+            supervise("the registrations watch", task, stop.clone(), self.ended.clone());
+            let bridge = tokio::spawn(registered(rx, self.inputs.clone()));
+            supervise("the registrations bridge", bridge, stop.clone(), self.ended.clone());
+        }
         self.stop = Some(stop);
         self.current = Some(wanted);
     }
@@ -357,6 +385,22 @@ async fn bridge(
             }
         };
         if inputs.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The registrations watch's sets to controller inputs. A set that cannot be read leaves the
+/// last one in place: the drift report compares what is known.
+async fn registered(mut updates: mpsc::Receiver<Update>, inputs: mpsc::Sender<Input>) {
+    while let Some(update) = updates.recv().await {
+        let Update::Accepted { set, origin } = update else { continue };
+        if !origin.is_live() {
+            continue;
+        }
+        let mut addresses: Vec<SocketAddr> = set.iter().filter_map(|m| m.socket_addr()).collect();
+        addresses.sort();
+        if inputs.send(Input::Registered(addresses)).await.is_err() {
             return;
         }
     }
@@ -442,6 +486,16 @@ impl Reporter for AgentReporter {
         self.metrics.member_update(source, false);
     }
 
+    fn drift(&mut self, drift: Option<&Drift>) {
+        match drift {
+            Some(d) => tracing::warn!(
+                "{d}; HAProxy is left as the member list says (edit the list, or `cpha members add/remove`)"
+            ),
+            None => tracing::info!("the member list matches the apiservers' registrations again"),
+        }
+        self.metrics.member_drift.set(i64::from(drift.is_some()));
+    }
+
     fn known(&mut self, desired: &Desired) {
         self.sticky.send_replace(desired.sticky());
         self.known.send_replace(desired.members.clone());
@@ -483,6 +537,11 @@ impl Reporter for AgentReporter {
             haproxy_servers_total: view.haproxy.total,
             last_apply: view.last_apply.clone(),
             last_error: view.last_error.clone(),
+            drift: view.drift.as_ref().map(|(d, _)| d.clone()),
+            drift_since: view.drift.as_ref().map(|(_, at)| {
+                let at = self.wall.0 + at.saturating_duration_since(self.wall.1);
+                at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+            }),
             vip: match (&view.vip, &self.vip) {
                 (Some(v), Some((address, interface))) => {
                     self.metrics.vip(v.holds, v.vrrp, v.advertised);

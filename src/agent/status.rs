@@ -40,6 +40,12 @@ pub struct AgentStatus {
     pub haproxy_servers_total: usize,
     pub last_apply: Option<String>,
     pub last_error: Option<String>,
+    /// The reported drift between the member list and the apiservers' registrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<String>,
+    /// Unix seconds since when the two disagree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_since: Option<u64>,
     /// The virtual IP, on a host that runs one.
     #[serde(default)]
     pub vip: Option<VipStatus>,
@@ -98,6 +104,7 @@ impl AgentStatus {
             ("last apply", &self.last_apply),
             ("rejected", &self.last_rejected_update),
             ("source", &self.source_problem),
+            ("drift", &self.drift),
             ("last error", &self.last_error),
         ] {
             if let Some(v) = value {

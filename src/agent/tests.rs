@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::controller::{Adopted, Controller, Effect, EndpointCheck, Input, Phase, Settings, VipPolicy};
+use super::controller::{Adopted, Controller, Drift, Effect, EndpointCheck, Input, Phase, Settings, VipPolicy};
 use crate::haproxy::resolve::{Resolved, Unresolved};
 use crate::haproxy::{Health, Server};
 use crate::members::{parse, MemberSet, ParseOptions};
@@ -20,6 +20,7 @@ fn settings() -> Settings {
         liveness_interval: Duration::from_millis(200),
         min_apply_interval: Duration::from_secs(2),
         bootstrap_targets: vec![],
+        drift_after: None,
         vip: None,
     }
 }
@@ -773,4 +774,78 @@ mod driver {
             assert_eq!(tail, ["advertise withdrawn", "shutdown keep=false"], "{lines:?}");
         });
     }
+}
+
+fn drifts(effects: &[Effect]) -> Vec<Option<Drift>> {
+    effects.iter().filter_map(|e| if let Effect::Drift(d) = e { Some(d.clone()) } else { None }).collect()
+}
+
+fn events(effects: &[Effect]) -> Vec<&'static str> {
+    effects.iter().filter_map(|e| if let Effect::Event(n) = e { Some(n.reason) } else { None }).collect()
+}
+
+#[test]
+fn drift_is_reported_after_the_configured_time_and_never_changes_haproxy() {
+    let mut r = Run::new(Settings { drift_after: Some(Duration::from_secs(60)), ..settings() });
+    r.input(Input::Started { adopted: Adopted::Haproxy });
+    r.input(accepted("cp1=10.0.0.11:6443, cp2=10.0.0.12:6443"));
+    // The same apiservers registered: nothing to say.
+    let e = r.at(1_000).input(Input::Registered(vec![addr("10.0.0.11:6443"), addr("10.0.0.12:6443")]));
+    assert!(drifts(&e).is_empty());
+    // A third apiserver registers itself but is not listed: watched, not reported yet.
+    let e = r.at(2_000).input(Input::Registered(vec![
+        addr("10.0.0.11:6443"),
+        addr("10.0.0.12:6443"),
+        addr("10.0.0.13:6443"),
+    ]));
+    assert!(drifts(&e).is_empty(), "{e:?}");
+    assert!(r.c.view().drift.is_none());
+    assert!(r.c.next_wake() <= r.t0 + Duration::from_millis(62_000), "the driver wakes when it is due");
+    let e = r.at(61_999).input(Input::Tick);
+    assert!(drifts(&e).is_empty());
+    let e = r.at(62_000).input(Input::Tick);
+    let want = Drift { unlisted: vec![addr("10.0.0.13:6443")], unregistered: vec![] };
+    assert_eq!(drifts(&e), vec![Some(want.clone())]);
+    assert_eq!(events(&e), ["MembersDrift"]);
+    assert!(!e.iter().any(|x| matches!(x, Effect::Apply(_) | Effect::Forward(_) | Effect::HandToHaproxy)), "{e:?}");
+    let (sentence, since) = r.c.view().drift.expect("in the view");
+    assert_eq!(since, r.t0 + Duration::from_secs(2));
+    assert_eq!(
+        sentence,
+        "the member list and the apiservers' registrations disagree; registered but not listed: 10.0.0.13:6443"
+    );
+    // Reported once.
+    assert!(drifts(&r.at(70_000).input(Input::Tick)).is_empty());
+    // The operator adds it: in sync again, said once.
+    let e = r.at(80_000).input(accepted("cp1=10.0.0.11:6443, cp2=10.0.0.12:6443, cp3=10.0.0.13:6443"));
+    assert_eq!(drifts(&e), vec![None]);
+    assert_eq!(events(&e), ["MembersInSync"]);
+    assert!(r.c.view().drift.is_none());
+}
+
+#[test]
+fn a_short_disagreement_is_not_reported_and_a_changed_one_is_reported_again() {
+    let mut r = Run::new(Settings { drift_after: Some(Duration::from_secs(10)), ..settings() });
+    r.input(Input::Started { adopted: Adopted::Haproxy });
+    r.input(accepted("cp1=10.0.0.11:6443, cp2=10.0.0.12:6443"));
+    // A member restarting drops out of the slice for a few seconds (the apiserver's lease).
+    r.at(1_000).input(Input::Registered(vec![addr("10.0.0.11:6443")]));
+    let e = r.at(5_000).input(Input::Registered(vec![addr("10.0.0.11:6443"), addr("10.0.0.12:6443")]));
+    assert!(drifts(&e).is_empty());
+    assert!(drifts(&r.at(20_000).input(Input::Tick)).is_empty(), "the disagreement ended before it was due");
+    // Reported, then the difference changes: reported again at once, with the new difference.
+    r.at(21_000).input(Input::Registered(vec![addr("10.0.0.11:6443")]));
+    let e = r.at(31_000).input(Input::Tick);
+    assert_eq!(drifts(&e), vec![Some(Drift { unlisted: vec![], unregistered: vec![addr("10.0.0.12:6443")] })]);
+    let e = r.at(32_000).input(Input::Registered(vec![addr("10.0.0.11:6443"), addr("10.0.0.14:6443")]));
+    assert_eq!(
+        drifts(&e),
+        vec![Some(Drift { unlisted: vec![addr("10.0.0.14:6443")], unregistered: vec![addr("10.0.0.12:6443")] })]
+    );
+    // Without drift_after nothing is compared.
+    let mut off = Run::new(settings());
+    off.input(Input::Started { adopted: Adopted::Haproxy });
+    off.input(accepted("cp1=10.0.0.11:6443"));
+    off.at(1_000).input(Input::Registered(vec![addr("10.0.0.19:6443")]));
+    assert!(drifts(&off.at(10_000_000).input(Input::Tick)).is_empty());
 }

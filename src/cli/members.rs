@@ -25,12 +25,19 @@ use crate::members::MemberSet;
 use crate::metrics::Metrics;
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Without --watch, waits for the configured source (up to --timeout), prints its members one \
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Without --watch, waits for the configured source (up to --timeout), prints its members one \
 per line and exits: 0 with a set, 1 when the source refused the list or has none, 69 when it could not be read \
 in time. With --watch, prints one line per event until SIGINT or SIGTERM: `accepted ORIGIN MEMBERS` (ORIGIN is \
 cache, seed or the source), `rejected SOURCE: REASON`, `problem SOURCE KIND: MESSAGE`. The state file is read \
-and written as `cpha run` does.")]
+and written as `cpha run` does."
+)]
 pub struct Args {
+    /// Change the member ConfigMap instead of reading the source.
+    #[command(subcommand)]
+    pub edit: Option<super::members_edit::EditCommand>,
+
     /// The agent's configuration file (YAML); its members: and kubernetes: sections are read.
     #[arg(long, env = "CPHA_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -204,6 +211,7 @@ impl MembersFlags {
             max_members: self.max_members,
             allow_empty: self.allow_empty,
             state_file: self.state_file.clone(),
+            drift: Default::default(),
         }
     }
 }
@@ -287,6 +295,9 @@ pub fn resolve(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(edit) = args.edit {
+        return super::members_edit::run(edit);
+    }
     let (members, kube) = resolve(args.config.as_deref(), &args.members, &args.kube)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

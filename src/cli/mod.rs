@@ -4,7 +4,9 @@
 pub mod check_config;
 pub mod cleanup;
 pub mod forward;
+pub mod identity;
 pub mod members;
+pub mod members_edit;
 pub mod render;
 pub mod run;
 pub mod status;
@@ -54,8 +56,11 @@ pub enum Command {
     Cleanup(cleanup::Args),
     /// Show the forward installed in the kernel, read back from nftables/iptables.
     Status(status::Args),
-    /// Print the control-plane member set resolved from the configured source (--watch: every update).
+    /// Print the control-plane member set resolved from the configured source (--watch: every update);
+    /// `members add|remove` edit the member ConfigMap.
     Members(Box<members::Args>),
+    /// Create the least-privilege identity of the agent (ServiceAccount, Roles) and write a token for it.
+    Identity(Box<identity::Args>),
     /// Run the agent: forward, keep HAProxy in step with the members, hand over (see `cpha run --help`).
     Run(run::Args),
     /// Print the haproxy.cfg cpha would write for a member set.
@@ -153,6 +158,7 @@ impl Cli {
             Command::Cleanup(args) => cleanup::run(args),
             Command::Status(args) => status::run(args),
             Command::Members(args) => members::run(*args),
+            Command::Identity(args) => identity::run(*args),
             Command::Run(args) => run::run(args),
             Command::Render(args) => render::run(args),
             Command::CheckConfig(args) => check_config::run(args),

@@ -8,12 +8,15 @@
 //! - `client`: a kube-rs [`Client`](::kube::Client) whose requests go to the known members
 //!   (`https://<member>`) before the configured server, moving on when one fails, so cpha
 //!   never needs the load balancer it manages to reach the API.
+//! - `identity`: the agent's least-privilege ServiceAccount, its Roles and a token for it
+//!   (`cpha identity`).
 //!
 //! cpha starts before the cluster exists: [`connect`] waits for the credentials to appear
 //! (polling, with a log line that names what it waits for) instead of failing.
 
 pub mod client;
 pub mod credentials;
+pub mod identity;
 pub mod settings;
 
 use std::time::{Duration, Instant};

@@ -106,6 +106,17 @@ fn invalid(key: &'static str, message: impl Into<String>) -> KubeConfigError {
 impl KubernetesConfig {
     /// Values set in `over` replace those in `self` (flags and environment over the file).
     pub fn merge(mut self, over: KubernetesConfig) -> KubernetesConfig {
+        // NOTE: an override that names a credential (kubeconfig, tokenFile, inCluster) replaces
+        // the file's credential whole: `cpha members add --kubeconfig admin.conf` on a host whose
+        // file holds the agent's own token must use the admin's kubeconfig, not refuse the mix.
+        if over.kubeconfig.is_some() || over.token_file.is_some() || over.in_cluster == Some(true) {
+            self.kubeconfig = None;
+            self.in_cluster = None;
+            self.service_account_dir = None;
+            self.server = None;
+            self.ca_file = None;
+            self.token_file = None;
+        }
         if over.kubeconfig.is_some() {
             self.kubeconfig = over.kubeconfig;
         }
@@ -329,5 +340,25 @@ mod tests {
         assert_eq!(s.credentials, Credentials::Kubeconfig(vec!["/b".into()]));
         assert!(s.direct_to_members);
         assert_eq!(s.watch_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_credential_given_as_override_replaces_the_files() {
+        let file: KubernetesConfig = yaml::from_str(
+            "server: https://192.0.2.10:8443
+caFile: /etc/kubernetes/pki/ca.crt
+tokenFile: /etc/cpha/token
+watchTimeout: 10s
+",
+        )
+        .unwrap();
+        let over =
+            KubernetesConfig { kubeconfig: Some(vec!["/etc/kubernetes/admin.conf".into()]), ..Default::default() };
+        let s = file.clone().merge(over).resolve().unwrap();
+        assert_eq!(s.credentials, Credentials::Kubeconfig(vec!["/etc/kubernetes/admin.conf".into()]));
+        assert_eq!(s.server, None, "the token's server went with it");
+        assert_eq!(s.watch_timeout, Duration::from_secs(10), "the rest of the section stays");
+        let s = file.merge(KubernetesConfig::default()).resolve().unwrap();
+        assert!(matches!(s.credentials, Credentials::TokenFile { .. }));
     }
 }

@@ -68,6 +68,29 @@ pub struct MembersConfig {
     pub allow_empty: Option<bool>,
     /// Empty to keep no state file.
     pub state_file: Option<PathBuf>,
+    /// The drift report (with `source: configMap`).
+    pub drift: DriftConfig,
+}
+
+/// `members.drift`: the member ConfigMap compared with the EndpointSlice the apiservers
+/// register themselves in.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DriftConfig {
+    /// How long they may disagree before it is reported (default 5m; `0s`: not compared).
+    #[serde(deserialize_with = "crate::units::optional_duration")]
+    pub after: Option<Duration>,
+    /// Default `default/kubernetes`, port `https`.
+    pub endpoint_slice: EndpointSliceConfig,
+}
+
+/// The drift report's settings, once validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriftSettings {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -106,6 +129,8 @@ pub struct MembersSettings {
     pub seed: Option<MemberSet>,
     pub parse: ParseOptions,
     pub state_file: Option<PathBuf>,
+    /// Compare the member ConfigMap with the apiservers' EndpointSlice (`source: configMap`).
+    pub drift: Option<DriftSettings>,
 }
 
 impl Default for MembersSettings {
@@ -190,6 +215,10 @@ impl MembersConfig {
         pick(&mut self.max_members, over.max_members);
         pick(&mut self.allow_empty, over.allow_empty);
         pick(&mut self.state_file, over.state_file);
+        pick(&mut self.drift.after, over.drift.after);
+        pick(&mut self.drift.endpoint_slice.namespace, over.drift.endpoint_slice.namespace);
+        pick(&mut self.drift.endpoint_slice.name, over.drift.endpoint_slice.name);
+        pick(&mut self.drift.endpoint_slice.port_name, over.drift.endpoint_slice.port_name);
         self
     }
 
@@ -212,6 +241,7 @@ impl MembersConfig {
             ),
             None => None,
         };
+        let drift_config = self.drift;
         let source = match kind {
             SourceKind::ConfigMap => {
                 let c = self.config_map;
@@ -266,7 +296,26 @@ impl MembersConfig {
             Some(p) if p.as_os_str().is_empty() => None,
             Some(p) => Some(p),
         };
-        Ok(MembersSettings { source, seed, parse, state_file })
+        let after = drift_config.after.unwrap_or(Duration::from_secs(300));
+        if after > Duration::from_secs(24 * 3600) {
+            return Err(invalid("drift.after", "must be at most 24h (0s turns the report off)"));
+        }
+        let drift = match &source {
+            SourceSettings::ConfigMap { .. } if !after.is_zero() => {
+                let e = drift_config.endpoint_slice;
+                let namespace = e.namespace.unwrap_or_else(|| "default".into());
+                let name = e.name.unwrap_or_else(|| "kubernetes".into());
+                let port_name = e.port_name.unwrap_or_else(|| "https".into());
+                check_dns_label("drift.endpointSlice.namespace", &namespace)?;
+                check_dns_subdomain("drift.endpointSlice.name", &name)?;
+                if port_name.is_empty() || port_name.len() > 63 {
+                    return Err(invalid("drift.endpointSlice.portName", "must be 1 to 63 characters"));
+                }
+                Some(DriftSettings { namespace, name, port_name, after })
+            }
+            _ => None,
+        };
+        Ok(MembersSettings { source, seed, parse, state_file, drift })
     }
 }
 
@@ -419,5 +468,34 @@ mod tests {
         assert!(matches!(&s.source, SourceSettings::File { path, .. } if path == &PathBuf::from("/b")));
         assert_eq!(s.parse.max_members, 3);
         assert_eq!(s.state_file, Some(PathBuf::from("/tmp/s.json")));
+    }
+
+    #[test]
+    fn drift_is_compared_for_the_configmap_source_only() {
+        let cfg = |text: &str| -> Result<MembersSettings, MembersConfigError> {
+            crate::yaml::from_str::<MembersConfig>(text).unwrap().resolve()
+        };
+        let d = cfg("source: configMap\n").unwrap().drift.expect("on by default");
+        assert_eq!(
+            d,
+            DriftSettings {
+                namespace: "default".into(),
+                name: "kubernetes".into(),
+                port_name: "https".into(),
+                after: Duration::from_secs(300)
+            }
+        );
+        let d = cfg("source: configMap\ndrift: {after: 30s, endpointSlice: {namespace: team, name: apis}}\n").unwrap();
+        assert_eq!(
+            d.drift.map(|d| (d.namespace, d.name, d.after)),
+            Some(("team".into(), "apis".into(), Duration::from_secs(30)))
+        );
+        assert_eq!(cfg("source: configMap\ndrift: {after: 0s}\n").unwrap().drift, None, "0s turns it off");
+        assert_eq!(cfg("source: endpointSlice\n").unwrap().drift, None, "the slice is the source itself");
+        let e = cfg("source: configMap\ndrift: {after: 25h}\n").unwrap_err();
+        assert_eq!(e.key, "drift.after");
+        let e = cfg("source: configMap\ndrift: {endpointSlice: {name: Bad_Name}}\n").unwrap_err();
+        assert_eq!(e.key, "drift.endpointSlice.name");
+        assert!(crate::yaml::from_str::<MembersConfig>("drift: {aftr: 1m}\n").is_err(), "unknown keys are refused");
     }
 }

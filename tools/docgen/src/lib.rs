@@ -99,8 +99,24 @@ mod tests {
                 assert!(text.contains(name), "{shell} completion lacks `cpha {name}`");
             }
         }
+        // A page for each nested subcommand too (`cpha members add`), with its description.
+        let mut nested = 0;
+        for sub in &subcommands {
+            for inner in sub.get_subcommands().filter(|c| !c.is_hide_set() && c.get_name() != "help") {
+                nested += 1;
+                let page = read(out.join(format!("man/cpha-{}-{}.1", sub.get_name(), inner.get_name())));
+                if let Some(about) = inner.get_about() {
+                    assert!(
+                        page.contains(&roff(&about.to_string())),
+                        "cpha-{}-{}(1) lacks its description",
+                        sub.get_name(),
+                        inner.get_name()
+                    );
+                }
+            }
+        }
         // Nothing but those pages and the three completions.
-        assert_eq!(written.len(), subcommands.len() + 1 + SHELLS.len(), "{written:?}");
+        assert_eq!(written.len(), subcommands.len() + nested + 1 + SHELLS.len(), "{written:?}");
         std::fs::remove_dir_all(&out).unwrap();
     }
 }

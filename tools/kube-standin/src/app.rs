@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Authenticator;
+use std::sync::Arc;
+
+use crate::auth::{Attributes, Authenticator, BadToken, User};
 use crate::faults::Faults;
 use crate::store::Store;
 
@@ -42,9 +44,27 @@ pub struct App {
     /// Set at SIGTERM: `/readyz` fails while requests are still served for the shutdown
     /// delay, as kube-apiserver does with `--shutdown-delay-duration`.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Signs and checks service account tokens (`crate::tokens`).
+    pub sa_key: ring::hmac::Key,
 }
 
 impl App {
+    /// A `--token` token, else a service account token; `Err` for a credential nobody has.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Option<Arc<User>>, BadToken> {
+        match self.auth.authenticate(header) {
+            Err(BadToken) => {
+                let token = header.and_then(Authenticator::bearer).ok_or(BadToken)?;
+                crate::tokens::authenticate(self, token).map(|u| Some(Arc::new(u))).ok_or(BadToken)
+            }
+            found => found,
+        }
+    }
+
+    /// The token's own rules, then what RoleBindings grant.
+    pub fn authorize(&self, user: &User, a: &Attributes<'_>) -> bool {
+        user.can(a) || crate::rbac::allows(&self.store, user, a)
+    }
+
     pub fn draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }

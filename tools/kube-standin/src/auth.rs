@@ -1,5 +1,7 @@
 //! Bearer-token authentication and RBAC-like authorization: each token names a user and a list
-//! of rules (verbs × resources × namespaces × optional resourceNames, `*` wildcards).
+//! of rules (verbs × resources × namespaces × optional resourceNames, `*` wildcards). Rules
+//! granted by Role and RoleBinding objects are added to these (`crate::rbac`), and service
+//! account tokens are `crate::tokens`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -98,6 +100,8 @@ pub struct Attributes<'a> {
     pub verb: &'a str,
     pub group: &'a str,
     pub resource: &'a str,
+    /// `token` for `serviceaccounts/token`; empty for the resource itself.
+    pub subresource: &'a str,
     /// Empty for a cluster-scope request.
     pub namespace: &'a str,
     /// Empty when the request names no object.
@@ -113,6 +117,11 @@ impl Rule {
         let resource_ok = self.resources.iter().any(|r| {
             if r == "*" {
                 return true;
+            }
+            // A flag rule cannot spell `resource/subresource` (`/` separates its parts), so only
+            // `*` covers a subresource, as in RBAC a resource does not cover its subresources.
+            if !a.subresource.is_empty() {
+                return false;
             }
             match r.split_once('.') {
                 Some((res, group)) => res == a.resource && group == a.group,
@@ -133,6 +142,8 @@ pub struct User {
     pub name: String,
     pub token: String,
     pub rules: Vec<Rule>,
+    /// `system:authenticated`, and for a service account its groups.
+    pub groups: Vec<String>,
 }
 
 impl User {
@@ -158,13 +169,26 @@ impl Authenticator {
         let mut a = Authenticator::default();
         for s in specs {
             let token = if s.token.is_empty() { crate::ids::token() } else { s.token };
-            let user = Arc::new(User { name: s.user.clone(), token: token.clone(), rules: s.rules });
+            let user = Arc::new(User {
+                name: s.user.clone(),
+                token: token.clone(),
+                rules: s.rules,
+                groups: vec!["system:authenticated".into()],
+            });
             if a.by_token.insert(token, user.clone()).is_some() {
                 anyhow::bail!("token of user {:?} is given twice", s.user);
             }
             a.by_name.insert(s.user, user);
         }
         Ok(a)
+    }
+
+    /// The bearer token of an `Authorization` header, if it is one.
+    pub fn bearer(header: &str) -> Option<&str> {
+        let mut parts = header.trim().splitn(2, ' ');
+        let scheme = parts.next().unwrap_or_default();
+        let token = parts.next().unwrap_or_default().trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
     }
 
     /// `Authorization: Bearer <token>` → user; `Err` for a token that is not known.
@@ -204,7 +228,14 @@ mod tests {
     #[test]
     fn rules_match_like_rbac() {
         let r: Rule = "get,list,watch/configmaps/kube-system/cpha-members".parse().unwrap();
-        let a = |verb, ns, name| Attributes { verb, group: "", resource: "configmaps", namespace: ns, name };
+        let a = |verb, ns, name| Attributes {
+            verb,
+            group: "",
+            resource: "configmaps",
+            subresource: "",
+            namespace: ns,
+            name,
+        };
         assert!(r.allows(&a("get", "kube-system", "cpha-members")));
         assert!(r.allows(&a("watch", "kube-system", "cpha-members")));
         assert!(!r.allows(&a("list", "kube-system", "")), "a list without a name is refused");

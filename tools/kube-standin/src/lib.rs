@@ -15,6 +15,7 @@ pub mod nonresource;
 pub mod openapi;
 pub mod openapi_v2;
 pub mod patch;
+pub mod rbac;
 pub mod request_info;
 pub mod resources;
 pub mod seed;
@@ -23,6 +24,7 @@ pub mod status;
 pub mod store;
 pub mod timefmt;
 pub mod tls;
+pub mod tokens;
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -109,6 +111,7 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     }
     let faults = Faults::new(config(initial_faults(&cli))?);
     let pki = config(tls::setup(&cli.cert_dir, &cli.sans))?;
+    let sa_key = config(tokens::signing_key(&cli.cert_dir))?;
 
     let (rv, objects, persister) = match &cli.state {
         Some(path) => {
@@ -142,6 +145,7 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         },
         shutdown: shutdown.clone(),
         draining: std::sync::atomic::AtomicBool::new(false),
+        sa_key,
     });
 
     let seed_ips = if cli.endpoints.is_empty() { None } else { Some(cli.endpoints.clone()) };

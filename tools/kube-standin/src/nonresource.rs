@@ -114,6 +114,13 @@ fn group_version(kind: Kind) -> Value {
 pub fn discovery(app: &App, path: &str) -> Option<Value> {
     let path = path.trim_end_matches('/');
     let groups: Vec<Kind> = Kind::ALL.into_iter().filter(|k| !k.group().is_empty()).collect();
+    // One entry per group in the group list, though a group serves several kinds.
+    let mut first_of_group: Vec<Kind> = Vec::new();
+    for k in &groups {
+        if !first_of_group.iter().any(|f| f.group() == k.group()) {
+            first_of_group.push(*k);
+        }
+    }
     let group_doc = |k: Kind| {
         json!({
             "name": k.group(),
@@ -134,13 +141,13 @@ pub fn discovery(app: &App, path: &str) -> Option<Value> {
                 .into_iter()
                 .filter(|k| k.group().is_empty())
                 .map(Kind::api_resource)
-                .chain([crate::namespaces::api_resource()])
+                .chain([crate::namespaces::api_resource(), crate::tokens::api_resource()])
                 .collect::<Vec<_>>(),
         })),
         "/apis" => Some(json!({
             "kind": "APIGroupList",
             "apiVersion": "v1",
-            "groups": groups.iter().map(|k| group_doc(*k)).collect::<Vec<_>>(),
+            "groups": first_of_group.iter().map(|k| group_doc(*k)).collect::<Vec<_>>(),
         })),
         _ => {
             let rest = path.strip_prefix("/apis/")?;

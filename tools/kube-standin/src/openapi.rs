@@ -24,6 +24,9 @@ pub(crate) fn schema_name(kind: Kind) -> &'static str {
         Kind::ConfigMap => "io.k8s.api.core.v1.ConfigMap",
         Kind::EndpointSlice => "io.k8s.api.discovery.v1.EndpointSlice",
         Kind::Event => "io.k8s.api.events.v1.Event",
+        Kind::ServiceAccount => "io.k8s.api.core.v1.ServiceAccount",
+        Kind::Role => "io.k8s.api.rbac.v1.Role",
+        Kind::RoleBinding => "io.k8s.api.rbac.v1.RoleBinding",
     }
 }
 

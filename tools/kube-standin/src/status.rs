@@ -118,10 +118,13 @@ impl ApiError {
         verb: &str,
         group: &str,
         resource: &str,
+        subresource: &str,
         name: &str,
         namespace: &str,
     ) -> Self {
         let gr = qualified(group, resource);
+        // As responsewriters.forbiddenMessage: the subresource is named with the resource.
+        let shown = if subresource.is_empty() { resource.to_string() } else { format!("{resource}/{subresource}") };
         let scope = if namespace.is_empty() {
             "at the cluster scope".to_string()
         } else {
@@ -132,9 +135,7 @@ impl ApiError {
         Self::new(
             403,
             "Forbidden",
-            format!(
-                "{subject}: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" {scope}"
-            ),
+            format!("{subject}: User \"{user}\" cannot {verb} resource \"{shown}\" in API group \"{group}\" {scope}"),
         )
         .with_details(details(group, resource, name))
     }
@@ -304,12 +305,12 @@ mod tests {
 
     #[test]
     fn forbidden_reads_like_rbac() {
-        let e = ApiError::forbidden_resource("cpha", "list", "", "configmaps", "", "kube-system");
+        let e = ApiError::forbidden_resource("cpha", "list", "", "configmaps", "", "", "kube-system");
         assert_eq!(
             e.message,
             "configmaps is forbidden: User \"cpha\" cannot list resource \"configmaps\" in API group \"\" in the namespace \"kube-system\""
         );
-        let e = ApiError::forbidden_resource("x", "get", "discovery.k8s.io", "endpointslices", "kubernetes", "");
+        let e = ApiError::forbidden_resource("x", "get", "discovery.k8s.io", "endpointslices", "", "kubernetes", "");
         assert_eq!(
             e.message,
             "endpointslices.discovery.k8s.io \"kubernetes\" is forbidden: User \"x\" cannot get resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope"

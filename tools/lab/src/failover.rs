@@ -59,6 +59,7 @@ pub fn run(opts: &FailoverOpts) -> Result<String> {
         bail!("--runs must be between 1 and 50");
     }
     let started = Instant::now();
+    let load_before = loadavg();
     let mut lab = VipLab::new(opts.programs.clone(), LabOpts::default())?;
     let members = lab.members(&[1, 2, 3]);
     lab.set_members(&members)?;
@@ -93,7 +94,8 @@ pub fn run(opts: &FailoverOpts) -> Result<String> {
     let idle = if opts.idle.is_zero() { None } else { Some(idle_run(&lab, opts.idle)?) };
     let overlap = lab.longest_overlap(started, Instant::now());
     drop(lab);
-    let section = render(opts, &samples, idle.as_ref(), overlap, started.elapsed());
+    let load = format!("{} at the start, {} at the end", load_before, loadavg());
+    let section = render(opts, &samples, idle.as_ref(), overlap, started.elapsed(), &load);
     if let Some(out) = &opts.out {
         let old = std::fs::read_to_string(out).unwrap_or_default();
         write_atomically(out, &replace_section(&old, &section))?;
@@ -185,22 +187,32 @@ fn idle_run(lab: &VipLab, duration: Duration) -> Result<Idle> {
     Ok(Idle { duration: to - from, moves, health_changes: advertised(lab) - before })
 }
 
+/// The 1-minute load average: other work on the machine moves these figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn render(
     opts: &FailoverOpts,
     samples: &[(Kind, Vec<Sample>)],
     idle: Option<&Idle>,
     overlap: Duration,
     took: Duration,
+    load: &str,
 ) -> String {
     let mut s = String::new();
     s.push_str(BEGIN);
     s.push_str("\n\n## Failover of the virtual IP\n\n");
     s.push_str(&format!(
-        "Three control-plane hosts and a worker on one bridge, each host with its apiserver (the API stand-in), HAProxy, `cpha run` and keepalived {} at cpha's `vip:` defaults (VRRPv3, `advertInterval` 500ms, equal priorities, `checkInterval` 500ms, `fall` 2). The worker opens {} new TLS connections a second to the VIP (`GET /readyz`, each bounded to 1 s) while the holder fails. **Recovery** is the time from the fault until the worker's connections succeed again (the end of the first successful connection started after the last failed one); **failed** counts the worker's connections that failed after the fault. {} rounds of each kind, interleaved, on the machine's 2 CPUs; {:.0} s in all.\n\n",
+        "Three control-plane hosts and a worker on one bridge, each host with its apiserver (the API stand-in), HAProxy, `cpha run` and keepalived {} at cpha's `vip:` defaults (VRRPv3, `advertInterval` 500ms, equal priorities, `checkInterval` 500ms, `fall` 2). The worker opens {} new TLS connections a second to the VIP (`GET /readyz`, each bounded to 1 s) while the holder fails. **Recovery** is the time from the fault until the worker's connections succeed again (the end of the first successful connection started after the last failed one); **failed** counts the worker's connections that failed after the fault. {} rounds of each kind, interleaved, on the machine's 2 CPUs; {:.0} s in all; 1-minute load average {}.\n\n",
         keepalived_version(),
         opts.rate,
         opts.runs,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        load
     ));
     s.push_str("| failure of the holder | recovery, median | recovery, worst | failed, median | failed, worst | attempts per round |\n|---|---|---|---|---|---|\n");
     for (kind, list) in samples {

@@ -72,7 +72,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (Response<Body>, Strin
     let query = parse_query(parts.uri.query());
     let method = parts.method.as_str().to_string();
     let authz = parts.headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let user = match app.auth.authenticate(authz) {
+    let user = match app.authenticate(authz) {
         Ok(u) => u,
         Err(crate::auth::BadToken) => return (body::error(&ApiError::unauthorized()), String::new()),
     };
@@ -84,9 +84,16 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (Response<Body>, Strin
             return (body::error(&ApiError::unauthorized()), user_name);
         };
         let verb = control::verb(&method);
-        let attrs = Attributes { verb, group: control::GROUP, resource: control::RESOURCE, namespace: "", name: "" };
-        if !u.can(&attrs) {
-            let e = ApiError::forbidden_resource(&u.name, verb, control::GROUP, control::RESOURCE, "", "");
+        let attrs = Attributes {
+            verb,
+            group: control::GROUP,
+            resource: control::RESOURCE,
+            subresource: "",
+            namespace: "",
+            name: "",
+        };
+        if !app.authorize(u, &attrs) {
+            let e = ApiError::forbidden_resource(&u.name, verb, control::GROUP, control::RESOURCE, "", "", "");
             return (body::error(&e), user_name);
         }
         let resp = match read_body(incoming).await {
@@ -145,15 +152,17 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (Response<Body>, Strin
         verb: &info.verb,
         group: &info.group,
         resource: &info.resource,
+        subresource: &info.subresource,
         namespace: &info.namespace,
         name: &info.name,
     };
-    if !user.can(&attrs) {
+    if !app.authorize(&user, &attrs) {
         let e = ApiError::forbidden_resource(
             &user.name,
             &info.verb,
             &info.group,
             &info.resource,
+            &info.subresource,
             &info.name,
             &info.namespace,
         );
@@ -174,6 +183,16 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (Response<Body>, Strin
     let Some(kind) = Kind::from_path(&info.group, &info.version, &info.resource) else {
         return (body::error(&ApiError::path_not_found()), user_name);
     };
+    if kind == Kind::ServiceAccount && info.subresource == "token" && !info.namespace.is_empty() {
+        if info.verb != "create" {
+            return (body::error(&ApiError::method_not_supported("", "serviceaccounts/token", &info.verb)), user_name);
+        }
+        let resp = match read_body(incoming).await {
+            Ok(b) => crate::tokens::request(app, &info.namespace, &info.name, &b).map(|v| body::json(201, &v)),
+            Err(e) => Err(e),
+        };
+        return (resp.unwrap_or_else(|e| body::error(&e)), user_name);
+    }
     if !info.subresource.is_empty() {
         return (body::error(&ApiError::path_not_found()), user_name);
     }

@@ -1,8 +1,9 @@
-//! The served kinds (core/v1 ConfigMap, discovery.k8s.io/v1 EndpointSlice, events.k8s.io/v1
-//! Event): names, discovery entries, decoding schema, field selectors, defaulting, validation
+//! The served kinds (core/v1 ConfigMap and ServiceAccount, discovery.k8s.io/v1 EndpointSlice,
+//! events.k8s.io/v1 Event, rbac.authorization.k8s.io/v1 Role and RoleBinding): names, discovery entries, decoding schema, field selectors, defaulting, validation
 //! and the columns of their `Table` form.
 
 pub mod event;
+pub mod rbac;
 pub mod schema;
 pub mod validate;
 
@@ -17,18 +18,23 @@ pub enum Kind {
     ConfigMap,
     EndpointSlice,
     Event,
+    ServiceAccount,
+    Role,
+    RoleBinding,
 }
 
 const VERBS: [&str; 8] = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::ConfigMap, Kind::EndpointSlice, Kind::Event];
+    pub const ALL: [Kind; 6] =
+        [Kind::ConfigMap, Kind::EndpointSlice, Kind::Event, Kind::ServiceAccount, Kind::Role, Kind::RoleBinding];
 
     pub fn group(self) -> &'static str {
         match self {
-            Kind::ConfigMap => "",
+            Kind::ConfigMap | Kind::ServiceAccount => "",
             Kind::EndpointSlice => "discovery.k8s.io",
             Kind::Event => "events.k8s.io",
+            Kind::Role | Kind::RoleBinding => rbac::GROUP,
         }
     }
     pub fn version(self) -> &'static str {
@@ -36,9 +42,10 @@ impl Kind {
     }
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::ConfigMap => "v1",
+            Kind::ConfigMap | Kind::ServiceAccount => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::Event => "events.k8s.io/v1",
+            Kind::Role | Kind::RoleBinding => "rbac.authorization.k8s.io/v1",
         }
     }
     pub fn plural(self) -> &'static str {
@@ -46,6 +53,9 @@ impl Kind {
             Kind::ConfigMap => "configmaps",
             Kind::EndpointSlice => "endpointslices",
             Kind::Event => "events",
+            Kind::ServiceAccount => "serviceaccounts",
+            Kind::Role => "roles",
+            Kind::RoleBinding => "rolebindings",
         }
     }
     pub fn singular(self) -> &'static str {
@@ -53,6 +63,9 @@ impl Kind {
             Kind::ConfigMap => "configmap",
             Kind::EndpointSlice => "endpointslice",
             Kind::Event => "event",
+            Kind::ServiceAccount => "serviceaccount",
+            Kind::Role => "role",
+            Kind::RoleBinding => "rolebinding",
         }
     }
     pub fn name(self) -> &'static str {
@@ -60,6 +73,9 @@ impl Kind {
             Kind::ConfigMap => "ConfigMap",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Event => "Event",
+            Kind::ServiceAccount => "ServiceAccount",
+            Kind::Role => "Role",
+            Kind::RoleBinding => "RoleBinding",
         }
     }
     pub fn list_kind(self) -> String {
@@ -70,13 +86,18 @@ impl Kind {
             Kind::ConfigMap => &schema::CONFIG_MAP,
             Kind::EndpointSlice => &schema::ENDPOINT_SLICE,
             Kind::Event => &schema::EVENT,
+            Kind::ServiceAccount => &rbac::SERVICE_ACCOUNT,
+            Kind::Role => &rbac::ROLE,
+            Kind::RoleBinding => &rbac::ROLE_BINDING,
         }
     }
 
     /// The fields a field selector may name (others: 400 `field label not supported`).
     pub fn field_labels(self) -> &'static [&'static str] {
         match self {
-            Kind::ConfigMap | Kind::EndpointSlice => &["metadata.name", "metadata.namespace"],
+            Kind::ConfigMap | Kind::EndpointSlice | Kind::ServiceAccount | Kind::Role | Kind::RoleBinding => {
+                &["metadata.name", "metadata.namespace"]
+            }
             Kind::Event => &event::FIELD_LABELS,
         }
     }
@@ -104,7 +125,10 @@ impl Kind {
             Kind::Event => {
                 m.insert("shortNames".into(), json!(["ev"]));
             }
-            Kind::EndpointSlice => {}
+            Kind::ServiceAccount => {
+                m.insert("shortNames".into(), json!(["sa"]));
+            }
+            Kind::EndpointSlice | Kind::Role | Kind::RoleBinding => {}
         }
         m.insert(
             "storageVersionHash".into(),
@@ -113,6 +137,9 @@ impl Kind {
                 Kind::EndpointSlice => "Nx3SIv6I0mE=",
                 // Events of both groups share one storage, hence one hash.
                 Kind::Event => "r2yiGXH7wu8=",
+                Kind::ServiceAccount => "pbx9ZvyFpBE=",
+                Kind::Role => "7FuwZcIIItM=",
+                Kind::RoleBinding => "eGsCzGH6b1g=",
             }
             .into(),
         );
@@ -169,6 +196,9 @@ impl Kind {
             Kind::ConfigMap => validate_config_map(obj, old, &mut out),
             Kind::EndpointSlice => validate_endpoint_slice(obj, old, &mut out),
             Kind::Event => event::v1_causes(obj, old, &mut out),
+            Kind::ServiceAccount => {}
+            Kind::Role => rbac::validate_role(obj, &mut out),
+            Kind::RoleBinding => rbac::validate_role_binding(obj, old, &mut out),
         }
         out
     }
@@ -202,6 +232,7 @@ impl Kind {
                 age
             ]),
             Kind::Event => event::table_columns(name["description"].as_str().unwrap_or_default()),
+            Kind::ServiceAccount | Kind::Role | Kind::RoleBinding => rbac::columns(self, name, age),
         }
     }
 
@@ -243,6 +274,7 @@ impl Kind {
                 vec![name.into(), obj["addressType"].clone(), ports.into(), endpoints.into(), age.into()]
             }
             Kind::Event => event::table_cells(obj, now),
+            Kind::ServiceAccount | Kind::Role | Kind::RoleBinding => rbac::cells(self, obj, name, age),
         }
     }
 }

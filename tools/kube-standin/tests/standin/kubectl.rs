@@ -352,3 +352,40 @@ async fn extra_kubectl_clients() {
         assert_eq!(data(&s, "x").await, json!({"a": "1", "b": "3"}));
     }
 }
+
+/// The RBAC objects as an operator handles them with kubectl: `apply` of a ServiceAccount, a
+/// Role and a RoleBinding, `get` of each, and `create token`, whose token reads the one
+/// ConfigMap the Role names and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_applies_rbac_objects_and_creates_a_token() {
+    let dir = Scratch::new("kubectl-rbac");
+    let s = start(dir.path());
+    s.create_cm("kube-system", "cpha-members", json!({"members": "10.0.0.11:6443"})).await;
+    let k = Kubectl::new(kubectl_binary(), dir.path(), "admin");
+    let manifest = dir.path().join("rbac.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: cpha, namespace: kube-system}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: cpha-agent, namespace: kube-system}\n\
+         rules:\n- apiGroups: ['']\n  resources: [configmaps]\n  resourceNames: [cpha-members]\n  verbs: [get, list, watch]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: cpha-agent, namespace: kube-system}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: cpha-agent}\n\
+         subjects:\n- {kind: ServiceAccount, name: cpha, namespace: kube-system}\n",
+    )
+    .unwrap();
+    let out = k.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(
+        out.contains("serviceaccount/cpha created")
+            && out.contains("rolebinding.rbac.authorization.k8s.io/cpha-agent created"),
+        "{out}"
+    );
+    let out = k.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(out.contains("role.rbac.authorization.k8s.io/cpha-agent unchanged"), "{out}");
+    let out = k.ok(&["get", "sa,roles,rolebindings", "-n", "kube-system"]);
+    assert!(out.contains("serviceaccount/cpha") && out.contains("Role/cpha-agent"), "{out}");
+    let token = k.ok(&["create", "token", "cpha", "-n", "kube-system", "--duration", "1h"]);
+    let token = token.trim();
+    let r = s.get(&format!("{CM}/cpha-members"), token).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.get(CM, token).await.assert_status(403, "Forbidden");
+}

@@ -8,5 +8,6 @@ mod faults;
 mod kube_rs;
 mod kubectl;
 mod persist;
+mod rbac;
 mod support;
 mod watch;
