@@ -7,8 +7,8 @@
 //! kube-standin outside the machines, in the role of etcd.
 //!
 //! ```text
-//!   hub namespace: bridge 192.0.2.1/24, the store (kube-standin) on 192.0.2.1:2379,
-//!                  the endpoint 192.0.2.10 routed to cp1 (what a VIP manager would do)
+//!   hub namespace: bridge 192.0.2.1/24, the store (kube-standin) on 192.0.2.1:2379;
+//!                  the endpoint 192.0.2.10 is the virtual IP one machine's keepalived holds
 //!     ├── veth ── cp1 192.0.2.11  (cloud-init/init.yaml)
 //!     ├── veth ── cp2 192.0.2.12  (cloud-init/join.yaml)
 //!     └── veth ── cp3 192.0.2.13  (cloud-init/join.yaml)
@@ -21,8 +21,9 @@
 //!
 //! The scenarios, one test each: the host shape forms the endpoint (1), one of its machines is
 //! rebooted (2), the external LB shape (3; its apiservers are three stand-ins in the hub on
-//! 192.0.2.11..13 and the LB machine owns 192.0.2.10), the removal of `docs/deployment.md` (4),
-//! and a template with a regex under the unit's sandbox (5).
+//! 192.0.2.11..13 and two LB machines share 192.0.2.10), the removal of `docs/deployment.md` (4),
+//! a template with a regex under the unit's sandbox (5), and the VIP actuator's steps under the
+//! unit's sandbox with keepalived.service and its drop-in (6).
 //!
 //! NOTE: `--network-namespace-path` alone leaves the machine without CAP_NET_ADMIN and with a
 //! read-only /proc/sys/net (systemd 252); with `--private-network` as well it keeps both, as a
@@ -427,8 +428,9 @@ impl Machine {
     /// What a failing assertion shows about this machine.
     fn diagnostics(&self) -> String {
         let script = "tail -n 40 /var/log/cloud-init-output.log; cloud-init schema --system 2>&1 | tail -n 5; \
-                      systemctl --failed --no-legend; \
-                      journalctl -b --no-pager -n 60 -u cpha -u haproxy -u kube-apiserver-double -t kubeadm-double";
+                      systemctl --failed --no-legend; cpha status 2>&1 | head -n 20; \
+                      journalctl -b --no-pager -n 60 -u cpha -u haproxy -u keepalived -u kube-apiserver-double; \
+                      journalctl -b --no-pager -n 20 -t kubeadm-double";
         match self.sh(script) {
             Ok((_, out)) => format!("--- {}:\n{out}", self.name),
             Err(err) => format!("--- {}: {err:#}\n{}", self.name, self.console_tail()),
@@ -560,8 +562,25 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
             log.lines().filter(|l| l.contains("credential")).collect::<Vec<_>>().join("\n")
         );
     }
-    // From a client outside the control plane, through cp1's forward and HAProxy.
+    // From a client outside the control plane, through the virtual IP: exactly one machine
+    // holds it, and the hub's connection went to that machine (its MAC answered for the VIP).
+    let holder = vip_holder(&machines)?;
     ensure!(net.endpoint_readyz()?.trim() == "ok");
+    ensure_hub_reaches(&net, &machines[holder])?;
+    // cpha's own account agrees with the kernel: the holder says so and is VRRP master, the
+    // others are backups.
+    for (i, m) in machines.iter().enumerate() {
+        netns::wait_for(
+            &format!("{}'s /status to show the VIP as the kernel has it", m.name),
+            Duration::from_secs(20),
+            || {
+                let vip = m.agent()?["vip"].clone();
+                let want = if i == holder { (true, "master") } else { (false, "backup") };
+                Ok((vip["held"].as_bool() == Some(want.0) && vip["vrrp_state"] == want.1).then_some(()))
+            },
+        )
+        .with_context(|| m.diagnostics())?;
+    }
     // HAProxy logs its connections into the journal (the built-in haproxy.cfg has `log`).
     let cp1 = &machines[0];
     netns::wait_for("an HAProxy connection log line on cp1", Duration::from_secs(20), || {
@@ -605,7 +624,7 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     };
     let before = reloaded(cp2)?;
     cp2.ok(
-        "printf '  reload: systemd\\n  hardStopAfter: 7m\\n' >>/etc/cpha/config.yaml && systemctl reload cpha.service",
+        "sed -i 's|^haproxy:$|haproxy:\\n  reload: systemd\\n  hardStopAfter: 7m|' /etc/cpha/config.yaml && systemctl reload cpha.service",
     )?;
     netns::wait_for("cpha on cp2 to reload HAProxy through systemd", Duration::from_secs(60), || {
         let (_, cfg) = cp2.sh("grep -c 'hard-stop-after 7m' /etc/haproxy/haproxy.cfg")?;
@@ -623,6 +642,34 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     Ok(())
 }
 
+/// The one machine that holds the virtual IP 192.0.2.10, waited for; two holding it is an error.
+fn vip_holder(machines: &[Machine]) -> Result<usize> {
+    netns::wait_for("exactly one machine to hold the virtual IP 192.0.2.10", Duration::from_secs(30), || {
+        let mut holders = Vec::new();
+        for (i, m) in machines.iter().enumerate() {
+            if !m.ok("ip -o address show to 192.0.2.10")?.trim().is_empty() {
+                holders.push(i);
+            }
+        }
+        Ok((holders.len() == 1).then(|| holders[0]))
+    })
+    .with_context(|| machines.iter().map(Machine::diagnostics).collect::<Vec<_>>().join("\n"))
+}
+
+/// The hub's last connection to the virtual IP went to `holder`: the hub's neighbour entry for
+/// 192.0.2.10 is the MAC address of the holder's interface.
+fn ensure_hub_reaches(net: &Net, holder: &Machine) -> Result<()> {
+    let mac = holder.ok("cat /sys/class/net/$(ip -o address show to 192.0.2.10 | awk '{ print $2; exit }')/address")?;
+    let neigh = net.hub.ip(&["neigh", "show", "192.0.2.10"])?;
+    ensure!(
+        neigh.contains(mac.trim()),
+        "the hub reached 192.0.2.10 at {neigh:?}, not at {} ({})",
+        holder.name,
+        mac.trim()
+    );
+    Ok(())
+}
+
 /// Three control-plane hosts booted from `init.yaml` (cp1) and `join.yaml` (cp2, cp3), each
 /// waited for until cloud-init is done and cpha has handed the endpoint to HAProxy with the
 /// members from the ConfigMap. The hub routes the endpoint to cp1.
@@ -636,8 +683,8 @@ fn host_shape_cluster() -> Result<(Net, Vec<Machine>)> {
         m.seed(seed)?;
         machines.push(m);
     }
-    // Clients that are not control-plane hosts reach the endpoint through a route to one of them.
-    net.hub.ip(&["route", "add", "192.0.2.10/32", "via", "192.0.2.11"])?;
+    // Clients that are not control-plane hosts reach the endpoint through the virtual IP
+    // (vip: in the shipped configuration): no route of the test's points at a machine.
     let started = Instant::now();
     for m in &mut machines {
         m.boot()?;
@@ -801,31 +848,66 @@ fn server(m: &Machine, name: &str) -> Result<Option<(u32, u32)>> {
         .and_then(|f| Some((f[5].parse().ok()?, f[6].parse().ok()?))))
 }
 
-/// Scenario 3: the external LB shape. One host boots from `lb.yaml`, owns the endpoint address
-/// 192.0.2.10, seeds from the static list, follows `default/kubernetes` once its credentials
-/// work, and hands the endpoint to HAProxy (release topology: the forward steps aside).
+/// Scenario 3: the external LB shape, two hosts. lb1 (192.0.2.21) and lb2 (192.0.2.22) boot from
+/// `lb.yaml` (lb2's copy naming lb1 as its VRRP peer), seed from the static list, follow
+/// `default/kubernetes` once their credentials work and hand the endpoint to HAProxy (retarget:
+/// the forward points at HAProxy on the host's own address). One holds the virtual IP
+/// 192.0.2.10; powered off, the other takes it and the endpoint answers from there.
 #[test]
 fn booted_external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
     let mut net = Net::new()?;
     let _apiservers = net.start_apiservers()?;
-    let m = Machine::new(Some(&net), "lb", "192.0.2.10")?;
-    // What lb.yaml leaves to the operator ("copy in later"): the account's token and the CA.
-    write(&m.root().join("etc/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
-    std::fs::copy(net.ca(), m.root().join("etc/cpha/kubernetes-ca.crt"))?;
-    m.seed(&read("cloud-init/lb.yaml"))?;
-    let mut m = m;
-    m.boot()?;
-    m.wait_cloud_init(CLOUD_INIT_TIMEOUT)?;
-    m.wait_phase("balanced", Duration::from_secs(90))?;
-    let agent = m.wait_live_members(Duration::from_secs(60))?;
-    ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "members {}", agent["members"]);
-    // From a client: HAProxy answers on the endpoint itself, and no NAT rule is left in the path.
+    let lb1_seed = read("cloud-init/lb.yaml");
+    // The one line lb2's user-data differs in: its peer is lb1.
+    let lb2_seed = set_line(&lb1_seed, "- 192.0.2.22", "- 192.0.2.21");
+    let mut machines = Vec::new();
+    for (name, ip, seed) in [("lb1", "192.0.2.21", &lb1_seed), ("lb2", "192.0.2.22", &lb2_seed)] {
+        let m = Machine::new(Some(&net), name, ip)?;
+        // What lb.yaml leaves to the operator ("copy in later"): the account's token and the CA.
+        write(&m.root().join("etc/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
+        std::fs::copy(net.ca(), m.root().join("etc/cpha/kubernetes-ca.crt"))?;
+        m.seed(seed)?;
+        machines.push(m);
+    }
+    for m in &mut machines {
+        m.boot()?;
+    }
+    for (m, ip) in machines.iter().zip(["192.0.2.21", "192.0.2.22"]) {
+        m.wait_cloud_init(CLOUD_INIT_TIMEOUT)?;
+        m.wait_phase("balanced", Duration::from_secs(90))?;
+        let agent = m.wait_live_members(Duration::from_secs(60))?;
+        ensure!(agent["members"].as_array().map(Vec::len) == Some(3), "{}: members {}", m.name, agent["members"]);
+        // Retarget: HAProxy on the host's own address, the forward in front pointing at it.
+        let listening = m.ok("ss -Hltnp 'sport = :9445'")?;
+        ensure!(
+            listening.contains("haproxy") && listening.contains(ip),
+            "{}: HAProxy is not on {ip}:9445:\n{listening}",
+            m.name
+        );
+        let rules = m.ok("nft list ruleset")?;
+        ensure!(
+            rules.contains(&format!("dnat ip to {ip}:9445")),
+            "{}: the forward does not point at HAProxy:\n{rules}",
+            m.name
+        );
+    }
+    // From a client: through the virtual IP, held by exactly one of the two.
+    let holder = vip_holder(&machines)?;
     let out = net.readyz("192.0.2.10:6443")?;
     ensure!(out.trim() == "ok", "{out}");
-    let listening = m.ok("ss -Hltnp 'sport = :6443'")?;
-    ensure!(listening.contains("haproxy"), "HAProxy does not hold 192.0.2.10:6443:\n{listening}");
-    let rules = m.ok("nft list ruleset")?;
-    ensure!(!rules.contains("dnat"), "a DNAT rule is still in the path after the handover:\n{rules}");
+    ensure_hub_reaches(&net, &machines[holder])?;
+    // The active LB host goes away: the backup takes the address and serves the endpoint.
+    machines[holder].stop()?;
+    let other = 1 - holder;
+    netns::wait_for(&format!("{} to take the virtual IP", machines[other].name), Duration::from_secs(20), || {
+        Ok((!machines[other].ok("ip -o address show to 192.0.2.10")?.trim().is_empty()).then_some(()))
+    })
+    .with_context(|| machines[other].diagnostics())?;
+    netns::wait_for("the endpoint to answer through the backup", Duration::from_secs(20), || {
+        Ok(net.readyz("192.0.2.10:6443").ok().filter(|o| o.trim() == "ok").map(|_| ()))
+    })
+    .with_context(|| machines[other].diagnostics())?;
+    ensure_hub_reaches(&net, &machines[other])?;
     Ok(())
 }
 
@@ -852,7 +934,10 @@ fn check_config_unit(config: &str) -> String {
 /// (HAProxy's PCRE2 JIT needs writable+executable memory: MemoryDenyWriteExecute= refused it).
 #[test]
 fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() -> Result<()> {
-    let mut m = Machine::new(None, "sandbox", "")?;
+    // On cp1's address: the configuration's vip: section is checked too (keepalived
+    // --config-test under the same sandbox), and it needs the VIP's subnet on an interface.
+    let net = Net::new()?;
+    let mut m = Machine::new(Some(&net), "sandbox", "192.0.2.11")?;
     let root = m.root();
     let builtin = read("src/haproxy/haproxy.cfg.tera");
     let marker = "    default_backend {{ backend.name }}\n";
@@ -878,8 +963,160 @@ fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() ->
         "check-config under the unit's sandbox failed (exit {code}):\n{out}"
     );
     ensure!(!out.contains("jit compilation failed"), "{out}");
+    // keepalived --config-test ran under the same sandbox, on the machine's interface.
+    ensure!(out.contains("keepalived --config-test accepts the rendered file"), "{out}");
     // The sandbox is the unit's: the check ran with its capability set, not as full root.
     let caps = m.ok("systemctl show -p CapabilityBoundingSet --value cpha-check.service")?;
     ensure!(caps.trim() == "cap_net_admin", "cpha-check.service: CapabilityBoundingSet={caps}");
+    Ok(())
+}
+
+/// The repository's unit with its ExecStart replaced by `script ARG` (a oneshot): the same
+/// sandbox, for steps cpha's VIP actuator takes, run by the programs it runs.
+fn sandboxed_unit(script: &str) -> String {
+    let unit = check_config_unit("/dev/null");
+    unit.lines()
+        .map(|l| if l.starts_with("ExecStart=") { format!("ExecStart=/bin/sh {script} %i") } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// What cpha's VIP actuator does, step by step, as `sh`: the tracked file and the FIFO in
+/// /run/cpha, keepalived.conf written as a candidate beside the live file, `keepalived
+/// --config-test` on it, the rename; SIGHUP to the pid in keepalived's pid file (after checking
+/// that it names keepalived, through /proc); `ip address del` of an address keepalived left.
+const VIP_STEPS: &str = r#"set -eu
+# The machine's interface on 192.0.2.0/24 (its name comes from the test's veth).
+dev=$(ip -o address show to 192.0.2.11 | awk '{ print $2; exit }')
+case $1 in
+write)
+    [ -p /run/cpha/keepalived.fifo ] || mkfifo -m 600 /run/cpha/keepalived.fifo
+    echo -50 >/run/cpha/.vip-health.new && mv /run/cpha/.vip-health.new /run/cpha/vip-health
+    sed "s/@IF@/$dev/g" /etc/cpha/keepalived.conf.rendered >/etc/keepalived/.keepalived.conf.new
+    keepalived --config-test --use-file=/etc/keepalived/.keepalived.conf.new
+    mv /etc/keepalived/.keepalived.conf.new /etc/keepalived/keepalived.conf
+    ;;
+reload)
+    pid=$(cat /run/keepalived.pid)
+    [ "$(cat /proc/"$pid"/comm)" = keepalived ]
+    kill -HUP "$pid"
+    ;;
+release)
+    ip address del 192.0.2.99/32 dev "$dev"
+    ;;
+esac
+echo "vip step $1 done"
+"#;
+
+/// keepalived.conf as cpha's built-in template renders it for cp1 of the host shape
+/// (src/vip/keepalived.conf.tera; `@IF@`: the machine's interface, filled in by the step).
+const KEEPALIVED_CONF: &str = r#"global_defs {
+    script_user root
+    enable_script_security
+    vrrp_version 3
+    vrrp_notify_fifo /run/cpha/keepalived.fifo
+    fifo_write_vrrp_states_on_reload
+}
+track_file cpha_endpoint {
+    file "/run/cpha/vip-health"
+    weight 1
+}
+vrrp_instance cpha {
+    state BACKUP
+    interface @IF@
+    virtual_router_id 51
+    priority 100
+    advert_int 0.50
+    unicast_src_ip 192.0.2.11
+    unicast_peer {
+        192.0.2.12
+        192.0.2.13
+    }
+    virtual_ipaddress {
+        192.0.2.10/32 dev @IF@
+    }
+    track_file {
+        cpha_endpoint
+    }
+}
+"#;
+
+/// Scenario 6: what cpha's VIP actuator does works under cpha.service's sandbox (writing
+/// /etc/keepalived and /run/cpha, `keepalived --config-test`, SIGHUP by pid file, `ip address
+/// del` with CAP_NET_ADMIN), keepalived.service with the drop-in starts from those files and
+/// takes the address, /run/cpha outlives a stop of the unit, and a SIGKILLed keepalived is
+/// restarted by systemd.
+#[test]
+fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after_sigkill() -> Result<()> {
+    let net = Net::new()?;
+    let mut m = Machine::new(Some(&net), "vipbox", "192.0.2.11")?;
+    let root = m.root();
+    write(&root.join("etc/cpha/vip-steps.sh"), VIP_STEPS, 0o644)?;
+    write(&root.join("etc/cpha/keepalived.conf.rendered"), KEEPALIVED_CONF, 0o644)?;
+    write(&root.join("etc/systemd/system/cpha-vip@.service"), &sandboxed_unit("/etc/cpha/vip-steps.sh"), 0o644)?;
+    write(
+        &root.join("etc/systemd/system/keepalived.service.d/cpha.conf"),
+        &read("systemd/keepalived.service.d/cpha.conf"),
+        0o644,
+    )?;
+    m.boot()?;
+    let step = |name: &str| -> Result<()> {
+        let (code, out) = m.sh(&format!(
+            "systemctl start cpha-vip@{name}.service; journalctl -b -u cpha-vip@{name} --no-pager -o cat"
+        ))?;
+        let result = m.ok(&format!("systemctl show -p Result --value cpha-vip@{name}.service"))?;
+        ensure!(code == 0 && result.trim() == "success", "step {name} under the unit's sandbox failed:\n{out}");
+        Ok(())
+    };
+    // The sandbox is the unit's.
+    let caps = m.ok("systemctl show -p CapabilityBoundingSet --value cpha-vip@write.service")?;
+    ensure!(caps.trim() == "cap_net_admin", "cpha-vip@.service: CapabilityBoundingSet={caps}");
+    step("write")?;
+    m.ok("test -p /run/cpha/keepalived.fifo && grep -qx -- -50 /run/cpha/vip-health && test -s /etc/keepalived/keepalived.conf")?;
+    // The files stay when the unit stops (RuntimeDirectoryPreserve=yes): keepalived reads them.
+    m.ok("test -d /run/cpha && test -p /run/cpha/keepalived.fifo")?;
+
+    m.ok("systemctl start keepalived.service")?;
+    let holds = |m: &Machine| -> Result<bool> { Ok(!m.ok("ip -o address show to 192.0.2.10")?.trim().is_empty()) };
+    netns::wait_for(
+        "keepalived on vipbox to take 192.0.2.10",
+        Duration::from_secs(20),
+        || Ok(holds(&m)?.then_some(())),
+    )
+    .with_context(|| m.diagnostics())?;
+
+    // SIGHUP by pid file from the sandbox: keepalived reloads.
+    let reloads = |m: &Machine| -> Result<usize> {
+        let (_, out) = m.sh("journalctl -b -u keepalived.service --no-pager -o cat")?;
+        Ok(out.lines().filter(|l| l.contains("Reloading")).count())
+    };
+    let before = reloads(&m)?;
+    step("reload")?;
+    netns::wait_for("keepalived to reload after SIGHUP", Duration::from_secs(10), || {
+        Ok((reloads(&m)? > before).then_some(()))
+    })
+    .with_context(|| m.diagnostics())?;
+
+    // ip address del with the unit's one capability.
+    m.ok("ip address add 192.0.2.99/32 dev \"$(ip -o address show to 192.0.2.11 | awk '{ print $2; exit }')\"")?;
+    step("release")?;
+    ensure!(m.ok("ip -o address show to 192.0.2.99")?.trim().is_empty(), "192.0.2.99 is still there");
+
+    // A SIGKILLed keepalived (which leaves the address behind) is restarted by systemd.
+    let pid = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
+    // Every keepalived process at once, by pid (`systemctl kill` races the VRRP child's own exit).
+    m.ok("kill -KILL $(pidof keepalived)")?;
+    netns::wait_for("systemd to restart the killed keepalived", Duration::from_secs(20), || {
+        let now = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
+        let active = m.sh("systemctl is-active keepalived.service")?.1.trim() == "active";
+        Ok((active && now != pid && now != "0").then_some(()))
+    })
+    .with_context(|| m.diagnostics())?;
+    netns::wait_for("the restarted keepalived to hold 192.0.2.10", Duration::from_secs(20), || {
+        Ok(holds(&m)?.then_some(()))
+    })
+    .with_context(|| m.diagnostics())?;
+    let _ = &mut m;
     Ok(())
 }

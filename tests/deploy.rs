@@ -139,6 +139,7 @@ fn embedded(file: &str) -> BTreeMap<&'static str, &'static str> {
     let mut m = BTreeMap::from([
         ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
         ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
+        ("/etc/systemd/system/keepalived.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"),
         ("/usr/local/sbin/cpha-bootstrap", "cloud-init/cpha-bootstrap"),
     ]);
     match file {
@@ -253,18 +254,56 @@ fn assert_cloud_config_valid(file: &Path) {
     );
 }
 
+/// `cpha check-config` as on a host of the configuration's shape. With a `vip:` section it
+/// places the virtual IP among the host's addresses (and keepalived checks the interface), so
+/// it runs in a network namespace of the test where the host has its address on the VIP's
+/// /24 (the files' subnets), never on this machine's own interfaces: `host`, or else the first
+/// seed member's address (a control-plane host of that cluster).
 fn check_config(file: &Path) -> Ran {
-    run(Command::new(env!("CARGO_BIN_EXE_cpha")).arg("check-config").arg("--config").arg(file))
+    check_config_on(file, None)
+}
+
+fn check_config_on(file: &Path, host: Option<&str>) -> Ran {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let config: Value = serde_yaml::from_str(&text).unwrap_or(Value::Null);
+    let host = config.get("vip").filter(|v| !v.is_null()).map(|_| {
+        host.map(str::to_string).unwrap_or_else(|| {
+            let seed = s(&config, "members.static.0");
+            let addr = seed.rsplit_once('=').map_or(seed, |(_, a)| a);
+            addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string()
+        })
+    });
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cpha"));
+    let Some(host) = host else {
+        return run(cmd.arg("check-config").arg("--config").arg(file));
+    };
+    cpha_lab::require_root!();
+    let ns = cpha_lab::netns::Netns::new("cphadeploy-host").unwrap();
+    let segment = cpha_lab::netns::Netns::new("cphadeploy-seg").unwrap();
+    cpha_lab::netns::veth_pair(&ns, &[&format!("{host}/24")], &segment, &[]).unwrap();
+    cmd = ns.command(env!("CARGO_BIN_EXE_cpha"));
+    run(cmd.arg("check-config").arg("--config").arg(file))
 }
 
 fn assert_config_valid(file: &Path) {
-    let ran = check_config(file);
+    assert_config_valid_on(file, None)
+}
+
+fn assert_config_valid_on(file: &Path, host: Option<&str>) {
+    let ran = check_config_on(file, host);
     assert!(
         !(ran.code == 64 || ran.code == 2) || !ran.stderr.contains("check-config"),
         "`cpha check-config` is missing from the cpha binary: it validates every example configuration here\n{}",
         ran.both()
     );
     assert!(ran.ok(), "cpha check-config --config {}:\n{}", file.display(), ran.both());
+    let has_vip = std::fs::read_to_string(file).unwrap().lines().any(|l| l == "vip:" || l.trim_start() == "vip:");
+    assert!(
+        !has_vip || ran.stdout.contains("keepalived --config-test accepts the rendered file"),
+        "cpha check-config --config {} did not check the virtual IP:\n{}",
+        file.display(),
+        ran.both()
+    );
 }
 
 /// A copy of a unit whose ExecStart runs the binary under test, so `verify` can check it.
@@ -328,6 +367,12 @@ fn cpha_unit_passes_systemd_verify() {
     assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")), "WatchdogSec= is set");
     let rw = unit.lines().find(|l| l.starts_with("ReadWritePaths=")).expect("ReadWritePaths=");
     assert!(rw.contains("/etc/haproxy") && rw.contains("/run/haproxy"), "{rw}");
+    // The VIP actuator: keepalived.conf in /etc/keepalived, the health file and the FIFO in
+    // /run/cpha (the defaults of vip.keepalived), kept while cpha restarts (keepalived reads them).
+    assert!(rw.split_whitespace().any(|p| p.trim_start_matches('-') == "/etc/keepalived"), "{rw}");
+    for line in ["RuntimeDirectory=cpha", "RuntimeDirectoryPreserve=yes"] {
+        assert!(unit.lines().any(|l| l == line), "systemd/cpha.service has no line {line:?}");
+    }
 
     let dir = TempDir::new("verify");
     let copy = unit_copy(&dir, "cpha.service", &unit);
@@ -394,6 +439,49 @@ fn haproxy_dropin_passes_systemd_verify() {
     let broken = TempDir::new("dropin-broken");
     let unit = haproxy_unit_with_dropin(&broken, &dropin.replace("ExecStart=\n", ""));
     assert!(verify(&unit, &["haproxy.service", "cpha.conf"]).is_err(), "two ExecStart lines went unnoticed");
+}
+
+/// Debian's keepalived.service with our drop-in beside it.
+fn keepalived_unit_with_dropin(dir: &TempDir, dropin: &str) -> PathBuf {
+    let packaged = ["/lib/systemd/system/keepalived.service", "/usr/lib/systemd/system/keepalived.service"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("Debian's keepalived.service: run hack/test, which installs keepalived");
+    let unit = dir.write("keepalived.service", &std::fs::read_to_string(packaged).unwrap());
+    dir.write("keepalived.service.d/cpha.conf", dropin);
+    unit
+}
+
+#[test]
+fn keepalived_dropin_passes_systemd_verify_and_restarts_a_killed_keepalived() {
+    let dropin = read("systemd/keepalived.service.d/cpha.conf");
+    let dir = TempDir::new("keepalived-dropin");
+    let unit = keepalived_unit_with_dropin(&dir, &dropin);
+    verify(&unit, &["keepalived.service", "cpha.conf"])
+        .unwrap_or_else(|e| panic!("systemd-analyze verify keepalived.service + cpha.conf:\n{e}"));
+    // Started after cpha (which writes keepalived.conf, the health file and the FIFO before
+    // READY), and back soon after a SIGKILL: on-failure covers death by signal.
+    for line in ["After=cpha.service", "Restart=on-failure", "StartLimitIntervalSec=0"] {
+        assert!(dropin.lines().any(|l| l == line), "the keepalived drop-in has no line {line:?}");
+    }
+    let restart_sec = dropin.lines().find_map(|l| l.strip_prefix("RestartSec=")).expect("RestartSec=");
+    assert!(systemd_span(restart_sec) <= Duration::from_secs(2), "RestartSec={restart_sec} is not short");
+    // Not Wants=: the package starts keepalived when cloud-init installs it, after write_files
+    // and before provisioning has installed and configured cpha; a Wants= would start cpha then.
+    assert!(!dropin.lines().any(|l| l.starts_with("Wants=") || l.starts_with("Requires=")), "{dropin}");
+    // The package's unit still refuses to start without a configuration (cpha writes it).
+    let packaged = std::fs::read_to_string(&unit).unwrap();
+    assert!(packaged.contains("ConditionFileNotEmpty=/etc/keepalived/keepalived.conf"), "{packaged}");
+    // keepalived's default pid file is where cpha's default vip.keepalived.pidFile points.
+    assert!(
+        !packaged.contains("--pid") && !packaged.contains("PIDFile="),
+        "the package moved the pid file: {packaged}"
+    );
+
+    // The check can fail: a misspelt directive in the drop-in.
+    let broken = TempDir::new("keepalived-dropin-broken");
+    let unit = keepalived_unit_with_dropin(&broken, &dropin.replace("RestartSec=", "RestartSecs="));
+    assert!(verify(&unit, &["keepalived.service", "cpha.conf"]).is_err(), "a misspelt directive went unnoticed");
 }
 
 /// The drop-in's ExecStart, run for real (master-worker with the master socket) in a temp dir:
@@ -503,7 +591,7 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
 
         let data = doc(&text);
         let packages = strings(&data, "packages");
-        for p in ["haproxy", "nftables"] {
+        for p in ["haproxy", "nftables", "keepalived"] {
             assert!(packages.iter().any(|x| x == p), "{file} does not install {p}");
         }
         let files = files_by_path(at(&data, "write_files"));
@@ -517,6 +605,50 @@ fn cloud_init_user_data_passes_the_schema_and_orders_cpha_before_kubeadm() {
         assert!(position(&runcmd, "cpha-bootstrap install") < start, "{file}: cpha is installed before it starts");
         assert!(start < position(&runcmd, "systemctl restart haproxy"), "{file}: HAProxy restarts after cpha");
         let config = doc(&file_content(files["/etc/cpha/config.yaml"]));
+        // The virtual IP: keepalived starts after cpha is READY (cpha wrote its configuration
+        // by then), and the VIP is the endpoint's address.
+        let keepalived = position(&runcmd, "systemctl restart keepalived");
+        assert!(start < keepalived, "{file}: keepalived starts after cpha");
+        assert!(
+            position(&runcmd, "systemctl enable keepalived") < keepalived,
+            "{file}: keepalived enabled for reboots"
+        );
+        let listen = s(&config, "endpoint.listen");
+        assert_eq!(
+            listen.rsplit_once(':').map(|(host, _)| host),
+            Some(s(&config, "vip.address")),
+            "{file}: vip.address is not endpoint.listen's address"
+        );
+        match kubeadm {
+            Some("cpha-bootstrap kubeadm-init") => {
+                let wait = position(&runcmd, "cpha-bootstrap wait-vip");
+                assert!(
+                    keepalived < wait && wait < position(&runcmd, "cpha-bootstrap kubeadm-init"),
+                    "{file}: wait-vip"
+                );
+            }
+            Some(kubeadm) => {
+                assert!(keepalived < position(&runcmd, kubeadm), "{file}: keepalived before {kubeadm}");
+                assert!(!runcmd.iter().any(|c| c.contains("wait-vip")), "{file}: a joining host is a backup");
+            }
+            None => {
+                // Two LB hosts: the peers are explicit (the members are not the LB hosts).
+                let peers = strings(&config, "vip.unicastPeers");
+                assert!(
+                    !peers.is_empty() && !peers.iter().any(|p| p == s(&config, "vip.address")),
+                    "{file}: {peers:?}"
+                );
+                let seeds: Vec<String> = strings(&config, "members.static")
+                    .iter()
+                    .map(|m| m.rsplit_once('=').map_or(m.as_str(), |x| x.1).to_string())
+                    .collect();
+                assert!(
+                    !peers.iter().any(|p| seeds.iter().any(|m| m.starts_with(&format!("{p}:")))),
+                    "{file}: a peer is a member"
+                );
+                assert!(position(&runcmd, "cpha-bootstrap node-env") < start, "{file}: node-env before cpha starts");
+            }
+        }
         if let Some(kubeadm) = kubeadm {
             assert!(position(&runcmd, "cpha-bootstrap node-env") < start, "{file}: node-env before cpha starts");
             assert!(start < position(&runcmd, kubeadm), "{file}: cpha must be READY before {kubeadm}");
@@ -793,6 +925,59 @@ fn daemonset_grants_only_what_cpha_needs() {
     assert!(command.contains(&format!("-f {}", s(&cpha_config, "haproxy.configPath"))), "{command}");
     let env: Vec<String> = at(cpha, "env").as_sequence().unwrap().iter().map(|e| s(e, "name").to_string()).collect();
     assert!(env.iter().any(|e| e == "CPHA_HAPROXY_BIND"), "the retarget topology needs the node's address");
+
+    // keepalived: a container of the same pod, on the cpha image (which carries keepalived),
+    // with the two capabilities VRRP and the address need, configured by cpha through the
+    // shared volumes at the paths cpha's vip: section names, SIGHUPed through one process
+    // namespace at the pid file both agree on.
+    let keepalived = by_name("keepalived");
+    assert_eq!(s(keepalived, "image"), s(cpha, "image"), "keepalived runs from the cpha image");
+    assert_eq!(at(pod, "shareProcessNamespace").as_bool(), Some(true), "cpha SIGHUPs keepalived by its pid");
+    assert_eq!(strings(keepalived, "securityContext.capabilities.drop"), ["ALL"]);
+    assert_eq!(strings(keepalived, "securityContext.capabilities.add"), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(at(keepalived, "securityContext.allowPrivilegeEscalation").as_bool(), Some(false));
+    assert_eq!(at(keepalived, "securityContext.readOnlyRootFilesystem").as_bool(), Some(true));
+    assert!(at(keepalived, "resources.limits").get("memory").is_some());
+    let script = strings(keepalived, "command").join(" ");
+    let k = |key: &str| s(&cpha_config, &format!("vip.keepalived.{key}")).to_string();
+    for arg in [
+        format!("--use-file={}", k("configFile")),
+        format!("--pid={}", k("pidFile")),
+        "--dont-fork".to_string(),
+        "--log-console".to_string(),
+    ] {
+        assert!(script.contains(&arg), "the keepalived container does not run with {arg}: {script}");
+    }
+    assert!(
+        script.contains(&format!("until [ -s {} ]", k("configFile"))),
+        "keepalived waits for cpha's file: {script}"
+    );
+    let mounts = |c: &Value| -> BTreeMap<String, (String, bool)> {
+        at(c, "volumeMounts")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let ro = m.get("readOnly").and_then(Value::as_bool).unwrap_or(false);
+                (s(m, "mountPath").to_string(), (s(m, "name").to_string(), ro))
+            })
+            .collect()
+    };
+    let (cm, km) = (mounts(cpha), mounts(keepalived));
+    for key in ["configFile", "trackFile", "notifyFifo", "pidFile"] {
+        let dir = Path::new(&k(key)).parent().unwrap().to_str().unwrap().to_string();
+        let (ours, theirs) = (cm.get(&dir), km.get(&dir));
+        assert!(
+            ours.is_some() && ours.map(|o| &o.0) == theirs.map(|t| &t.0),
+            "vip.keepalived.{key} ({dir}) is not on a volume both cpha and keepalived mount"
+        );
+        assert!(!ours.unwrap().1, "cpha writes {dir}: it must not be read-only");
+    }
+    let volumes = at(pod, "volumes").as_sequence().unwrap();
+    for (_, (name, _)) in km.iter() {
+        let v = volumes.iter().find(|v| s(v, "name") == name).unwrap();
+        assert!(v.get("emptyDir").is_some(), "{name}: keepalived's files live and die with the pod");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -810,6 +995,7 @@ fn metal3_values() -> BTreeMap<&'static str, &'static str> {
         ("CONTROL_PLANE_IP_1", "192.0.2.11"),
         ("CONTROL_PLANE_IP_2", "192.0.2.12"),
         ("CONTROL_PLANE_IP_3", "192.0.2.13"),
+        ("CONTROL_PLANE_IP_4", "192.0.2.14"),
         ("CONTROL_PLANE_PREFIX", "24"),
         ("CONTROL_PLANE_GATEWAY", "192.0.2.1"),
         ("CONTROL_PLANE_NIC", "enp1s0"),
@@ -941,12 +1127,46 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
     let seeds: Vec<String> =
         strings(&config, "members.static").iter().map(|m| m.trim_end_matches(":6443").to_string()).collect();
     assert_eq!(seeds, pool_addresses);
+    // A rollout (maxSurge) creates the new machine before deleting an old one: the pool must
+    // hold an address for it, or every rollout stalls.
+    let replicas: usize = at(kcp, "spec.replicas")
+        .as_u64()
+        .map(|n| n as usize)
+        .unwrap_or_else(|| s(kcp, "spec.replicas").parse().expect("spec.replicas is a number"));
+    let surge = at(kcp, "spec.rolloutStrategy.rollingUpdate.maxSurge").as_u64().unwrap() as usize;
+    let mut pool_size = 0;
+    for p in at(pool, "spec.pools").as_sequence().unwrap() {
+        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+            (s(p, "start").parse().unwrap(), s(p, "end").parse().unwrap());
+        pool_size += (u32::from(b) - u32::from(a) + 1) as usize;
+    }
+    assert!(
+        pool_size >= replicas + surge,
+        "the IPPool has {pool_size} addresses for {replicas} replicas + maxSurge {surge}"
+    );
+    // The virtual IP is the endpoint's host, outside the pool (no machine gets it as its own).
+    let vip = s(&config, "vip.address");
+    assert_eq!(vip, s(m3c, "spec.controlPlaneEndpoint.host"), "vip.address is not controlPlaneEndpoint.host");
+    assert!(!pool_addresses.iter().any(|a| a == vip), "the virtual IP {vip} is in the IPPool");
 
     let pre = strings(spec, "preKubeadmCommands");
     assert_eq!(pre[0], "set -e", "stop at the first failure: kubeadm must never run without the endpoint");
     let start = position(&pre, "systemctl enable --now cpha");
     assert!(position(&pre, "cpha-bootstrap install") < start && position(&pre, "cpha-bootstrap node-env") < start);
-    assert_eq!(pre.last().map(String::as_str), Some("systemctl restart haproxy"));
+    let keepalived = position(&pre, "systemctl restart keepalived");
+    assert!(start < position(&pre, "systemctl restart haproxy") && start < keepalived);
+    // The first machine (InitConfiguration) waits for the address; a joining one does not.
+    let wait = pre.iter().position(|c| c.contains("cpha-bootstrap wait-vip")).expect("wait-vip in preKubeadmCommands");
+    assert!(keepalived < wait && wait == pre.len() - 1, "wait-vip is the last step before kubeadm: {pre:#?}");
+    for (kubeadm_yaml, waits) in [("kind: InitConfiguration\n", true), ("kind: JoinConfiguration\n", false)] {
+        let d = TempDir::new("metal3-wait");
+        let file = d.write("kubeadm.yaml", &format!("apiVersion: kubeadm.k8s.io/v1beta3\n{kubeadm_yaml}"));
+        let script = pre[wait]
+            .replace("/run/kubeadm/kubeadm.yaml", file.to_str().unwrap())
+            .replace("cpha-bootstrap wait-vip", "echo WAITS");
+        let ran = run(Command::new(tool("bash")).args(["-c", &format!("set -e\n{script}\necho done")]));
+        assert!(ran.ok() && ran.stdout.contains("WAITS") == waits, "{kubeadm_yaml}: {}", ran.both());
+    }
 
     // The cloud-config the kubeadm bootstrap provider renders from the spec: files become
     // write_files, the commands runcmd around its kubeadm call.
@@ -1048,6 +1268,17 @@ fn vagrant_environment_validates() {
     };
     assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-init"));
     assert!(line("systemctl enable --now cpha") < line("cpha-bootstrap kubeadm-join"));
+    // The virtual IP: keepalived after cpha, cp1 holding the address before kubeadm init.
+    assert!(line("systemctl enable --now cpha") < line("systemctl restart keepalived"));
+    assert!(line("systemctl restart keepalived") < line("cpha-bootstrap wait-vip"));
+    assert!(line("cpha-bootstrap wait-vip") < line("cpha-bootstrap kubeadm-init"));
+    assert!(
+        provision.contains("keepalived.service.d/cpha.conf")
+            && vagrantfile.contains("systemd/keepalived.service.d/cpha.conf")
+    );
+    let vip = s(&config, "vip.address");
+    assert_eq!(Some(vip), endpoint.rsplit_once(':').map(|(h, _)| h), "vip.address is the endpoint's address");
+    assert!(!vagrantfile.contains(&format!("=> \"{vip}\"")), "the virtual IP {vip} is a VM's address");
     assert!(line("cpha-bootstrap kubeadm-join") < line("cpha-bootstrap identity"));
     assert!(line("cpha-bootstrap identity") < line("cpha-bootstrap register"));
 
@@ -1065,9 +1296,11 @@ fn vagrant_environment_validates() {
 
 #[test]
 fn example_configs_pass_check_config() {
-    for file in ["examples/config-host.yaml", "examples/config-daemonset.yaml", "examples/config-external-lb.yaml"] {
+    for file in ["examples/config-host.yaml", "examples/config-daemonset.yaml"] {
         assert_config_valid(&root().join(file));
     }
+    // As on lb1 (192.0.2.21): its vip.unicastPeers names lb2.
+    assert_config_valid_on(&root().join("examples/config-external-lb.yaml"), Some("192.0.2.21"));
     let host = doc(&read("examples/config-host.yaml"));
     assert_eq!(s(&host, "endpoint.topology"), "retarget");
     // The long-running agent holds its own read-only token, never kubeadm's admin credentials.
@@ -1216,8 +1449,8 @@ fn metal3_preflight_fails_when_either_program_is_missing() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(
-        line.contains("haproxy") && line.contains("nft"),
-        "the haproxy/nft preflight in preKubeadmCommands: {line:?}"
+        line.contains("haproxy") && line.contains("nft") && line.contains("keepalived"),
+        "the haproxy/nft/keepalived preflight in preKubeadmCommands: {line:?}"
     );
     let dir = TempDir::new("preflight");
     let with = |programs: &[&str]| {
@@ -1230,7 +1463,7 @@ fn metal3_preflight_fails_when_either_program_is_missing() {
         }
         run(Command::new("/bin/bash").args(["-c", &format!("set -e\n{line}\necho passed")]).env("PATH", &bin))
     };
-    for missing_one in [&["haproxy"][..], &["nft"][..], &[][..]] {
+    for missing_one in [&["haproxy", "nft"][..], &["haproxy", "keepalived"][..], &["nft", "keepalived"][..], &[][..]] {
         let ran = with(missing_one);
         assert!(
             !ran.ok() && !ran.stdout.contains("passed"),
@@ -1238,7 +1471,7 @@ fn metal3_preflight_fails_when_either_program_is_missing() {
             ran.both()
         );
     }
-    let ran = with(&["haproxy", "nft"]);
+    let ran = with(&["haproxy", "nft", "keepalived"]);
     assert!(ran.ok() && ran.stdout.contains("passed"), "{}", ran.both());
 }
 
@@ -1360,4 +1593,174 @@ fn daemonset_docs_say_every_joining_node_needs_a_forward() {
         header.contains("before\n# `kubeadm join`") || header.contains("before `kubeadm join`"),
         "deploy/daemonset.yaml:\n{header}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The virtual IP at first boot (issue 10)
+
+/// `cpha-bootstrap wait-vip` and the node address on the holder, in a network namespace of the
+/// test with the addresses of the cloud-init files: the host 192.0.2.11/24, the VIP 192.0.2.10
+/// added as keepalived adds it (/32).
+#[test]
+fn wait_vip_waits_for_the_address_with_a_bound_and_node_ip_is_never_the_vip() {
+    cpha_lab::require_root!();
+    let ns = cpha_lab::netns::Netns::new("cphadeploy-vip").unwrap();
+    let peer = cpha_lab::netns::Netns::new("cphadeploy-vippeer").unwrap();
+    let (dev, _) = cpha_lab::netns::veth_pair(&ns, &["192.0.2.11/24"], &peer, &["192.0.2.12/24"]).unwrap();
+    let dir = TempDir::new("wait-vip");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // systemctl: `is-active UNIT` answers from the file bin/active-UNIT (present: active).
+    let systemctl = bin.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = is-active ] || exit 0\nfor u; do :; done\n[ -e \"{}/active-$u\" ]\n",
+            bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let active = |unit: &str| std::fs::write(bin.join(format!("active-{unit}")), "").unwrap();
+    let site = "CONTROL_PLANE_ENDPOINT=192.0.2.10:8443\nVIP_WAIT_TIMEOUT=2\n";
+    dir.write("etc/site.env", site);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let step = |args: &[&str]| {
+        let mut cmd = ns.command(tool("bash"));
+        cmd.arg(root().join("cloud-init/cpha-bootstrap"))
+            .args(args)
+            .env("PATH", &path)
+            .env("CPHA_ETC", dir.path().join("etc"));
+        run(&mut cmd)
+    };
+
+    // cpha not active: refused, kubeadm would have no endpoint.
+    let ran = step(&["wait-vip"]);
+    assert!(!ran.ok() && ran.stderr.contains("cpha.service is not active"), "{}", ran.both());
+    // keepalived not running: nothing will ever take the address; said at once.
+    active("cpha.service");
+    let started = Instant::now();
+    let ran = step(&["wait-vip"]);
+    assert!(!ran.ok() && ran.stderr.contains("keepalived.service is not active"), "{}", ran.both());
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    // keepalived running, the address held elsewhere (or never taken): bounded, with the reason.
+    active("keepalived.service");
+    let started = Instant::now();
+    let ran = step(&["wait-vip"]);
+    assert!(!ran.ok() && ran.stderr.contains("does not hold the virtual IP 192.0.2.10 after 2s"), "{}", ran.both());
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    // Before the VIP: node-env's address is the host's own.
+    let ran = step(&["node-env"]);
+    assert!(ran.ok() && ran.stdout.contains("CPHA_HAPROXY_BIND=192.0.2.11:9445"), "{}", ran.both());
+    // The address arrives while waiting: done.
+    let vip = std::thread::spawn({
+        let name = ns.name().to_string();
+        let dev = dev.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            run(Command::new("ip").args(["-n", &name, "address", "add", "192.0.2.10/32", "dev", &dev]))
+        }
+    });
+    dir.write("etc/site.env", &site.replace("=2\n", "=20\n"));
+    let ran = step(&["wait-vip"]);
+    assert!(vip.join().unwrap().ok());
+    assert!(ran.ok() && ran.stdout.contains("holds the virtual IP 192.0.2.10"), "{}", ran.both());
+    // On the holder the kernel's source address towards the endpoint is the VIP itself; the
+    // node address (HAProxy's bind, kubeadm's --apiserver-advertise-address) is still the host's.
+    let route = ns.ip(&["-o", "route", "get", "192.0.2.10"]).unwrap();
+    assert!(route.contains("src 192.0.2.10"), "the premise changed: {route}");
+    let ran = step(&["node-env"]);
+    assert!(ran.ok() && ran.stdout.contains("CPHA_HAPROXY_BIND=192.0.2.11:9445"), "{}", ran.both());
+}
+
+/// The DaemonSet's keepalived container, as the kubelet would run it: its own command from the
+/// manifest, with only the capabilities the manifest adds (a bounding set of NET_ADMIN and
+/// NET_RAW), a read-only root filesystem and the two emptyDir volumes (bind mounts of the
+/// test's directories), on a node of the shape (192.0.2.11/24 in a network namespace). It waits
+/// for the keepalived.conf the sidecar writes (`cpha render --keepalived` of
+/// examples/config-daemonset.yaml), then takes the virtual IP, and writes its pid where cpha's
+/// configuration looks for it.
+#[test]
+fn daemonset_keepalived_container_takes_the_address_with_its_two_capabilities() {
+    cpha_lab::require_root!();
+    let all = docs(&read("deploy/daemonset.yaml"));
+    let pod = at(one(&all, "DaemonSet"), "spec.template.spec");
+    let keepalived = at(pod, "containers")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| s(c, "name") == "keepalived")
+        .expect("a keepalived container");
+    let command = strings(keepalived, "command");
+    assert_eq!(&command[..2], ["/bin/sh", "-c"], "{command:?}");
+    let caps: Vec<String> = strings(keepalived, "securityContext.capabilities.add")
+        .iter()
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect();
+    let config = doc(&read("examples/config-daemonset.yaml"));
+    let k = |key: &str| s(&config, &format!("vip.keepalived.{key}")).to_string();
+
+    let node = cpha_lab::netns::Netns::new("cphadeploy-node").unwrap();
+    let segment = cpha_lab::netns::Netns::new("cphadeploy-seg").unwrap();
+    cpha_lab::netns::veth_pair(&node, &["192.0.2.11/24"], &segment, &["192.0.2.12/24"]).unwrap();
+    let dir = TempDir::new("keepalived-container");
+    let (etc, run_dir) = (dir.path().join("etc-keepalived"), dir.path().join("run-cpha"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    // What the sidecar prepares at its start: the health file (healthy) and the FIFO, whose
+    // reading end the test holds open as cpha does.
+    std::fs::write(run_dir.join(Path::new(&k("trackFile")).file_name().unwrap()), "0\n").unwrap();
+    let fifo = run_dir.join(Path::new(&k("notifyFifo")).file_name().unwrap());
+    assert!(run(Command::new("mkfifo").arg("-m").arg("600").arg(&fifo)).ok());
+    let reader =
+        std::process::Command::new("sh").args(["-c", "exec cat \"$1\" >\"$1.log\"", "sh"]).arg(&fifo).spawn().unwrap();
+    let _reader = cpha_lab::netns::Child::from_std(reader, "fifo reader");
+
+    // The container: its volumes mounted where the manifest mounts them, the root read-only,
+    // the capabilities bounded, then its own command.
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /run; mkdir -p {run_mount}; mount --bind {run_dir} {run_mount}; \
+         mount --bind {etc} {etc_mount}; mount -o remount,bind,ro /; \
+         exec setpriv --bounding-set=-all,{caps} --inh-caps=-all /bin/sh -c \"$1\"",
+        run_mount = Path::new(&k("pidFile")).parent().unwrap().display(),
+        run_dir = run_dir.display(),
+        etc = etc.display(),
+        etc_mount = Path::new(&k("configFile")).parent().unwrap().display(),
+        caps = caps.join(","),
+    );
+    let mut cmd = node.command("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh", &command[2]]);
+    let mut container = cpha_lab::netns::Child::spawn(cmd, "the keepalived container").unwrap();
+    assert_eq!(
+        container.stdout_line(Duration::from_secs(10)).unwrap(),
+        format!("waiting for cpha to write {}", k("configFile")),
+        "the container waits for cpha's file"
+    );
+    // The sidecar writes keepalived.conf.
+    let mut render = node.command(env!("CARGO_BIN_EXE_cpha"));
+    render.args(["render", "--keepalived", "--config"]).arg(root().join("examples/config-daemonset.yaml"));
+    let rendered = run(&mut render);
+    assert!(rendered.ok(), "cpha render --keepalived:\n{}", rendered.both());
+    std::fs::write(etc.join(Path::new(&k("configFile")).file_name().unwrap()), &rendered.stdout).unwrap();
+
+    let held =
+        cpha_lab::netns::wait_for("the keepalived container to take 192.0.2.10", Duration::from_secs(20), || {
+            let out = node.ip(&["-o", "address", "show", "to", "192.0.2.10"])?;
+            Ok((!out.trim().is_empty()).then_some(out))
+        });
+    let pid_file = run_dir.join(Path::new(&k("pidFile")).file_name().unwrap());
+    let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+    let status = container.stop(Duration::from_secs(5));
+    assert!(held.is_ok(), "{held:?}");
+    assert_eq!(
+        pid.trim(),
+        container.pid().to_string(),
+        "keepalived's pid file ({}) names the container's keepalived",
+        k("pidFile")
+    );
+    assert!(status.is_ok(), "{status:?}");
+    // Stopped, it gives the address back.
+    assert!(node.ip(&["-o", "address", "show", "to", "192.0.2.10"]).unwrap().trim().is_empty());
+    let states = std::fs::read_to_string(fifo.with_extension("fifo.log")).unwrap_or_default();
+    assert!(states.contains("INSTANCE \"cpha\" MASTER"), "keepalived reported no MASTER state: {states:?}");
 }

@@ -59,6 +59,18 @@ impl Netns {
         run_ok(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
         ns
     }
+
+    /// Gives the namespace a host's address on the shipped configurations' segment (a veth
+    /// whose other end stays in the namespace too: still no network), where `cpha
+    /// check-config` places their virtual IP 192.0.2.10.
+    fn with_host_address(self, cidr: &str) -> Netns {
+        let ip = |args: &[&str]| run_ok(Command::new("ip").args(["-n", &self.0]).args(args));
+        ip(&["link", "add", "cpha0", "type", "veth", "peer", "name", "cpha1"]);
+        ip(&["address", "add", cidr, "dev", "cpha0"]);
+        ip(&["link", "set", "cpha0", "up"]);
+        ip(&["link", "set", "cpha1", "up"]);
+        self
+    }
 }
 
 impl Drop for Netns {
@@ -149,7 +161,8 @@ impl<'a> Debian<'a> {
 /// remove` leaves no kernel rule behind (and no unit), `apt purge` no configuration.
 #[test]
 fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
-    let ns = Netns::new();
+    // cp1 of the shipped configuration (examples/config-host.yaml).
+    let ns = Netns::new().with_host_address("192.0.2.11/24");
     let debian = Debian::new(&ns);
     let out = TempDir::new("deb");
     let deb = build_deb(out.path());
@@ -170,6 +183,7 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     assert_eq!(version.trim(), format!("cpha {}", cpha::cli::VERSION));
     let check = debian.sh_ok("cpha check-config --config /etc/cpha/config.yaml");
     assert!(check.stdout.contains("haproxy -c accepts the rendered file"), "{}", check.both());
+    assert!(check.stdout.contains("keepalived --config-test accepts the rendered file"), "{}", check.both());
     assert_eq!(
         std::fs::read_to_string(debian.path("/etc/cpha/config.yaml")).unwrap(),
         read("examples/config-host.yaml")
@@ -177,13 +191,15 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     for (inside, repo) in [
         ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
         ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
+        ("/etc/systemd/system/keepalived.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"),
     ] {
         assert_eq!(std::fs::read_to_string(debian.path(inside)).unwrap(), read(repo), "{inside}");
     }
 
-    // The units, as the root's own systemd reads them (drop-in included for haproxy.service).
+    // The units, as the root's own systemd reads them (drop-ins included for haproxy.service
+    // and keepalived.service).
     // --man=no: a minimal system has no man program to look Documentation= pages up with.
-    for unit in ["cpha.service", "haproxy.service"] {
+    for unit in ["cpha.service", "haproxy.service", "keepalived.service"] {
         let ran = debian.sh(&format!("systemd-analyze verify --man=no {unit}"));
         let ours: Vec<&str> =
             ran.stderr.lines().chain(ran.stdout.lines()).filter(|l| l.contains("cpha") || l.contains(unit)).collect();
@@ -191,6 +207,7 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     }
     let dropins = debian.sh_ok("systemd-delta --no-pager --type=extended").stdout;
     assert!(dropins.contains("haproxy.service -> /etc/systemd/system/haproxy.service.d/cpha.conf"), "{dropins}");
+    assert!(dropins.contains("keepalived.service -> /etc/systemd/system/keepalived.service.d/cpha.conf"), "{dropins}");
 
     // A man page for every subcommand, and completions every shell can load.
     for sub in subcommands() {
@@ -222,6 +239,7 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
         "/usr/local/bin/cpha",
         "/etc/systemd/system/cpha.service",
         "/etc/systemd/system/haproxy.service.d/cpha.conf",
+        "/etc/systemd/system/keepalived.service.d/cpha.conf",
         "/usr/share/man/man1/cpha.1.gz",
     ] {
         assert!(!debian.path(gone).exists(), "{gone} left after apt remove");
@@ -239,7 +257,8 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
 /// configuration (the conffile is then the operator's) and installs its own unit.
 #[test]
 fn deb_keeps_a_configuration_written_before_it() {
-    let ns = Netns::new();
+    // lb1 of the external LB configuration (192.0.2.21: its vip.unicastPeers names lb2).
+    let ns = Netns::new().with_host_address("192.0.2.21/24");
     let debian = Debian::new(&ns);
     let out = TempDir::new("deb");
     let deb = build_deb(out.path());
@@ -256,7 +275,8 @@ fn deb_keeps_a_configuration_written_before_it() {
     assert_eq!(std::fs::read_to_string(debian.path("/etc/cpha/config.yaml")).unwrap(), mine);
     assert_eq!(std::fs::read_to_string(&unit).unwrap(), read("systemd/cpha.service"));
     let check = debian.sh_ok("cpha check-config --config /etc/cpha/config.yaml");
-    assert!(check.stdout.contains("release topology"), "{}", check.both());
+    assert!(check.stdout.contains("retarget topology"), "{}", check.both());
+    assert!(check.stdout.contains("vip 192.0.2.10 on cpha0"), "{}", check.both());
 }
 
 /// The maintainer scripts and the package builder pass shellcheck (POSIX sh for the scripts

@@ -36,7 +36,7 @@ EOF
 apt-get -o DPkg::Lock::Timeout=600 update -qq
 apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
     ca-certificates curl gpg containerd conntrack socat ebtables ethtool \
-    haproxy nftables >/dev/null
+    haproxy nftables keepalived >/dev/null
 
 # kubeadm configures the kubelet for the systemd cgroup driver; containerd must match.
 mkdir -p /etc/containerd
@@ -58,6 +58,7 @@ install -D -m 0755 "$src/cpha" /usr/local/bin/cpha
 install -D -m 0755 "$src/cpha-bootstrap" /usr/local/sbin/cpha-bootstrap
 install -D -m 0644 "$src/cpha.service" /etc/systemd/system/cpha.service
 install -D -m 0644 "$src/haproxy-cpha.conf" /etc/systemd/system/haproxy.service.d/cpha.conf
+install -D -m 0644 "$src/keepalived-cpha.conf" /etc/systemd/system/keepalived.service.d/cpha.conf
 install -D -m 0644 "$src/config.yaml" /etc/cpha/config.yaml
 # The binary is already in place: nothing to download.
 printf 'CPHA_URL=\nCPHA_SHA256=\n' >/etc/cpha/install.env
@@ -85,7 +86,13 @@ systemctl daemon-reload
 systemctl enable --now cpha
 systemctl enable haproxy
 systemctl restart haproxy
+# keepalived with the keepalived.conf cpha wrote: the virtual IP, taken by cp1, joined as a
+# backup by cp2 and cp3.
+systemctl enable keepalived
+systemctl restart keepalived
 if [ "$role" = init ]; then
+    # kubeadm writes the endpoint into every kubeconfig: this VM must hold its address first.
+    cpha-bootstrap wait-vip
     cpha-bootstrap kubeadm-init
 else
     cpha-bootstrap kubeadm-join
