@@ -119,7 +119,7 @@ pub const NOT_READY: &str = "L7STS";
 
 /// The desired servers marked DOWN by their checks that still hold sessions and should lose
 /// them now: at once when the server is gone, after `grace` (measured from HAProxy's last
-/// change of state, in whole seconds) when it is only not ready.
+/// change of state, in whole seconds, never short) when it is only not ready.
 ///
 /// NOTE: not ready is not gone (FIELD-NOTES lesson 19). A kube-apiserver that got SIGTERM
 /// fails `/readyz` and keeps serving for `--shutdown-delay-duration`, then finishes what is in
@@ -134,7 +134,10 @@ pub fn cuts(desired: &BTreeSet<String>, running: &BackendSnapshot, grace: Durati
             if r.status != ServerStatus::Down || r.sessions == 0 || !r.checks_enabled() {
                 return None;
             }
-            let down_for = Duration::from_secs(r.since_change);
+            // NOTE: HAProxy keeps the time of the last change in whole seconds, so the count
+            // it reports can be up to a second more than the real time: a second less is the
+            // time the server has surely been DOWN.
+            let down_for = Duration::from_secs(r.since_change.saturating_sub(1));
             let reason = if r.check_status != NOT_READY {
                 CutReason::Gone { check_status: r.check_status.clone() }
             } else if down_for >= grace {
@@ -256,7 +259,7 @@ mod tests {
         let grace = Duration::from_secs(30);
         // Not ready for less than the grace: kept. Gone: cut. UP: untouched.
         let s = snap(vec![
-            down("a", "10.0.0.1:6443", "L7STS", 29, 4),
+            down("a", "10.0.0.1:6443", "L7STS", 30, 4),
             down("b", "10.0.0.2:6443", "L4CON", 0, 2),
             running("c", "10.0.0.3:6443", ServerStatus::Up, 0, 9),
         ]);
@@ -267,7 +270,7 @@ mod tests {
         // The grace passed; a gone server with no session left needs nothing; /livez failing
         // (L7RSP) and timeouts are gone too.
         let s = snap(vec![
-            down("a", "10.0.0.1:6443", "L7STS", 30, 4),
+            down("a", "10.0.0.1:6443", "L7STS", 31, 4),
             down("b", "10.0.0.2:6443", "L4CON", 5, 0),
             down("c", "10.0.0.3:6443", "L7RSP", 0, 1),
         ]);
