@@ -188,3 +188,186 @@ fn a_member_removed_with_requests_in_flight_fails_none() {
     assert!(report.ok > 50, "{report:?}");
     assert_eq!(report.failed, 0, "{}", summary(&report));
 }
+
+/// A load balancer in front of the members for the benchmark.
+#[derive(Clone, Copy, PartialEq)]
+enum Front {
+    /// `cpha run` with the shipped defaults, `extra` appended to its `haproxy:` section.
+    Cpha { extra: &'static str },
+    /// HAProxy alone with the kubeadm guide's configuration (docs/benchmarks.md shows it).
+    Kubeadm,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Restart {
+    /// SIGTERM: `/readyz` fails at once, requests are served 5 s more, in-flight ones finish.
+    Graceful,
+    /// SIGKILL, started again 5 s later.
+    HardKill,
+}
+
+struct Variant {
+    front: Front,
+    front_label: &'static str,
+    restart: Restart,
+    /// `/version` takes 200 ms; `/livez` answers at once.
+    path: &'static str,
+}
+
+/// The kubeadm guide's HAProxy (docs/setup/production-environment/tools/kubeadm/
+/// ha-considerations.md, its `option httpchk GET /healthz` form), with an admin socket added so
+/// the benchmark can see when a member is UP again; the backend is named like cpha's for that.
+fn kubeadm_cfg(c: &Cluster) -> String {
+    let servers: String = (1..=3)
+        .map(|n| format!("    server m{n} 10.2{n}.0.2:6443 check check-ssl verify none fall 3 rise 2\n"))
+        .collect();
+    format!(
+        "global
+    stats socket {admin} mode 600 level admin
+    log stdout format raw local0
+
+defaults
+    mode http
+    log global
+    option httplog
+    option dontlognull
+    option http-server-close
+    option redispatch
+    retries 1
+    timeout http-request 10s
+    timeout queue 20s
+    timeout connect 5s
+    timeout client 20s
+    timeout server 20s
+    timeout http-keep-alive 10s
+    timeout check 10s
+
+frontend apiserver
+    bind {endpoint}
+    mode tcp
+    option tcplog
+    default_backend kube-apiservers
+
+backend kube-apiservers
+    option httpchk GET /healthz
+    http-check expect status 200
+    mode tcp
+    balance roundrobin
+{servers}",
+        admin = c.dir.join("admin.sock").display(),
+        endpoint = cluster::ENDPOINT,
+    )
+}
+
+fn bench_cluster(front: Front) -> Result<Cluster> {
+    match front {
+        Front::Cpha { extra } => balanced("5s", extra),
+        Front::Kubeadm => {
+            let mut c = Cluster::with_standin_args(3, slow_members("5s"))?;
+            std::fs::write(c.dir.join("haproxy.cfg"), kubeadm_cfg(&c))?;
+            c.start_haproxy()?;
+            for n in 1..=3 {
+                c.wait_member_state(n, UP, LONG)?;
+            }
+            Ok(c)
+        }
+    }
+}
+
+/// Restarts the three members in turn under 100 new connections a second.
+fn bench_run(v: &Variant) -> Result<LoadReport> {
+    let mut c = bench_cluster(v.front)?;
+    let load = c.https_load(&c.client, v.path, 100, 40, 300)?;
+    std::thread::sleep(Duration::from_secs(3));
+    for n in 1..=3 {
+        match v.restart {
+            Restart::Graceful => c.restart_member(n, 15)?,
+            Restart::HardKill => {
+                c.stop_member(n, 9)?;
+                std::thread::sleep(Duration::from_secs(5));
+                c.start_member(n)?;
+            }
+        }
+        c.wait_member_state(n, UP, LONG)?;
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    stop_load(load)
+}
+
+/// The benchmark behind `tools/bench --rolling-restart` (not a test: it measures). Writes the
+/// table into the file `CPHA_ROLLING_OUT` names (docs/benchmarks.md), from its marker on.
+#[test]
+#[ignore = "benchmark: tools/bench --rolling-restart"]
+fn rolling_restart_benchmark() {
+    use cpha_lab::bench::{replace_between, ROLLING_BEGIN, ROLLING_END};
+    let cpha = Front::Cpha { extra: "" };
+    let cut_at_down = Front::Cpha { extra: "  healthCheck:\n    shutdownSessionsOnDown: true\n" };
+    let variants = [
+        (cpha, "cpha (defaults)", Restart::Graceful, "/livez"),
+        (cpha, "cpha (defaults)", Restart::Graceful, "/version"),
+        (cut_at_down, "cpha, `shutdownSessionsOnDown: true` (the former default)", Restart::Graceful, "/version"),
+        (cpha, "cpha (defaults)", Restart::HardKill, "/version"),
+        (Front::Kubeadm, "HAProxy, kubeadm guide", Restart::Graceful, "/livez"),
+        (Front::Kubeadm, "HAProxy, kubeadm guide", Restart::Graceful, "/version"),
+        (Front::Kubeadm, "HAProxy, kubeadm guide", Restart::HardKill, "/version"),
+    ]
+    .map(|(front, front_label, restart, path)| Variant { front, front_label, restart, path });
+    let mut rows = String::new();
+    for v in &variants {
+        let r = bench_run(v).unwrap();
+        eprintln!("{} {:?}: {}", v.front_label, v.path, summary(&r));
+        let window = match (r.first_failure_s, r.last_failure_s) {
+            (Some(a), Some(b)) => format!("{a:.1}–{b:.1} s"),
+            _ => "–".into(),
+        };
+        rows.push_str(&format!(
+            "| {} | {} | {} | {} of {} | {:.0} | {:.0} | {} |\n",
+            v.front_label,
+            match v.restart {
+                Restart::Graceful => "`/readyz` fails 5 s before each stop",
+                Restart::HardKill => "hard kill (SIGKILL), back 5 s later",
+            },
+            if v.path == "/livez" { "2–3 ms" } else { "200 ms" },
+            r.failed,
+            r.ok + r.failed,
+            r.max_ms,
+            r.p99_ms,
+            window
+        ));
+    }
+    let section = format!(
+        "{ROLLING_BEGIN}
+
+## Rolling restarts of the apiservers
+
+Three members (the Kubernetes API stand-in as apiserver, each in its own network namespace)
+are restarted one after the other while a client on another host makes 100 new TLS connections
+a second through the endpoint (at most 40 at once), each one `GET` with `Connection: close`.
+A request fails when it gets no complete answer with status 200 within 5 s.
+
+| load balancer | restart of each member | request takes | failed requests | longest request (ms) | p99 (ms) | failures, s into the run |
+|---|---|---|---|---|---|---|
+{rows}
+- **Graceful**: SIGTERM to the member, which fails `/readyz` at once, keeps serving for 5 s
+  (kube-apiserver's `--shutdown-delay-duration`), then stops listening, finishes the requests
+  in flight and exits; it is started again at once. **Hard kill**: SIGKILL, started again 5 s
+  later. The next member follows 3 s after the last one is UP again in HAProxy.
+- **cpha**: `cpha run` in the retarget topology with the shipped health-check defaults
+  (docs/haproxy.md). **kubeadm guide**: HAProxy alone with the configuration of kubeadm's
+  high-availability guide (`option httpchk GET /healthz`, `http-check expect status 200`,
+  `server ... check check-ssl verify none fall 3 rise 2`, `balance roundrobin`,
+  `option redispatch`, `retries 1`; `kubeadm_cfg` in tests/restarts.rs has the whole file).
+- Requests of 200 ms are `GET /version`, slowed down by the stand-in; those of 2–3 ms are
+  `GET /livez`, which stays 200 while a member shuts down, as kube-apiserver's does.
+- Made by `tools/bench --rolling-restart` (`cargo test --release --test restarts --
+  --ignored rolling_restart_benchmark`), on the same shared 2-CPU machine as the tables above.
+
+{ROLLING_END}
+"
+    );
+    println!("{section}");
+    if let Ok(out) = std::env::var("CPHA_ROLLING_OUT") {
+        let old = std::fs::read_to_string(&out).unwrap_or_default();
+        std::fs::write(&out, replace_between(&old, ROLLING_BEGIN, ROLLING_END, &section)).unwrap();
+    }
+}
