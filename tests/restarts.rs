@@ -142,6 +142,36 @@ fn a_member_that_stays_unready_gets_nothing_new_and_keeps_its_streams_for_the_gr
 }
 
 #[test]
+fn a_member_failing_livez_is_gone_and_loses_its_streams_at_once() {
+    let c = balanced("0s", "").unwrap();
+    let mut streams: Vec<Option<Child>> =
+        (0..3).map(|i| Some(c.https_stream_path(&c.client, &format!("s{i}"), "/version").unwrap())).collect();
+    netns::wait_for("a stream on m2", Duration::from_secs(10), || Ok((c.member_stat(2, "scur")? >= 1).then_some(())))
+        .unwrap();
+    let t0 = Instant::now();
+    c.fault(2, r#"{"livezFail":true,"readyzFail":true}"#).unwrap();
+    c.wait_member_state(2, DOWN, Duration::from_secs(10)).unwrap();
+    let detected = t0.elapsed();
+    let (cut_at, cut) = netns::wait_for("m2's stream cut", Duration::from_secs(20), || {
+        for s in streams.iter_mut() {
+            if s.as_mut().map(|c| c.try_wait()).transpose()?.flatten().is_some() {
+                return Ok(Some((t0.elapsed(), stream_report(s.take().context("taken")?)?)));
+            }
+        }
+        Ok(None)
+    })
+    .unwrap();
+    eprintln!("DOWN after {detected:?}; stream cut after {cut_at:?}: {cut:?}");
+    assert!(!cut.ok, "{cut:?}");
+    // The default grace is 30 s: a cut within a few seconds of the mark-down is the "gone" path.
+    assert!(cut_at <= detected + Duration::from_secs(5), "cut after {cut_at:?}, DOWN after {detected:?}");
+    for s in streams.into_iter().flatten() {
+        let r = stream_report(s).unwrap();
+        assert!(r.ok, "a stream on a live member broke: {r:?}");
+    }
+}
+
+#[test]
 fn a_hard_kill_fails_only_what_was_in_flight_on_the_member() {
     let mut c = balanced("0s", "").unwrap();
     let start = Instant::now();
