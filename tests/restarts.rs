@@ -234,6 +234,8 @@ enum Restart {
     Graceful,
     /// SIGKILL, started again 5 s later.
     HardKill,
+    /// The host drops every packet for 5 s (power or network lost), then answers again.
+    Silent,
 }
 
 struct Variant {
@@ -304,7 +306,7 @@ fn bench_cluster(front: Front) -> Result<Cluster> {
     }
 }
 
-/// Restarts the three members in turn under 100 new connections a second.
+/// Restarts (or silences) the three members in turn under 100 new connections a second.
 fn bench_run(v: &Variant) -> Result<LoadReport> {
     let mut c = bench_cluster(v.front)?;
     let load = c.https_load(&c.client, v.path, 100, 40, 300)?;
@@ -316,6 +318,11 @@ fn bench_run(v: &Variant) -> Result<LoadReport> {
                 c.stop_member(n, 9)?;
                 std::thread::sleep(Duration::from_secs(5));
                 c.start_member(n)?;
+            }
+            Restart::Silent => {
+                c.member_unreachable(n, true)?;
+                std::thread::sleep(Duration::from_secs(5));
+                c.member_unreachable(n, false)?;
             }
         }
         c.wait_member_state(n, UP, LONG)?;
@@ -337,9 +344,11 @@ fn rolling_restart_benchmark() {
         (cpha, "cpha (defaults)", Restart::Graceful, "/version"),
         (cut_at_down, "cpha, `shutdownSessionsOnDown: true` (the former default)", Restart::Graceful, "/version"),
         (cpha, "cpha (defaults)", Restart::HardKill, "/version"),
+        (cpha, "cpha (defaults)", Restart::Silent, "/version"),
         (Front::Kubeadm, "HAProxy, kubeadm guide", Restart::Graceful, "/livez"),
         (Front::Kubeadm, "HAProxy, kubeadm guide", Restart::Graceful, "/version"),
         (Front::Kubeadm, "HAProxy, kubeadm guide", Restart::HardKill, "/version"),
+        (Front::Kubeadm, "HAProxy, kubeadm guide", Restart::Silent, "/version"),
     ]
     .map(|(front, front_label, restart, path)| Variant { front, front_label, restart, path });
     let mut rows = String::new();
@@ -356,6 +365,7 @@ fn rolling_restart_benchmark() {
             match v.restart {
                 Restart::Graceful => "`/readyz` fails 5 s before each stop",
                 Restart::HardKill => "hard kill (SIGKILL), back 5 s later",
+                Restart::Silent => "host silent (every packet dropped) for 5 s",
             },
             if v.path == "/livez" { "2–3 ms" } else { "200 ms" },
             r.failed,
@@ -381,7 +391,10 @@ A request fails when it gets no complete answer with status 200 within 5 s.
 - **Graceful**: SIGTERM to the member, which fails `/readyz` at once, keeps serving for 5 s
   (kube-apiserver's `--shutdown-delay-duration`), then stops listening, finishes the requests
   in flight and exits; it is started again at once. **Hard kill**: SIGKILL, started again 5 s
-  later. The next member follows 3 s after the last one is UP again in HAProxy.
+  later. **Host silent**: the member's network namespace drops every packet in and out for
+  5 s (nftables), as when a host loses power or its link, then lets them through again; the
+  process keeps running. The next member follows 3 s after the last one is UP again in
+  HAProxy.
 - **cpha**: `cpha run` in the retarget topology with the shipped health-check defaults
   (docs/haproxy.md). **kubeadm guide**: HAProxy alone with the configuration of kubeadm's
   high-availability guide (`option httpchk GET /healthz`, `http-check expect status 200`,

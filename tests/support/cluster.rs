@@ -141,6 +141,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// Makes member `n`'s host silent (`true`: every packet in and out dropped, loopback
+    /// aside, as when a host loses power or its network) or reachable again (`false`).
+    pub fn member_unreachable(&self, n: usize, unreachable: bool) -> Result<()> {
+        let ns = &self.members[n - 1].ns;
+        if unreachable {
+            ns.run("nft", &["add", "table", "inet", "cpha-silent"])?;
+            for (chain, hook, iface) in [("in", "input", "iif"), ("out", "output", "oif")] {
+                let spec = format!("{{ type filter hook {hook} priority 0; policy drop; }}");
+                ns.run("nft", &["add", "chain", "inet", "cpha-silent", chain, &spec])?;
+                ns.run("nft", &["add", "rule", "inet", "cpha-silent", chain, iface, "lo", "accept"])?;
+            }
+        } else {
+            ns.run("nft", &["delete", "table", "inet", "cpha-silent"])?;
+        }
+        Ok(())
+    }
+
     /// The operational state of member `n`'s server in HAProxy (0 DOWN, 2 UP), if it exists.
     pub fn member_state(&self, n: usize) -> Result<Option<u32>> {
         let ip = format!("10.2{n}.0.2");
