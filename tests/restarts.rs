@@ -383,7 +383,8 @@ fn rolling_restart_benchmark() {
 Three members (the Kubernetes API stand-in as apiserver, each in its own network namespace)
 are restarted one after the other while a client on another host makes 100 new TLS connections
 a second through the endpoint (at most 40 at once), each one `GET` with `Connection: close`.
-A request fails when it gets no complete answer with status 200 within 5 s.
+A request fails when it gets no complete answer with status 200 within 5 s; the longest
+request and the p99 are over the requests that succeeded.
 
 | load balancer | restart of each member | request takes | failed requests | longest request (ms) | p99 (ms) | failures, s into the run |
 |---|---|---|---|---|---|---|

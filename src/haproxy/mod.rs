@@ -51,6 +51,11 @@
 //! [`Haproxy::health`] completes drains that are due each time it reads the backend, so the
 //! agent's tick drives them; [`Haproxy::finish_drains`] does the same on demand.
 //!
+//! Servers marked DOWN by their checks get no new connections; [`Haproxy::health`] also shuts
+//! down the sessions of those that are gone (a check status other than `L7STS`: no connection,
+//! no TLS, `/livez` failing) at once, and of those only not ready (`L7STS`: `/livez` passed,
+//! `/readyz` failed) after `healthCheck.unreadyGrace` ([`plan::cuts`] decides).
+//!
 //! Coalescing is the caller's: call `apply` with the latest member set, at most once per
 //! `minApplyInterval` (a field of [`HaproxySettings`]); updates that arrive in between are
 //! folded into the next call. `apply` is idempotent and reads HAProxy back each time, so a
