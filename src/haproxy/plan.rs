@@ -119,12 +119,17 @@ pub const NOT_READY: &str = "L7STS";
 
 /// The desired servers marked DOWN by their checks that still hold sessions and should lose
 /// them now: at once when the server is gone, after `grace` (measured from HAProxy's last
-/// change of state, in whole seconds, never short) when it is only not ready.
+/// change of state, in whole seconds, never short) when it is only not ready and another
+/// server is UP.
 ///
 /// NOTE: not ready is not gone (FIELD-NOTES lesson 19). A kube-apiserver that got SIGTERM
 /// fails `/readyz` and keeps serving for `--shutdown-delay-duration`, then finishes what is in
 /// flight: cutting its sessions at mark-down fails requests it would have completed.
 pub fn cuts(desired: &BTreeSet<String>, running: &BackendSnapshot, grace: Duration) -> Vec<(ServerName, CutReason)> {
+    // NOTE: the grace ends only when another server is UP. With every member unready (etcd
+    // lost, say) the clients cut would reconnect to no server at all; the one still serving
+    // watches is the better place for them.
+    let elsewhere = running.servers.iter().any(|r| r.status == ServerStatus::Up);
     running
         .servers
         .iter()
@@ -140,7 +145,7 @@ pub fn cuts(desired: &BTreeSet<String>, running: &BackendSnapshot, grace: Durati
             let down_for = Duration::from_secs(r.since_change.saturating_sub(1));
             let reason = if r.check_status != NOT_READY {
                 CutReason::Gone { check_status: r.check_status.clone() }
-            } else if down_for >= grace {
+            } else if down_for >= grace && elsewhere {
                 CutReason::GraceOver { down_for }
             } else {
                 return None;
@@ -273,6 +278,7 @@ mod tests {
             down("a", "10.0.0.1:6443", "L7STS", 31, 4),
             down("b", "10.0.0.2:6443", "L4CON", 5, 0),
             down("c", "10.0.0.3:6443", "L7RSP", 0, 1),
+            running("d", "10.0.0.4:6443", ServerStatus::Up, 0, 0),
         ]);
         let got = cuts(&desired, &s, grace);
         assert_eq!(got.len(), 2, "{got:?}");
@@ -280,9 +286,14 @@ mod tests {
         assert_eq!(got[0].1.to_string(), "not ready for 30s");
         assert_eq!(got[1].1.to_string(), "gone (last check L7RSP)");
         assert!(cuts(&desired, &snap(vec![down("a", "10.0.0.1:6443", "L6TOUT", 0, 1)]), grace).len() == 1);
-        // A zero grace cuts the unready as soon as they are DOWN; removed servers (not
-        // desired) are the drains' business.
+        // A zero grace cuts the unready as soon as they are DOWN.
         assert_eq!(cuts(&desired, &s, Duration::ZERO).len(), 2);
+        // With no server UP, the unready keeps its sessions whatever the grace: there is
+        // nowhere to move them. The gone one still loses them.
+        let mut s = s;
+        s.servers.pop();
+        assert_eq!(cuts(&desired, &s, Duration::ZERO), vec![got[1].clone()]);
+        // Removed servers (not desired) are the drains' business.
         assert!(cuts(&BTreeSet::new(), &s, Duration::ZERO).is_empty());
     }
 }

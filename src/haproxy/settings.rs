@@ -248,7 +248,8 @@ pub struct HealthCheckSettings {
     pub ca_file: Option<PathBuf>,
     /// How long a server that still answers (`/livez` passes) but fails `/readyz` keeps the
     /// sessions it has: it is DOWN for new connections at once, and its open connections
-    /// (watches among them) are shut down when this has passed. A server that is gone
+    /// (watches among them) are shut down when this has passed and another server is UP to
+    /// take them. A server that is gone
     /// (connection refused or timed out, TLS failing, `/livez` failing) has its sessions shut
     /// down at once. `0s` cuts them as soon as the server is DOWN, whatever the reason.
     #[serde(deserialize_with = "crate::units::duration")]
