@@ -112,6 +112,8 @@ async fn serve(
         let request = String::from_utf8_lossy(&head);
         let path = request.split_whitespace().nth(1).unwrap_or("");
         let (status, body) = match path {
+            // Alive whether ready or not, as a kube-apiserver shutting down gracefully.
+            "/livez" => ("200 OK", "ok"),
             "/readyz" if ready.load(Ordering::SeqCst) => ("200 OK", "ok"),
             "/readyz" => ("500 Internal Server Error", "[-]shutdown failed: reason withheld\nreadyz check failed"),
             _ => ("404 Not Found", "not found"),
@@ -522,7 +524,7 @@ async fn a_change_outside_the_server_list_reloads_once_and_is_read_back() {
     assert!(first_reload.elapsed() >= Duration::from_secs(3), "minReloadInterval was not respected");
     let again = lab.procs().await;
     assert_eq!(again.master.reloads, after.master.reloads + 1);
-    assert!(lab.config().contains("fall 2 rise 3 on-marked-down"));
+    assert!(lab.config().contains("fall 2 rise 3 observe layer4"));
     assert_eq!(reloads(&metrics, Outcome::Ok), 2);
     wait_up(&mut hp, 2).await;
 }
@@ -679,6 +681,8 @@ async fn health_reports_up_servers_and_readyz_failures() {
     assert!(t0.elapsed() < Duration::from_secs(5), "detection took {:?}", t0.elapsed());
     let snap = hp.snapshot().await.unwrap();
     assert_eq!(snap.get("a").unwrap().status, ServerStatus::Down, "{snap}");
+    // Told apart from a dead one: /livez passed, /readyz did not.
+    assert_eq!(snap.get("a").unwrap().check_status, "L7STS", "{snap:?}");
     let h = hp.health().await;
     assert_eq!((h.answers, h.up, h.total), (true, 1, 3));
     assert_eq!(metrics.backend_servers_up.get(), 1);

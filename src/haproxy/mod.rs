@@ -51,6 +51,11 @@
 //! [`Haproxy::health`] completes drains that are due each time it reads the backend, so the
 //! agent's tick drives them; [`Haproxy::finish_drains`] does the same on demand.
 //!
+//! Servers marked DOWN by their checks get no new connections; [`Haproxy::health`] also shuts
+//! down the sessions of those that are gone (a check status other than `L7STS`: no connection,
+//! no TLS, `/livez` failing) at once, and of those only not ready (`L7STS`: `/livez` passed,
+//! `/readyz` failed) after `healthCheck.unreadyGrace` ([`plan::cuts`] decides).
+//!
 //! Coalescing is the caller's: call `apply` with the latest member set, at most once per
 //! `minApplyInterval` (a field of [`HaproxySettings`]); updates that arrive in between are
 //! folded into the next call. `apply` is idempotent and reads HAProxy back each time, so a
@@ -570,6 +575,7 @@ impl Haproxy {
                         tracing::warn!("completing drains: {e}");
                     }
                 }
+                self.cut_sessions(&snapshot).await;
                 self.metrics.servers(&server_states(&snapshot));
                 Health::of(&snapshot)
             }
@@ -581,6 +587,19 @@ impl Haproxy {
             }
         };
         health
+    }
+
+    /// Shuts down the sessions of DOWN servers that are gone, or not ready for longer than
+    /// `healthCheck.unreadyGrace` ([`plan::cuts`] decides which).
+    async fn cut_sessions(&self, snapshot: &BackendSnapshot) {
+        let backend = &self.checked.backend;
+        for (server, reason) in plan::cuts(&self.desired, snapshot, self.settings.health_check.unready_grace) {
+            let sessions = snapshot.get(server.as_str()).map_or(0, |s| s.sessions);
+            tracing::info!(server = %server, sessions, "server DOWN, {reason}: shutting its sessions down");
+            if let Err(e) = self.admin.run(&Command::ShutdownSessions { backend, server: &server }).await {
+                tracing::warn!(server = %server, "shutting sessions down: {e}");
+            }
+        }
     }
 
     /// Deletes drained servers whose sessions ended or whose drain timeout passed; returns
@@ -702,6 +721,7 @@ mod tests {
                         sessions: 0,
                         stat_status: String::new(),
                         since_change: 0,
+                        check_status: String::new(),
                     }
                 })
                 .collect(),

@@ -1,7 +1,10 @@
 //! What turns the backend HAProxy runs (read back) into the desired servers through the
 //! Runtime API. Pure: the actuator in `mod.rs` sends the commands.
 
+use std::collections::BTreeSet;
+use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use super::render::Server;
 use super::state::{admin, BackendSnapshot, ServerStatus};
@@ -88,6 +91,70 @@ pub fn plan(desired: &[Server], running: &BackendSnapshot) -> Plan {
     p
 }
 
+/// Why the open sessions of a DOWN server are shut down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CutReason {
+    /// The last check did not reach an apiserver that answers: connection refused or timed
+    /// out, TLS failing, `/livez` failing. What was in flight there is lost already; shutting
+    /// the sessions down makes clients of a host that vanished silently reconnect now instead
+    /// of at their TCP timeout.
+    Gone { check_status: String },
+    /// The server answers but is not ready (`/readyz` fails: `L7STS`) and has been DOWN for at
+    /// least the grace: its remaining connections (watches) move to a ready server.
+    GraceOver { down_for: Duration },
+}
+
+impl fmt::Display for CutReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CutReason::Gone { check_status } => write!(f, "gone (last check {check_status})"),
+            CutReason::GraceOver { down_for } => write!(f, "not ready for {}s", down_for.as_secs()),
+        }
+    }
+}
+
+/// The check status of an apiserver that answered `/livez` but failed `/readyz`: an HTTP
+/// status other than 200 on the second request of the check (see haproxy.cfg.tera).
+pub const NOT_READY: &str = "L7STS";
+
+/// The desired servers marked DOWN by their checks that still hold sessions and should lose
+/// them now: at once when the server is gone, after `grace` (measured from HAProxy's last
+/// change of state, in whole seconds, never short) when it is only not ready and another
+/// server is UP.
+///
+/// NOTE: not ready is not gone (FIELD-NOTES lesson 19). A kube-apiserver that got SIGTERM
+/// fails `/readyz` and keeps serving for `--shutdown-delay-duration`, then finishes what is in
+/// flight: cutting its sessions at mark-down fails requests it would have completed.
+pub fn cuts(desired: &BTreeSet<String>, running: &BackendSnapshot, grace: Duration) -> Vec<(ServerName, CutReason)> {
+    // NOTE: the grace ends only when another server is UP. With every member unready (etcd
+    // lost, say) the clients cut would reconnect to no server at all; the one still serving
+    // watches is the better place for them.
+    let elsewhere = running.servers.iter().any(|r| r.status == ServerStatus::Up);
+    running
+        .servers
+        .iter()
+        .filter(|r| desired.contains(&r.name))
+        .filter_map(|r| {
+            let name = r.name.parse::<ServerName>().ok()?;
+            if r.status != ServerStatus::Down || r.sessions == 0 || !r.checks_enabled() {
+                return None;
+            }
+            // NOTE: HAProxy keeps the time of the last change in whole seconds, so the count
+            // it reports can be up to a second more than the real time: a second less is the
+            // time the server has surely been DOWN.
+            let down_for = Duration::from_secs(r.since_change.saturating_sub(1));
+            let reason = if r.check_status != NOT_READY {
+                CutReason::Gone { check_status: r.check_status.clone() }
+            } else if down_for >= grace && elsewhere {
+                CutReason::GraceOver { down_for }
+            } else {
+                return None;
+            };
+            Some((name, reason))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use pretty_assertions::assert_eq;
@@ -111,6 +178,7 @@ mod tests {
             sessions,
             stat_status: status.to_string(),
             since_change: 10,
+            check_status: "L7OK".into(),
         }
     }
 
@@ -182,5 +250,50 @@ mod tests {
         assert!(p.reload_reasons[0].contains("without health checks"));
         assert!(p.reload_reasons[1].contains("MAINT"));
         assert!(p.reload_reasons[2].contains("bad:name"));
+    }
+
+    #[test]
+    fn sessions_of_the_gone_are_cut_at_once_of_the_unready_after_the_grace() {
+        let desired: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
+        let down = |name: &str, addr: &str, check: &str, since: u64, sessions: u64| ServerSnapshot {
+            check_status: check.into(),
+            since_change: since,
+            ..running(name, addr, ServerStatus::Down, 0, sessions)
+        };
+        let snap = |servers: Vec<ServerSnapshot>| BackendSnapshot { backend: "b".into(), servers };
+        let grace = Duration::from_secs(30);
+        // Not ready for less than the grace: kept. Gone: cut. UP: untouched.
+        let s = snap(vec![
+            down("a", "10.0.0.1:6443", "L7STS", 30, 4),
+            down("b", "10.0.0.2:6443", "L4CON", 0, 2),
+            running("c", "10.0.0.3:6443", ServerStatus::Up, 0, 9),
+        ]);
+        assert_eq!(
+            cuts(&desired, &s, grace),
+            vec![("b".parse().unwrap(), CutReason::Gone { check_status: "L4CON".into() })]
+        );
+        // The grace passed; a gone server with no session left needs nothing; /livez failing
+        // (L7RSP) and timeouts are gone too.
+        let s = snap(vec![
+            down("a", "10.0.0.1:6443", "L7STS", 31, 4),
+            down("b", "10.0.0.2:6443", "L4CON", 5, 0),
+            down("c", "10.0.0.3:6443", "L7RSP", 0, 1),
+            running("d", "10.0.0.4:6443", ServerStatus::Up, 0, 0),
+        ]);
+        let got = cuts(&desired, &s, grace);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].1, CutReason::GraceOver { down_for: Duration::from_secs(30) });
+        assert_eq!(got[0].1.to_string(), "not ready for 30s");
+        assert_eq!(got[1].1.to_string(), "gone (last check L7RSP)");
+        assert!(cuts(&desired, &snap(vec![down("a", "10.0.0.1:6443", "L6TOUT", 0, 1)]), grace).len() == 1);
+        // A zero grace cuts the unready as soon as they are DOWN.
+        assert_eq!(cuts(&desired, &s, Duration::ZERO).len(), 2);
+        // With no server UP, the unready keeps its sessions whatever the grace: there is
+        // nowhere to move them. The gone one still loses them.
+        let mut s = s;
+        s.servers.pop();
+        assert_eq!(cuts(&desired, &s, Duration::ZERO), vec![got[1].clone()]);
+        // Removed servers (not desired) are the drains' business.
+        assert!(cuts(&BTreeSet::new(), &s, Duration::ZERO).is_empty());
     }
 }

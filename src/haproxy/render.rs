@@ -280,6 +280,7 @@ struct BackendContext<'a> {
     name: &'a str,
     balance: &'static str,
     check_path: &'static str,
+    live_path: &'static str,
     server_params: &'a str,
     servers: Vec<ServerContext>,
 }
@@ -326,6 +327,7 @@ impl<'a> Context<'a> {
                 name: checked.backend.as_str(),
                 balance: settings.balance.as_str(),
                 check_path: "/readyz",
+                live_path: "/livez",
                 server_params: &checked.server_params,
                 servers: servers
                     .iter()

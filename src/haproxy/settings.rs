@@ -246,6 +246,27 @@ pub struct HealthCheckSettings {
     /// Verify the apiservers' certificates against this CA (the cluster CA,
     /// `/etc/kubernetes/pki/ca.crt`). Without it the check's TLS is not verified.
     pub ca_file: Option<PathBuf>,
+    /// How long a server that still answers (`/livez` passes) but fails `/readyz` keeps the
+    /// sessions it has: it is DOWN for new connections at once, and its open connections
+    /// (watches among them) are shut down when this has passed and another server is UP to
+    /// take them. A server that is gone
+    /// (connection refused or timed out, TLS failing, `/livez` failing) has its sessions shut
+    /// down at once. `0s` cuts them as soon as the server is DOWN, whatever the reason.
+    #[serde(deserialize_with = "crate::units::duration")]
+    pub unready_grace: Duration,
+    /// Let HAProxy itself shut every session down the moment a server is marked DOWN
+    /// (`on-marked-down shutdown-sessions`), even one that is only not ready and still
+    /// serving. Off by default: it fails the requests in flight on an apiserver that is
+    /// shutting down gracefully.
+    pub shutdown_sessions_on_down: bool,
+    /// `slowstart`: a server coming UP gets its share of new connections ramped up over this
+    /// time instead of all at once. `0s` turns it off.
+    #[serde(deserialize_with = "crate::units::duration")]
+    pub slow_start: Duration,
+    /// Consecutive failed connections on live traffic that count as one failed check
+    /// (`observe layer4 error-limit N on-error fail-check`), so a dead server is found between
+    /// two checks; `0` turns the observation off.
+    pub error_limit: u32,
 }
 
 impl Default for HealthCheckSettings {
@@ -258,6 +279,10 @@ impl Default for HealthCheckSettings {
             rise: 2,
             timeout: Duration::from_secs(2),
             ca_file: None,
+            unready_grace: Duration::from_secs(30),
+            shutdown_sessions_on_down: false,
+            slow_start: Duration::ZERO,
+            error_limit: 3,
         }
     }
 }
@@ -499,6 +524,8 @@ impl HaproxySettings {
             ("minReloadInterval", self.min_reload_interval),
             ("minApplyInterval", self.min_apply_interval),
             ("drainTimeout", self.drain_timeout),
+            ("healthCheck.unreadyGrace", hc.unready_grace),
+            ("healthCheck.slowStart", hc.slow_start),
         ] {
             if d > MAX_DURATION {
                 return Err(invalid(field, "must be at most 7 days"));
@@ -509,6 +536,12 @@ impl HaproxySettings {
                 return Err(invalid(field, "must be between 1 and 100"));
             }
         }
+        if hc.error_limit > 100 {
+            return Err(invalid("healthCheck.errorLimit", "must be between 0 (off) and 100"));
+        }
+        if !hc.slow_start.subsec_nanos().is_multiple_of(1_000_000) {
+            return Err(invalid("healthCheck.slowStart", "must be a whole number of milliseconds"));
+        }
         if self.maxconn.is_some_and(|m| !(1..=1_000_000).contains(&m)) {
             return Err(invalid("maxconn", "must be between 1 and 1000000"));
         }
@@ -516,14 +549,23 @@ impl HaproxySettings {
             Some(ca) => format!("verify required ca-file {ca}"),
             None => "verify none".to_string(),
         };
-        let server_params = format!(
-            "check check-ssl {verify} inter {} fastinter {} downinter {} fall {} rise {} on-marked-down shutdown-sessions",
+        let mut server_params = format!(
+            "check check-ssl {verify} inter {} fastinter {} downinter {} fall {} rise {}",
             time(hc.inter),
             time(hc.fast_inter),
             time(hc.down_inter),
             hc.fall,
             hc.rise
         );
+        if hc.error_limit > 0 {
+            server_params.push_str(&format!(" observe layer4 error-limit {} on-error fail-check", hc.error_limit));
+        }
+        if !hc.slow_start.is_zero() {
+            server_params.push_str(&format!(" slowstart {}", time(hc.slow_start)));
+        }
+        if hc.shutdown_sessions_on_down {
+            server_params.push_str(" on-marked-down shutdown-sessions");
+        }
         let stats_auth = match &self.stats.credentials_file {
             None => None,
             Some(path) => {
@@ -605,7 +647,7 @@ mod tests {
         let c = s.check().unwrap();
         assert_eq!(
             c.server_params,
-            "check check-ssl verify none inter 1s fastinter 250ms downinter 1s fall 2 rise 2 on-marked-down shutdown-sessions"
+            "check check-ssl verify none inter 1s fastinter 250ms downinter 1s fall 2 rise 2 observe layer4 error-limit 3 on-error fail-check"
         );
         assert!(s.timeouts.tunnel >= Duration::from_secs(3600));
         assert_eq!(c.backend.as_str(), "kube-apiservers");
@@ -696,6 +738,30 @@ mod tests {
         assert!(s.check().unwrap_err().reason.contains("milliseconds"));
         s = HaproxySettings { maxconn: Some(0), ..HaproxySettings::default() };
         assert_eq!(s.check().unwrap_err().field, "maxconn");
+    }
+
+    #[test]
+    fn server_parameters_follow_the_health_check_settings() {
+        let s: HaproxySettings = yaml::from_str(
+            "healthCheck:\n  inter: 2s\n  fall: 3\n  slowStart: 10s\n  errorLimit: 0\n  shutdownSessionsOnDown: true\n  unreadyGrace: 1m\n",
+        )
+        .unwrap();
+        assert_eq!(s.health_check.unready_grace, Duration::from_secs(60));
+        assert_eq!(
+            s.check().unwrap().server_params,
+            "check check-ssl verify none inter 2s fastinter 250ms downinter 1s fall 3 rise 2 slowstart 10s on-marked-down shutdown-sessions"
+        );
+        let mut s = HaproxySettings::default();
+        s.health_check.error_limit = 101;
+        assert_eq!(s.check().unwrap_err().field, "healthCheck.errorLimit");
+        s = HaproxySettings::default();
+        s.health_check.slow_start = Duration::from_micros(10_500);
+        assert_eq!(s.check().unwrap_err().field, "healthCheck.slowStart");
+        s = HaproxySettings::default();
+        s.health_check.unready_grace = Duration::from_secs(8 * 24 * 3600);
+        assert_eq!(s.check().unwrap_err().field, "healthCheck.unreadyGrace");
+        let e = yaml::from_str::<HaproxySettings>("healthCheck:\n  errorLimit: -1\n").unwrap_err();
+        assert!(e.to_string().contains("errorLimit"), "{e}");
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct ServerSnapshot {
     pub stat_status: String,
     /// Seconds since the operational state last changed.
     pub since_change: u64,
+    /// The last health check's result (`check_status` of `show stat`, without the `* ` of a
+    /// check in progress): `L7OK`, `L7STS`, `L4CON`, ...; empty without checks.
+    pub check_status: String,
 }
 
 impl ServerSnapshot {
@@ -194,6 +197,7 @@ pub struct StatRow {
     pub name: String,
     pub sessions: u64,
     pub status: String,
+    pub check_status: String,
 }
 
 /// Parses `show stat` CSV (any rows; callers filter).
@@ -204,6 +208,7 @@ pub fn parse_stat(text: &str) -> Result<Vec<StatRow>, String> {
     let header = split_csv(header);
     let col = |name: &str| header.iter().position(|h| h == name).ok_or_else(|| format!("no column {name}"));
     let (px, sv, scur, status) = (col("pxname")?, col("svname")?, col("scur")?, col("status")?);
+    let check_status = col("check_status")?;
     let mut rows = Vec::new();
     for line in lines {
         let f = split_csv(line);
@@ -212,7 +217,14 @@ pub fn parse_stat(text: &str) -> Result<Vec<StatRow>, String> {
             "" => 0,
             n => n.parse().map_err(|_| format!("scur {n:?} is not a number"))?,
         };
-        rows.push(StatRow { proxy: get(px)?.into(), name: get(sv)?.into(), sessions, status: get(status)?.into() });
+        let check = get(check_status)?;
+        rows.push(StatRow {
+            proxy: get(px)?.into(),
+            name: get(sv)?.into(),
+            sessions,
+            status: get(status)?.into(),
+            check_status: check.strip_prefix("* ").unwrap_or(check).into(),
+        });
     }
     Ok(rows)
 }
@@ -257,6 +269,7 @@ pub fn snapshot(backend: &str, state: &[StateRow], stat: &[StatRow]) -> BackendS
                 sessions: s.map_or(0, |s| s.sessions),
                 stat_status: s.map_or_else(String::new, |s| s.status.clone()),
                 since_change: r.since_change,
+                check_status: s.map_or_else(String::new, |s| s.check_status.clone()),
             }
         })
         .collect();

@@ -36,6 +36,17 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub haproxy: Option<Child>,
     pub agent: Option<Child>,
+    /// Extra flags of every member's stand-in (kept for restarts).
+    standin_args: Vec<String>,
+}
+
+/// Member behaviour for the restart tests: `/version` takes 200 ms (a request long enough to
+/// be in flight when something happens) and SIGTERM fails `/readyz` while still serving for
+/// `shutdown_delay`, like kube-apiserver's `--shutdown-delay-duration`.
+pub fn slow_members(shutdown_delay: &str) -> Vec<String> {
+    ["--delay", "200ms", "--delay-path-prefix", "/version", "--shutdown-delay", shutdown_delay]
+        .map(String::from)
+        .to_vec()
 }
 
 pub fn bin(name: &str) -> String {
@@ -44,6 +55,12 @@ pub fn bin(name: &str) -> String {
 
 impl Cluster {
     pub fn new(members: usize) -> Result<Cluster> {
+        Cluster::with_standin_args(members, Vec::new())
+    }
+
+    /// Members whose stand-ins get `args` too; m1 keeps its objects in a state file, so the
+    /// ConfigMap survives a restart of m1.
+    pub fn with_standin_args(members: usize, standin_args: Vec<String>) -> Result<Cluster> {
         cpha_lab::require_root!();
         let cp = Netns::new("cpha-cp")?;
         let client = Netns::new("cpha-cl")?;
@@ -52,7 +69,7 @@ impl Cluster {
         cp.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = std::env::temp_dir().join(format!("cpha-e2e-{}-{}", std::process::id(), cp.name()));
         std::fs::create_dir_all(dir.join("pki"))?;
-        let mut cluster = Cluster { cp, client, members: Vec::new(), dir, haproxy: None, agent: None };
+        let mut cluster = Cluster { cp, client, members: Vec::new(), dir, haproxy: None, agent: None, standin_args };
         for n in 1..=members {
             let ns = Netns::new(&format!("cpha-m{n}"))?;
             netns::veth(&cluster.cp, &[&format!("10.2{n}.0.1/24")], &ns, &[&format!("10.2{n}.0.2/24")])?;
@@ -80,6 +97,10 @@ impl Cluster {
             "--bookmark-interval".into(),
             "2s".into(),
         ];
+        args.extend(self.standin_args.iter().cloned());
+        if api && !self.standin_args.is_empty() {
+            args.extend(["--state".into(), self.dir.join("standin-state.json").display().to_string()]);
+        }
         if api {
             args.extend([
                 "--token".into(),
@@ -97,6 +118,80 @@ impl Cluster {
         let mut child = Child::spawn(cmd, format!("kube-standin {ip}"))?;
         child.stdout_line(Duration::from_secs(20)).context("the stand-in did not start")?;
         Ok(child)
+    }
+
+    /// Stops member `n`'s apiserver with `signal` (15: the graceful shutdown, 9: a hard kill),
+    /// waits for it to exit, and starts it again.
+    pub fn restart_member(&mut self, n: usize, signal: i32) -> Result<()> {
+        self.stop_member(n, signal)?;
+        self.start_member(n)
+    }
+
+    pub fn stop_member(&mut self, n: usize, signal: i32) -> Result<()> {
+        let m = &mut self.members[n - 1];
+        m.standin.signal(signal)?;
+        m.standin.wait_timeout(Duration::from_secs(30))?.with_context(|| format!("m{n} did not stop"))?;
+        Ok(())
+    }
+
+    pub fn start_member(&mut self, n: usize) -> Result<()> {
+        let ip = format!("10.2{n}.0.2");
+        let standin = self.start_standin(&self.members[n - 1].ns, &ip, n == 1)?;
+        self.members[n - 1].standin = standin;
+        Ok(())
+    }
+
+    /// Makes member `n`'s host silent (`true`: every packet in and out dropped, loopback
+    /// aside, as when a host loses power or its network) or reachable again (`false`).
+    pub fn member_unreachable(&self, n: usize, unreachable: bool) -> Result<()> {
+        let ns = &self.members[n - 1].ns;
+        if unreachable {
+            ns.run("nft", &["add", "table", "inet", "cpha-silent"])?;
+            for (chain, hook, iface) in [("in", "input", "iif"), ("out", "output", "oif")] {
+                let spec = format!("{{ type filter hook {hook} priority 0; policy drop; }}");
+                ns.run("nft", &["add", "chain", "inet", "cpha-silent", chain, &spec])?;
+                ns.run("nft", &["add", "rule", "inet", "cpha-silent", chain, iface, "lo", "accept"])?;
+            }
+        } else {
+            ns.run("nft", &["delete", "table", "inet", "cpha-silent"])?;
+        }
+        Ok(())
+    }
+
+    /// The operational state of member `n`'s server in HAProxy (0 DOWN, 2 UP), if it exists.
+    pub fn member_state(&self, n: usize) -> Result<Option<u32>> {
+        let ip = format!("10.2{n}.0.2");
+        Ok(self.servers()?.into_iter().find(|(_, addr, _)| *addr == ip).map(|(_, _, st)| st))
+    }
+
+    pub fn wait_member_state(&self, n: usize, state: u32, timeout: Duration) -> Result<()> {
+        netns::wait_for(&format!("m{n} in state {state}"), timeout, || {
+            Ok((self.member_state(n).ok().flatten() == Some(state)).then_some(()))
+        })
+    }
+
+    /// A `show stat` column of member `n`'s server (`scur`, `stot`, ...).
+    pub fn member_stat(&self, n: usize, column: &str) -> Result<u64> {
+        let name = self
+            .servers()?
+            .into_iter()
+            .find(|(_, addr, _)| *addr == format!("10.2{n}.0.2"))
+            .map(|(name, _, _)| name)
+            .with_context(|| format!("no server for m{n}"))?;
+        let out = self.admin("show stat")?;
+        let mut header: Vec<&str> = Vec::new();
+        for line in out.lines() {
+            if let Some(h) = line.strip_prefix("# ") {
+                header = h.split(',').collect();
+                continue;
+            }
+            let f: Vec<&str> = line.split(',').collect();
+            if f.first() == Some(&BACKEND) && f.get(1) == Some(&name.as_str()) {
+                let i = header.iter().position(|h| *h == column).with_context(|| format!("no {column} column"))?;
+                return Ok(f[i].parse().unwrap_or(0));
+            }
+        }
+        bail!("no show stat row for {name}")
     }
 
     pub fn member_list(&self, which: &[usize]) -> String {
@@ -366,7 +461,38 @@ haproxy:
         )
     }
 
+    /// New TLS connections at `rate` a second, each one `GET path` (bounded: `duration`, and at
+    /// most `rate × duration` connections); stop it early with SIGTERM, it still reports.
+    pub fn https_load(&self, from: &Netns, path: &str, rate: u32, concurrency: u32, duration_s: u32) -> Result<Child> {
+        let max = (rate * duration_s).to_string();
+        from.spawn(
+            bin("cpha-lab"),
+            &[
+                "https-loop",
+                "--to",
+                ENDPOINT,
+                "--path",
+                path,
+                "--concurrency",
+                &concurrency.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--duration",
+                &format!("{duration_s}s"),
+                "--max-conns",
+                &max,
+                "--timeout",
+                "5s",
+            ],
+        )
+    }
+
     pub fn https_stream(&self, from: &Netns, tag: &str) -> Result<Child> {
+        self.https_stream_path(from, tag, "/readyz")
+    }
+
+    /// A long-lived keep-alive HTTPS connection (`GET path` every 50 ms), as a watch holds one.
+    pub fn https_stream_path(&self, from: &Netns, tag: &str, path: &str) -> Result<Child> {
         let ready = self.dir.join(format!("stream-{tag}.ready"));
         let r = ready.display().to_string();
         let child = from.spawn(
@@ -376,7 +502,7 @@ haproxy:
                 "--to",
                 ENDPOINT,
                 "--path",
-                "/readyz",
+                path,
                 "--interval",
                 "50ms",
                 "--max-duration",
@@ -431,8 +557,11 @@ pub fn load_report(mut child: Child, timeout: Duration) -> Result<LoadReport> {
     serde_json::from_str(line).with_context(|| format!("load client printed {line:?}"))
 }
 
+/// Stops the stream client (unless it ended by itself) and returns its report.
 pub fn stream_report(mut child: Child) -> Result<StreamReport> {
-    child.signal(15)?;
+    if child.try_wait()?.is_none() {
+        child.signal(15)?;
+    }
     let (_, lines) = child.finish(Duration::from_secs(10))?;
     let line = lines.last().context("the stream client printed nothing")?;
     serde_json::from_str(line).with_context(|| format!("stream client printed {line:?}"))

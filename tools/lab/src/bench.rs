@@ -280,16 +280,41 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
     drop(labs);
     let doc = render(opts, &rows, &environment(opts, load, congestion_control), started.elapsed());
     if let Some(out) = &opts.out {
-        // The failover section (tools/bench --failover) is another run's: kept as it is.
+        // The failover and rolling-restart sections (tools/bench --failover, --rolling-restart)
+        // are other runs': kept as they are.
         let old = std::fs::read_to_string(out).unwrap_or_default();
-        let doc = match crate::failover::section_of(&old) {
+        let mut doc = match crate::failover::section_of(&old) {
             Some(section) => crate::failover::replace_section(&doc, section),
             None => doc.clone(),
         };
+        if let Some(section) = section_between(&old, ROLLING_BEGIN, ROLLING_END) {
+            doc = replace_between(&doc, ROLLING_BEGIN, ROLLING_END, section);
+        }
         write_atomically(out, &doc)?;
         eprintln!("bench: wrote {}", out.display());
     }
     Ok(doc)
+}
+
+/// The rolling-restart section of docs/benchmarks.md (tests/restarts.rs,
+/// `rolling_restart_benchmark`, writes it).
+pub const ROLLING_BEGIN: &str = "<!-- rolling-restart: begin (tools/bench --rolling-restart writes this section) -->";
+pub const ROLLING_END: &str = "<!-- rolling-restart: end -->";
+
+/// The section of `text` from `begin` to `end` (both included), if it has one.
+pub fn section_between<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {
+    let b = text.find(begin)?;
+    let e = text[b..].find(end)? + b;
+    Some(&text[b..e + end.len()])
+}
+
+/// `text` with its section from `begin` to `end` replaced by `section` (appended when it has
+/// none).
+pub fn replace_between(text: &str, begin: &str, end: &str, section: &str) -> String {
+    match section_between(text, begin, end) {
+        Some(old) => text.replacen(old, section, 1),
+        None => format!("{}\n\n{}\n", text.trim_end(), section.trim_end()),
+    }
 }
 
 fn keys() -> Vec<&'static str> {
