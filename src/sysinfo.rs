@@ -35,3 +35,11 @@ pub fn sysctl(key: &str) -> Option<String> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
     std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
+
+/// IPv4 169.254.0.0/16 or IPv6 fe80::/10.
+pub fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}

@@ -27,18 +27,8 @@ fn programs() -> Programs {
 fn lab_up(haproxy: bool) -> Result<(VipLab, usize)> {
     cpha_lab::require_root!();
     let mut lab = VipLab::new(programs(), LabOpts::default())?;
-    let members = lab.members(&[1, 2, 3]);
-    lab.set_members(&members)?;
-    for i in 0..3 {
-        lab.start_agent(i, &members)?;
-    }
-    for i in 0..3 {
-        lab.start_keepalived(i)?;
-    }
+    lab.start_all(haproxy)?;
     if haproxy {
-        for i in 0..3 {
-            lab.start_haproxy(i)?;
-        }
         for i in 0..3 {
             wait_for(&format!("h{} balanced", i + 1), Duration::from_secs(30), || {
                 Ok(lab.status(i).ok().filter(|s| s["agent"]["phase"] == "balanced").map(|_| ()))

@@ -605,18 +605,11 @@ fn dial_address(config: &Config) -> SocketAddr {
     let local = crate::sysinfo::local_addresses().unwrap_or_default();
     let ip = local
         .into_iter()
-        .find(|ip| !ip.is_loopback() && ip.is_ipv4() == listen.is_ipv4() && !is_link_local(ip))
+        .find(|ip| !ip.is_loopback() && ip.is_ipv4() == listen.is_ipv4() && !crate::sysinfo::is_link_local(ip))
         .unwrap_or(if listen.is_ipv4() {
             IpAddr::from([127, 0, 0, 1])
         } else {
             IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
         });
     SocketAddr::new(ip, listen.port())
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-    }
 }

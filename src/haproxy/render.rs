@@ -208,7 +208,7 @@ fn digest(skeleton: &str, server_params: &str) -> String {
 }
 
 /// The error and its sources on one line (tera's parse errors span several).
-fn chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {

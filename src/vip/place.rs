@@ -55,14 +55,14 @@ pub fn locate_in(settings: &VipSettings, addrs: &[IfAddr]) -> Result<Placement, 
     let candidates = addrs.iter().filter(|a| settings.interface.as_ref().is_none_or(|n| &a.interface == n));
     let found = candidates
         .filter(|a| a.address != vip && a.address.is_ipv4() == vip.is_ipv4())
-        .filter(|a| !a.address.is_loopback() && !is_link_local(&a.address))
+        .filter(|a| !a.address.is_loopback() && !crate::sysinfo::is_link_local(&a.address))
         .find(|a| contains(a.address, a.prefix_len, vip));
     let Some(found) = found else {
         let listed = |only: Option<&String>| {
             let have: Vec<String> = addrs
                 .iter()
                 .filter(|a| only.is_none_or(|n| &a.interface == n))
-                .filter(|a| !a.address.is_loopback() && !is_link_local(&a.address))
+                .filter(|a| !a.address.is_loopback() && !crate::sysinfo::is_link_local(&a.address))
                 .map(|a| format!("{} {}/{}", a.interface, a.address, a.prefix_len))
                 .collect();
             if have.is_empty() {
@@ -121,13 +121,6 @@ pub fn addresses() -> std::io::Result<Vec<IfAddr>> {
 /// Whether this host holds `vip` on an interface (and which, with the prefix it has there).
 pub fn held(vip: IpAddr) -> std::io::Result<Option<IfAddr>> {
     Ok(addresses()?.into_iter().find(|a| a.address == vip))
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tera::Tera;
 
 use super::place::Placement;
 use super::settings::VipSettings;
+use crate::haproxy::render::chain;
 
 pub const DEFAULT_TEMPLATE: &str = include_str!("keepalived.conf.tera");
 
@@ -148,17 +149,6 @@ pub fn peers(s: &VipSettings, members: &[IpAddr], place: &Placement) -> Vec<IpAd
     out.sort();
     out.dedup();
     out
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 #[cfg(test)]

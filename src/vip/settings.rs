@@ -133,7 +133,7 @@ impl VipSettings {
         if a.is_unspecified() {
             return Err(bad("address", "is required: the virtual IP clients dial the endpoint at"));
         }
-        if a.is_loopback() || a.is_multicast() || is_link_local(&a) || is_broadcast(&a) {
+        if a.is_loopback() || a.is_multicast() || crate::sysinfo::is_link_local(&a) || is_broadcast(&a) {
             return Err(bad(
                 "address",
                 format!("{a} cannot be a virtual IP (loopback, multicast, link-local or broadcast)"),
@@ -267,13 +267,6 @@ fn check_path(path: &std::path::Path) -> Result<(), String> {
         return Err(format!("{text:?}: no spaces, quotes, '#', '!' or backslashes"));
     }
     Ok(())
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-    }
 }
 
 fn is_broadcast(ip: &IpAddr) -> bool {

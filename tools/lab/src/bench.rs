@@ -947,7 +947,7 @@ fn render_table(md: &mut String, opts: &BenchOpts, layout: Layout, rows: &[&Row]
     );
 }
 
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", Path::new(&tmp).display()))?;

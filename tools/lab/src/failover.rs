@@ -4,12 +4,13 @@
 //! the connections that failed meanwhile. Then an idle run under CPU load, counting VIP moves
 //! nobody caused. Written up as a Markdown section of docs/benchmarks.md.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench::write_atomically;
 use crate::netns::{wait_for, Child};
 use crate::report::{median, LoadReport};
 use crate::stop;
@@ -63,15 +64,7 @@ pub fn run(opts: &FailoverOpts) -> Result<String> {
     let started = Instant::now();
     let load_before = loadavg();
     let mut lab = VipLab::new(opts.programs.clone(), LabOpts::default())?;
-    let members = lab.members(&[1, 2, 3]);
-    lab.set_members(&members)?;
-    for i in 0..3 {
-        lab.start_agent(i, &members)?;
-    }
-    for i in 0..3 {
-        lab.start_keepalived(i)?;
-        lab.start_haproxy(i)?;
-    }
+    lab.start_all(true)?;
     wait_all_healthy(&lab)?;
     let mut samples: Vec<(Kind, Vec<Sample>)> = KINDS.iter().map(|k| (*k, Vec::new())).collect();
     for round in 0..opts.runs {
@@ -298,13 +291,6 @@ pub fn section_of(old: &str) -> Option<&str> {
     let b = old.find(BEGIN)?;
     let e = old[b..].find(END)? + b;
     Some(&old[b..e + END.len()])
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", Path::new(&tmp).display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 #[cfg(test)]

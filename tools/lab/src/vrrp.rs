@@ -243,6 +243,25 @@ vip:
         which.iter().map(|n| format!("cp{n}={}:6443", self.hosts[n - 1].ip)).collect::<Vec<_>>().join(",")
     }
 
+    /// Every host as a member in the ConfigMap, then cpha and keepalived on each (and HAProxy,
+    /// when asked) in the order their units start.
+    pub fn start_all(&mut self, haproxy: bool) -> Result<()> {
+        let members = self.members(&(1..=self.hosts.len()).collect::<Vec<_>>());
+        self.set_members(&members)?;
+        for i in 0..self.hosts.len() {
+            self.start_agent(i, &members)?;
+        }
+        for i in 0..self.hosts.len() {
+            self.start_keepalived(i)?;
+        }
+        if haproxy {
+            for i in 0..self.hosts.len() {
+                self.start_haproxy(i)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts `cpha run` on host `i` and waits until it carries the endpoint.
     pub fn start_agent(&mut self, i: usize, members: &str) -> Result<()> {
         let path = self.hosts[i].dir.join("cpha.yaml");
