@@ -149,11 +149,19 @@ pub struct AgentSection {
     /// lists, attached to the ConfigMap or EndpointSlice the members come from, when the
     /// credentials allow it.
     pub events: bool,
+    /// Directories cpha writes in although others may write there too, declared on purpose:
+    /// the DaemonSet's emptyDir volumes (mode 0777, shared only by the pod's own containers).
+    /// Every other directory cpha writes in must be root-owned and writable by no one else.
+    pub trust_shared_directories: Vec<std::path::PathBuf>,
 }
 
 impl Default for AgentSection {
     fn default() -> Self {
-        Self { status_listen: SocketAddr::from(([127, 0, 0, 1], 9966)), events: true }
+        Self {
+            status_listen: SocketAddr::from(([127, 0, 0, 1], 9966)),
+            events: true,
+            trust_shared_directories: Vec::new(),
+        }
     }
 }
 
@@ -167,6 +175,9 @@ pub struct Overrides {
     pub haproxy_bind: Option<Endpoint>,
     pub forward_mode: Option<Mode>,
     pub status_listen: Option<SocketAddr>,
+    /// `--lock-programs`: the file may not name a program, template or kubeconfig that cpha
+    /// would run or load as root ([`Config::check_locked`]).
+    pub lock_programs: bool,
 }
 
 impl Overrides {
@@ -194,6 +205,9 @@ pub fn load(path: &Path, overrides: &Overrides) -> anyhow::Result<Config> {
     let mut config = Config::load(path)?;
     overrides.apply(&mut config);
     config.validate()?;
+    if overrides.lock_programs {
+        config.check_locked().with_context(|| format!("in {}", path.display()))?;
+    }
     Ok(config)
 }
 
@@ -220,6 +234,47 @@ impl Config {
                 .map(|e| e.0)
                 .unwrap_or_else(|| SocketAddr::new(self.endpoint.listen.0.ip(), 9445)),
         }
+    }
+
+    /// The settings that make cpha run a program or load code as root, each with whether this
+    /// configuration changes it from the built-in value. A template can `lua-load` (HAProxy runs
+    /// Lua during `haproxy -c`) or add a `program` section; a kubeconfig can name an `exec`
+    /// credential plugin.
+    pub fn program_settings(&self) -> Vec<(&'static str, bool)> {
+        let h = &self.haproxy;
+        let hd = crate::haproxy::HaproxySettings::default();
+        let mut out = vec![
+            ("haproxy.binary", h.binary != hd.binary),
+            ("haproxy.template", h.template.is_some()),
+            ("haproxy.reload", h.reload != hd.reload),
+            ("kubernetes.kubeconfig", matches!(self.kubernetes.credentials, crate::kube::Credentials::Kubeconfig(_))),
+        ];
+        if let Some(vip) = &self.vip {
+            let k = &vip.keepalived;
+            let kd = crate::vip::KeepalivedSettings::default();
+            out.extend([
+                ("vip.keepalived.binary", k.binary != kd.binary),
+                ("vip.keepalived.template", k.template.is_some()),
+                ("vip.keepalived.reloadCommand", !k.reload_command.is_empty()),
+            ]);
+        }
+        out
+    }
+
+    /// `--lock-programs`: refuses a file that changes any of [`Config::program_settings`], for
+    /// a configuration that more people may edit than may run code as root on the host (the
+    /// DaemonSet's ConfigMap).
+    pub fn check_locked(&self) -> anyhow::Result<()> {
+        let changed: Vec<&str> = self.program_settings().into_iter().filter(|(_, c)| *c).map(|(n, _)| n).collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(Coded::config(format!(
+            "--lock-programs: this configuration sets {}, which cpha would run or load as root; with --lock-programs \
+             (CPHA_LOCK_PROGRAMS) they keep their built-in values (docs/security.md)",
+            changed.join(", ")
+        ))
+        .into())
     }
 
     /// Checks what no single section can check alone.
@@ -276,6 +331,31 @@ mod tests {
         for section in SECTIONS {
             assert!(err.contains(&format!("`{section}`")), "{section} missing from {err}");
         }
+    }
+
+    #[test]
+    fn locked_programs_refuse_every_setting_that_runs_code() {
+        let config = Config::parse(&format!("{MINIMAL}kubernetes:\n  inCluster: true\n")).unwrap();
+        config.check_locked().unwrap();
+        let vip = "vip:\n  address: 192.0.2.10\n";
+        for (line, name) in [
+            ("haproxy:\n  binary: /tmp/haproxy\n", "haproxy.binary"),
+            ("haproxy:\n  template: /etc/cpha/evil.tera\n", "haproxy.template"),
+            ("haproxy:\n  reload:\n    method: command\n    argv: [/bin/sh, -c, id]\n", "haproxy.reload"),
+            (&format!("{vip}  keepalived:\n    binary: /tmp/keepalived\n"), "vip.keepalived.binary"),
+            (&format!("{vip}  keepalived:\n    template: /tmp/k.tera\n"), "vip.keepalived.template"),
+            (&format!("{vip}  keepalived:\n    reloadCommand: [/bin/sh, -c, id]\n"), "vip.keepalived.reloadCommand"),
+        ] {
+            let text = format!("{MINIMAL}kubernetes:\n  inCluster: true\n{line}");
+            let config = Config::parse(&text).unwrap_or_else(|e| panic!("{line}: {e:#}"));
+            let err = config.check_locked().unwrap_err();
+            assert_eq!(crate::exit::code_for(&err), crate::exit::CONFIG);
+            let text = format!("{err:#}");
+            assert!(text.contains(&format!("sets {name}, ")), "{line}: {text}");
+        }
+        // A kubeconfig may name an exec plugin: only the pod's service account is allowed.
+        let config = Config::parse(&format!("{MINIMAL}kubernetes:\n  kubeconfig: [/etc/cpha/x.conf]\n")).unwrap();
+        assert!(format!("{:#}", config.check_locked().unwrap_err()).contains("kubernetes.kubeconfig"));
     }
 
     #[test]

@@ -182,7 +182,8 @@ impl Probes for NetProbes {
 
 async fn unix_alive(path: &std::path::Path) -> bool {
     match tokio::time::timeout(Duration::from_millis(250), tokio::net::UnixStream::connect(path)).await {
-        Ok(Ok(_)) => true,
+        // A socket someone else serves is not HAProxy's (see runtime::trusted_peer).
+        Ok(Ok(s)) => crate::haproxy::runtime::trusted_peer(&s).is_ok(),
         Ok(Err(e)) => !matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound),
         // Accepting slowly is still alive: that is the slow path's business.
         Err(_) => true,

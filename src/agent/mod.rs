@@ -106,6 +106,9 @@ fn reload(options: &Options) -> Result<(Config, Reloaded), String> {
 
 pub fn run(options: Options) -> anyhow::Result<()> {
     let config = options.load()?;
+    // NOTE: restart-only, like the other paths: which directories are shared on purpose.
+    crate::fsutil::trust_shared_dirs(&config.agent.trust_shared_directories);
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -255,6 +258,22 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
 }
 
 /// Reports a task's end on `ended`, unless `token` was cancelled (shutdown, or a restart).
+/// Raises the soft limit of open files to the hard one (systemd's default soft limit is 1024;
+/// the unit sets `LimitNOFILE`): the status port's connection cap is the real bound, and an
+/// apply must never fail for want of a descriptor.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
+    }
+}
+
 fn supervise<T: Into<TaskResult> + Send + 'static>(
     name: &'static str,
     task: tokio::task::JoinHandle<T>,

@@ -118,17 +118,36 @@ impl AgentStatus {
 /// Reads `/status` from a running agent's local port.
 pub fn fetch(addr: SocketAddr, timeout: Duration) -> anyhow::Result<AgentStatus> {
     use std::io::{Read, Write};
+    // NOTE: whatever answers on the port is read as untrusted (any local user can bind it when
+    // no agent runs): at most MAX_STATUS bytes within `timeout` in all, and nothing of it is
+    // printed unescaped.
+    const MAX_STATUS: u64 = 4 << 20;
+    let deadline = std::time::Instant::now() + timeout;
     let mut stream =
         std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("no agent answers on {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     stream.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    let mut raw = Vec::new();
+    let mut limited = (&stream).take(MAX_STATUS + 1);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        anyhow::ensure!(!left.is_zero(), "the agent on {addr} did not answer within {timeout:?}");
+        stream.set_read_timeout(Some(left))?;
+        match limited.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading the answer of {addr}")),
+        }
+    }
+    anyhow::ensure!(raw.len() as u64 <= MAX_STATUS, "the answer on {addr} is larger than {MAX_STATUS} bytes");
+    let response = String::from_utf8(raw).context("the answer of the status port is not UTF-8")?;
     let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response from the agent")?;
     anyhow::ensure!(
         head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
         "the agent answered: {}",
-        head.lines().next().unwrap_or("")
+        crate::haproxy::runtime::printable(head.lines().next().unwrap_or(""), 200)
     );
     serde_json::from_str(body).context("the agent's /status is not the expected JSON")
 }

@@ -1,9 +1,13 @@
 //! `cpha check-config`: validate a configuration and the haproxy.cfg it would render
 //! (`haproxy -c` on a temporary copy), touching nothing else.
-
-use anyhow::Context;
+//!
+//! NOTE: `haproxy -c` is not a passive parser (HAProxy 2.6 runs `lua-load` code while it
+//! checks) and runs as root here: the copies it checks live in a new private directory
+//! ([`PrivateDir`]: mode 0700, a random name, files created `O_EXCL|O_NOFOLLOW` 0600), so no
+//! other user can read them (the stats password) or swap them before the check.
 
 use crate::exit::Coded;
+use crate::fsutil::PrivateDir;
 
 /// The same flags as `cpha render`.
 pub type Args = super::render::Args;
@@ -19,20 +23,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Err(err) => return Err(err),
     };
     let text = super::render::render(&config, &members)?;
-    let dir = std::env::temp_dir().join(format!("cpha-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("haproxy.cfg");
-    let result = std::fs::write(&path, &text).context("writing the candidate haproxy.cfg").and_then(|()| {
-        crate::haproxy::check::check(&config.haproxy, &path)
-            .map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")).into())
-    });
-    let vip = match (&result, &config.vip) {
-        (Ok(()), Some(vip)) => Some(check_keepalived(&config, vip, &members, &dir)),
-        _ => None,
+    let dir = PrivateDir::new("cpha-check-")?;
+    let path = dir.write("haproxy.cfg", text.as_bytes())?;
+    crate::haproxy::check::check(&config.haproxy, &path)
+        .map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")))?;
+    let vip = match &config.vip {
+        Some(vip) => Some(check_keepalived(&config, vip, &members, &dir)?),
+        None => None,
     };
-    let _ = std::fs::remove_dir_all(&dir);
-    result?;
-    let vip = vip.transpose()?;
+    drop(dir);
     println!(
         "{}: valid ({} members source, {} topology, endpoint {}, HAProxy frontend {}; haproxy -c accepts the rendered file)",
         args.config.path.display(),
@@ -53,11 +52,10 @@ fn check_keepalived(
     config: &crate::config::Config,
     vip: &crate::vip::VipSettings,
     members: &crate::members::MemberSet,
-    dir: &std::path::Path,
+    dir: &PrivateDir,
 ) -> anyhow::Result<String> {
     let (place, text) = super::render::render_keepalived(config, members)?;
-    let path = dir.join("keepalived.conf");
-    std::fs::write(&path, &text).context("writing the candidate keepalived.conf")?;
+    let path = dir.write("keepalived.conf", text.as_bytes())?;
     crate::vip::keepalived::config_test(&vip.keepalived.binary, &path)
         .map_err(|e| Coded::config(format!("rendered keepalived.conf: {e}")))?;
     Ok(format!(

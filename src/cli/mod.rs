@@ -97,6 +97,13 @@ pub struct ConfigArgs {
     /// Overrides agent.statusListen (metrics, health and status port).
     #[arg(long, env = "CPHA_STATUS_LISTEN", value_name = "ADDR:PORT")]
     pub status_listen: Option<std::net::SocketAddr>,
+
+    /// Refuse a configuration that names a program, template or kubeconfig cpha would run or
+    /// load as root (haproxy.binary, haproxy.template, haproxy.reload, kubernetes.kubeconfig,
+    /// vip.keepalived.binary/template/reloadCommand): for a file that more people may edit than
+    /// may run code as root here, such as the DaemonSet's ConfigMap.
+    #[arg(long, env = "CPHA_LOCK_PROGRAMS")]
+    pub lock_programs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -142,6 +149,7 @@ impl ConfigArgs {
             haproxy_bind: self.haproxy_bind,
             forward_mode: self.forward_mode,
             status_listen: self.status_listen,
+            lock_programs: self.lock_programs,
         }
     }
 

@@ -99,11 +99,13 @@ fn render_text(status: &Status) -> String {
     match (&status.agent, &status.agent_error) {
         (Some(agent), _) => {
             out.push_str("agent:\n");
+            // The agent's strings (errors, names) came from outside: escape what a terminal
+            // would act on.
             for line in agent.render_text().lines() {
-                out.push_str(&format!("  {line}\n"));
+                out.push_str(&format!("  {}\n", crate::logging::printable(line)));
             }
         }
-        (None, Some(err)) => out.push_str(&format!("agent: not running ({err})\n")),
+        (None, Some(err)) => out.push_str(&format!("agent: not running ({})\n", crate::logging::printable(err))),
         (None, None) => {}
     }
     if status.forwards.is_empty() {

@@ -6,8 +6,9 @@ use super::settings::HaproxySettings;
 use crate::exec::{self, ExecError};
 use crate::fsutil::Candidate;
 
-/// Mode of haproxy.cfg: it holds no secret, and tools running as the haproxy user read it.
-pub const CONFIG_MODE: u32 = 0o644;
+/// Mode of haproxy.cfg: it may hold the stats password (and whatever a custom template puts
+/// there), and only HAProxy's master, which runs as root, reads it. `cpha render` prints it.
+pub const CONFIG_MODE: u32 = 0o600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {

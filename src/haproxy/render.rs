@@ -342,7 +342,7 @@ impl<'a> Context<'a> {
             stats: checked.stats_listen.map(|listen| StatsContext {
                 bind: listen.to_string(),
                 user: checked.stats_auth.as_ref().map(|a| a.user.as_str()),
-                password: checked.stats_auth.as_ref().map(|a| a.password.as_str()),
+                password: checked.stats_auth.as_ref().map(|a| a.password.expose()),
             }),
         }
     }

@@ -207,6 +207,11 @@ pub enum RuntimeError {
     TooLarge { endpoint: String, command: String },
     #[error("HAProxy refused `{command}`: {response}")]
     Refused { command: String, response: String },
+    #[error(
+        "refusing the socket {endpoint}: it is served by uid {uid}, not by root or cpha's user (HAProxy binds its \
+         sockets before it drops privileges; another process replaced this one)"
+    )]
+    Impostor { endpoint: String, uid: u32 },
     #[error("cannot read the answer to `{command}`: {reason} (answer: {response})")]
     Parse { command: String, reason: String, response: String },
     #[error("refusing to send `{command}`: it contains '{}'", ch.escape_default())]
@@ -272,6 +277,7 @@ impl Cli {
             match &self.endpoint {
                 Endpoint::Unix(path) => {
                     let mut s = UnixStream::connect(path).await.map_err(unreachable)?;
+                    trusted_peer(&s).map_err(|uid| RuntimeError::Impostor { endpoint: endpoint.clone(), uid })?;
                     exchange(&mut s, &line, &mut buf).await.map_err(io_err)?;
                 }
                 Endpoint::Tcp(addr) => {
@@ -290,6 +296,23 @@ impl Cli {
                 Err(RuntimeError::Timeout { endpoint: self.endpoint.to_string(), command: text, timeout: self.timeout })
             }
         }
+    }
+}
+
+/// Checks who listens on a unix socket (`SO_PEERCRED`: the credentials of the process that
+/// called `listen`). HAProxy's master creates its sockets as root before any worker drops
+/// privileges; a socket served by anyone else (the `haproxy` user can write Debian's
+/// `/run/haproxy`) must not be believed, since its answers drive the handover. `Err(uid)`.
+pub fn trusted_peer(s: &UnixStream) -> Result<(), u32> {
+    let uid = match s.peer_cred() {
+        Ok(cred) => cred.uid(),
+        // Not knowing is not trusting.
+        Err(_) => u32::MAX,
+    };
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        Ok(())
+    } else {
+        Err(uid)
     }
 }
 

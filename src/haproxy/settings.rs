@@ -87,7 +87,7 @@ impl Default for StatsSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatsAuth {
     pub user: String,
-    pub password: String,
+    pub password: crate::secret::Secret,
 }
 
 impl StatsAuth {
@@ -112,7 +112,7 @@ impl StatsAuth {
                 if c.is_ascii_graphic() { format!("'{c}'") } else { "a character outside printable ASCII".into() }
             ));
         }
-        Ok(StatsAuth { user: user.into(), password: password.into() })
+        Ok(StatsAuth { user: user.into(), password: crate::secret::Secret::new(password) })
     }
 }
 
@@ -617,7 +617,7 @@ mod tests {
     #[test]
     fn stats_credentials_are_one_token_each() {
         let a = StatsAuth::parse("scraper:s3cret-pass\n").unwrap();
-        assert_eq!((a.user.as_str(), a.password.as_str()), ("scraper", "s3cret-pass"));
+        assert_eq!((a.user.as_str(), a.password.expose()), ("scraper", "s3cret-pass"));
         for (text, why) in [
             ("scraper", "USER:PASSWORD"),
             (":s3cret-pass", "the user"),

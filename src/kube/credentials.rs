@@ -206,7 +206,7 @@ pub struct TokenFile {
 #[derive(Debug)]
 struct TokenState {
     stamp: Stamp,
-    token: String,
+    token: crate::secret::Secret,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +222,7 @@ impl TokenFile {
     /// Reads the token now; an error says what is wrong with the file.
     pub fn open(path: &Path) -> Result<TokenFile, String> {
         let (stamp, token) = read_token(path)?;
+        let token = crate::secret::Secret::new(token);
         Ok(TokenFile { path: path.to_path_buf(), state: Mutex::new(TokenState { stamp, token }) })
     }
 
@@ -232,6 +233,7 @@ impl TokenFile {
         match stamp(&self.path) {
             Ok(now) if now != state.stamp => match read_token(&self.path) {
                 Ok((stamp, token)) => {
+                    let token = crate::secret::Secret::new(token);
                     if token != state.token {
                         tracing::info!(path = %self.path.display(), "token file changed; using the new token");
                     }
@@ -244,7 +246,7 @@ impl TokenFile {
             Ok(_) => {}
             Err(e) => tracing::debug!(path = %self.path.display(), "token file: {e}; keeping the last token"),
         }
-        state.token.clone()
+        state.token.expose().to_string()
     }
 
     pub fn path(&self) -> &Path {

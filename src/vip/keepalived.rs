@@ -120,6 +120,9 @@ fn write_track(path: &Path, value: i64) -> anyhow::Result<()> {
 
 /// Creates the FIFO if it is missing; anything else at that path is an error.
 fn ensure_fifo(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsutil::check_dir(dir).with_context(|| format!("refusing the FIFO {}", path.display()))?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_fifo() => Ok(()),
         Ok(_) => Err(crate::exit::Coded::config(format!(
@@ -183,6 +186,10 @@ async fn configure(
     }
 }
 
+/// Mode of keepalived.conf: only keepalived, as root, reads it, and a custom template may put
+/// a secret in it (VRRP authentication).
+const CONFIG_MODE: u32 = 0o600;
+
 /// One configuration step. `Ok(None)`: the file already says this.
 fn apply(s: &VipSettings, place: &Placement, template: &Template, peers: &[IpAddr]) -> Result<Option<String>, String> {
     let text = template.render(s, place, peers).map_err(|e| e.to_string())?;
@@ -190,7 +197,8 @@ fn apply(s: &VipSettings, place: &Placement, template: &Template, peers: &[IpAdd
     if std::fs::read_to_string(path).is_ok_and(|current| current == text) {
         return Ok(None);
     }
-    let candidate = crate::fsutil::Candidate::write(path, text.as_bytes(), 0o644).map_err(|e| format!("{e:#}"))?;
+    let candidate =
+        crate::fsutil::Candidate::write(path, text.as_bytes(), CONFIG_MODE).map_err(|e| format!("{e:#}"))?;
     config_test(&s.keepalived.binary, candidate.path())?;
     candidate.commit().map_err(|e| format!("{e:#}"))?;
     let peers_text = if peers.is_empty() {

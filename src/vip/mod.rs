@@ -16,7 +16,7 @@ pub mod place;
 pub mod render;
 pub mod settings;
 
-pub use settings::VipSettings;
+pub use settings::{KeepalivedSettings, VipSettings};
 
 use std::net::IpAddr;
 

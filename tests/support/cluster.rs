@@ -285,7 +285,20 @@ haproxy:
     }
 
     pub fn start_agent_with_env(&mut self, config: &Path, env: &[(&str, String)]) -> Result<()> {
-        let mut cmd = self.cp.command(support_cpha());
+        self.start_agent_wrapped(config, env, &[])
+    }
+
+    /// The agent started through `wrapper` (a program that execs the rest of its arguments,
+    /// such as `prlimit --nofile=256:256`), so its pid is the agent's.
+    pub fn start_agent_wrapped(&mut self, config: &Path, env: &[(&str, String)], wrapper: &[&str]) -> Result<()> {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = self.cp.command(program);
+                cmd.args(args).arg(support_cpha());
+                cmd
+            }
+            None => self.cp.command(support_cpha()),
+        };
         cmd.args(["run", "--config"]).arg(config).stderr(log_file(&self.dir, "cpha.log")?);
         for (k, v) in env {
             cmd.env(k, v);
