@@ -199,6 +199,36 @@ fn a_member_added_or_removed_updates_the_peers_without_moving_the_vip() {
     assert!(lab.worker_request(Duration::from_secs(3)));
 }
 
+#[test]
+fn a_restart_of_cpha_on_the_holder_neither_reloads_keepalived_nor_moves_the_vip() {
+    let (mut lab, holder) = lab_up(false).unwrap();
+    let conf = |lab: &VipLab| std::fs::read_to_string(lab.hosts[holder].dir.join("keepalived.conf")).unwrap();
+    let reloads = |lab: &VipLab| lab.log(holder, "keepalived.log").matches("Reload").count();
+    let before = conf(&lab);
+    let reloaded = reloads(&lab);
+    let t0 = Instant::now();
+    let mut agent = lab.hosts[holder].agent.take().unwrap();
+    agent.signal(9).unwrap();
+    agent.wait_timeout(Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // Started again with only itself as the seed (as a host's own first-boot file may say):
+    // keepalived.conf is written for the last good set of the state file, not for the seed.
+    let seed = lab.members(&[holder + 1]);
+    lab.start_agent(holder, &seed).unwrap();
+    wait_for("the restarted agent to check its endpoint", Duration::from_secs(20), || {
+        Ok(vip_status(&lab, holder)["held"].as_bool().filter(|h| *h).map(|_| ()))
+    })
+    .with_context(|| lab.logs())
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(conf(&lab), before, "keepalived.conf changed across the restart");
+    assert_eq!(reloads(&lab), reloaded, "keepalived was reloaded:\n{}", lab.log(holder, "keepalived.log"));
+    let moves = lab.changes.lock().unwrap().iter().filter(|c| c.at >= t0).count();
+    assert_eq!(moves, 0, "{:?}", lab.changes.lock().unwrap());
+    assert_eq!(lab.holders().unwrap(), vec![holder]);
+    assert!(lab.worker_request(Duration::from_secs(3)));
+}
+
 /// The unicast peers of a rendered keepalived.conf.
 fn peers(conf: &str) -> Vec<String> {
     let Some((_, rest)) = conf.split_once("unicast_peer {") else { return vec![] };

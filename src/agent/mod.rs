@@ -142,9 +142,19 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
     let vip = match &config.vip {
         Some(settings) => {
             let (tx, rx) = mpsc::channel(16);
+            let saved = match &config.members.state_file {
+                Some(path) => match crate::members::source::state::load(path, &config.members.parse).await {
+                    Ok(set) => set,
+                    Err(err) => {
+                        tracing::warn!("{err:#}; keepalived.conf is first written for the configured members");
+                        None
+                    }
+                },
+                None => None,
+            };
             let keepalived = crate::vip::keepalived::Keepalived::start(
                 settings.clone(),
-                initial_vip_members(&config),
+                initial_vip_members(&config, saved.as_ref()),
                 config.handover.liveness_interval,
                 tx,
                 root.child_token(),
@@ -443,9 +453,20 @@ async fn vip_bridge(mut events: mpsc::Receiver<crate::vip::keepalived::VipEvent>
 }
 
 /// The members keepalived.conf is first written for, before any member set is accepted: the
-/// configured members and the forward's targets that are addresses.
-fn initial_vip_members(config: &Config) -> Vec<IpAddr> {
+/// last good set of the state file, which is what the previous run's file was written for (so
+/// a restart of cpha renders the same file and keepalived is not reloaded: a reload with other
+/// peers can make it give the address up); without one, the configured members and the
+/// forward's targets that are addresses.
+fn initial_vip_members(config: &Config, saved: Option<&crate::members::MemberSet>) -> Vec<IpAddr> {
     use crate::members::source::SourceSettings;
+    if let Some(set) = saved {
+        let mut out: Vec<IpAddr> = set.iter().filter_map(|m| m.socket_addr()).map(|a| a.ip()).collect();
+        if !out.is_empty() {
+            out.sort();
+            out.dedup();
+            return out;
+        }
+    }
     let mut out: Vec<IpAddr> = config.forward.targets.iter().map(|e| e.0.ip()).collect();
     let sets = [
         match &config.members.source {
