@@ -1,8 +1,9 @@
 //! `cpha members add` and `remove`: one member added to or removed from the member ConfigMap,
-//! as an optimistic-concurrency update.
+//! as an optimistic-concurrency update. An added member replaces the entries that share its name
+//! or its address (a rebuilt host, a reused address), and says which.
 //!
-//! The decision is pure ([`plan`]: the ConfigMap's current text and the edit in, the new text or
-//! "nothing to do" out), so it is tested with plain values; [`apply`] wraps it in the API's
+//! The decision is pure ([`plan`]: the ConfigMap's current text and the edit in, the new set and
+//! what it replaced, or "nothing to do", out), so it is tested with plain values; [`apply`] wraps it in the API's
 //! read-modify-write loop: GET, decide, PUT with the resourceVersion read (or POST when the
 //! ConfigMap does not exist), and on 409 Conflict / AlreadyExists read again and decide again.
 //! Two hosts registering at once both end up listed: the loser's PUT is refused and it retries
