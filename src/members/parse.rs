@@ -120,14 +120,19 @@ pub fn parse(input: &str, opts: &ParseOptions) -> Result<MemberSet, MembersError
             Ok(member) => members.push((position, member)),
             // NOTE: input starting with '[' that YAML could not read was taken as a plain list;
             // when that fails too and the input ends like a flow list, the YAML error is the one
-            // that explains it (an unquoted "[...]" inside, a missing ',').
-            Err(_) if flow_error.is_some() && input.trim_end().ends_with(']') => {
+            // that explains it (an unquoted "[...]" inside, a missing ','), unless the entry has
+            // words in it: then the entry is what to name.
+            Err(reason) if flow_error.is_some() && input.trim_end().ends_with(']') && !is_white_space(&reason) => {
                 return Err(MembersError::Yaml(flow_error.expect("checked")))
             }
             Err(reason) => return Err(MembersError::InvalidEntry { position, entry: quote_excerpt(&text), reason }),
         }
     }
     MemberSet::from_positioned(members)
+}
+
+fn is_white_space(reason: &MemberParseError) -> bool {
+    matches!(reason, MemberParseError::ForbiddenChar { ch, .. } if ch.is_whitespace())
 }
 
 /// An overlong entry is only ever refused for its length; quoting all of it would let one
@@ -499,6 +504,9 @@ mod tests {
             ("10.0.0.11\t10.0.0.12", 1, "10.0.0.11\t10.0.0.12"),
             ("10.0.0.11,\n  10.0.0.12 # the second", 2, "10.0.0.12 # the second"),
             ("[fd00::11] [fd00::12]:6443", 1, "[fd00::11] [fd00::12]:6443"),
+            // Shaped like a YAML flow list that YAML cannot read: the entry is still named.
+            ("[fd00::11]:6443\nserver evil [fd00::66]", 2, "server evil [fd00::66]"),
+            ("[fd00::11] [fd00::12]", 1, "[fd00::11] [fd00::12]"),
             ("10.0.0.11\r10.0.0.12", 1, "10.0.0.11\r10.0.0.12"),
         ] {
             let e = refused(input);
