@@ -1541,6 +1541,18 @@ fn kubeadm_steps_keep_the_images_kubelet_args_and_pass_a_kubeadm_config_alone() 
     dir.write("sysconfig/kubelet", "KUBELET_EXTRA_ARGS=\"--max-pods=50 --v=2\"\n");
     let ran = step(&["kubeadm-join"]);
     assert!(ran.stderr.contains(accepted), "kubeadm join with flags:\n{}", ran.both());
+    // The double failed (no cluster store): the step fails too, and says what an expired token
+    // or certificate key looks like and what makes a new one.
+    assert!(!ran.ok(), "{}", ran.both());
+    for hint in [
+        "could not find a JWS signature in the cluster-info ConfigMap",
+        "kubeadm token create --print-join-command",
+        "Secret \"kubeadm-certs\" was not found",
+        "kubeadm init phase upload-certs --upload-certs",
+        "\"Bootstrap secrets expire\"",
+    ] {
+        assert!(ran.stderr.contains(hint), "kubeadm-join's hint lacks {hint:?}:\n{}", ran.both());
+    }
     assert_eq!(
         std::fs::read_to_string(&kubelet_sysconfig).unwrap(),
         "KUBELET_EXTRA_ARGS=\"--max-pods=50 --v=2 --node-ip=127.0.0.1\"\n"
@@ -1570,6 +1582,39 @@ fn kubeadm_steps_keep_the_images_kubelet_args_and_pass_a_kubeadm_config_alone() 
     dir.write("etc/site.env", &format!("{site}KUBEADM_EXTRA_ARGS=\"--config {}\"\n", other.display()));
     let ran = step(&["kubeadm-init"]);
     assert!(!ran.ok() && ran.stderr.contains("must set controlPlaneEndpoint"), "{}", ran.both());
+}
+
+#[test]
+fn bootstrap_secret_lifetimes_are_stated_where_the_values_are_set() {
+    // A host joining after the token (24 h) or the certificate key (2 h) expired fails in
+    // kubeadm join: the user-data that takes the values and the deployment doc say so, with the
+    // commands that make new ones and the messages kubeadm prints.
+    for file in ["cloud-init/init.yaml", "cloud-init/join.yaml"] {
+        let data = doc(&read(file));
+        let site = file_content(files_by_path(at(&data, "write_files"))["/etc/cpha/site.env"]);
+        for needle in [
+            "24 h",
+            "2 h",
+            "kubeadm token create --print-join-command",
+            "kubeadm init phase upload-certs --upload-certs",
+        ] {
+            assert!(site.contains(needle), "{file}: site.env does not say {needle:?}:\n{site}");
+        }
+    }
+    let doc = read("docs/deployment.md");
+    let section =
+        doc.split("\n## Bootstrap secrets expire\n").nth(1).expect("the section").split("\n## ").next().unwrap();
+    for needle in [
+        "24 h",
+        "2 h",
+        "could not find a JWS signature in the cluster-info ConfigMap",
+        "Secret \"kubeadm-certs\" was not found in the \"kube-system\" Namespace",
+        "kubeadm token create --print-join-command",
+        "kubeadm init phase upload-certs --upload-certs",
+        "cpha-bootstrap kubeadm-join && cpha-bootstrap identity && cpha-bootstrap register",
+    ] {
+        assert!(section.contains(needle), "docs/deployment.md, \"Bootstrap secrets expire\", lacks {needle:?}");
+    }
 }
 
 #[test]

@@ -66,9 +66,17 @@ fn configmap_initial_list_updates_and_rejections() -> Result<()> {
     // Malformed, over the cap, empty: each rejected with its reason, the last good set kept.
     let bad = [
         ("127.0.0.11, 127.0.0.14:99999", "entry 2"),
-        ("127.0.0.1 127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5", "more than 4"),
+        ("127.0.0.1, 127.0.0.2, 127.0.0.3, 127.0.0.4, 127.0.0.5", "more than 4"),
         ("# nothing\n", "is empty"),
-        ("127.0.0.11\n127.0.0.15 #injected", "entry 3"),
+        // A HAProxy line or section pasted in: one entry per line, so each line is one invalid
+        // entry (named in the reason), never a set of words that each pass as a member.
+        (
+            "127.0.0.11\nserver evil 10.201.66.6:6443 check",
+            "entry 2 of the member list, \"server evil 10.201.66.6:6443 check\", is invalid",
+        ),
+        ("127.0.0.11\nbackend evil\n  mode http", "entry 2 of the member list, \"backend evil\", is invalid"),
+        // Last: the value the next step keeps while it changes another key.
+        ("127.0.0.11\n127.0.0.15 #injected", "entry 2"),
     ];
     for (text, reason) in bad {
         api.set_members(text)?;

@@ -1,7 +1,8 @@
 //! A member list that keeps itself, end to end in network namespaces: the agent runs with its
 //! own least-privilege identity (`cpha identity`, a ServiceAccount token), hosts are added and
 //! removed with `cpha members add/remove` (admin credentials) and reach HAProxy's runtime state
-//! without a reload, and the drift report appears when the `default/kubernetes` EndpointSlice
+//! without a reload, a rebuilt host and a reused address replace their entries there too, and
+//! the drift report appears when the `default/kubernetes` EndpointSlice
 //! lists an apiserver the ConfigMap lacks, without changing HAProxy. Needs root.
 
 #[path = "support/cluster.rs"]
@@ -97,6 +98,44 @@ fn a_host_added_with_members_add_appears_in_haproxy_with_no_reload() -> Result<(
     })
     .with_context(|| c.agent_log())?;
     assert_eq!(c.workers()?, workers, "removing a member reloaded HAProxy");
+    Ok(())
+}
+
+#[test]
+fn a_rebuilt_host_and_a_reused_address_replace_their_entries_in_haproxy() -> Result<()> {
+    let (c, cfg) = started("")?;
+    let workers = c.workers()?;
+    let servers = |c: &Cluster| -> Result<Vec<(String, String)>> {
+        let mut v: Vec<(String, String)> = c.servers()?.into_iter().map(|(n, a, _)| (n, a)).collect();
+        v.sort();
+        Ok(v)
+    };
+    let up = |c: &Cluster, name: &str, addr: &str| -> Result<bool> {
+        Ok(c.servers()?.iter().any(|(n, a, state)| n == name && a == addr && *state == 2))
+    };
+
+    // m2 rebuilt under its old name at another address: its entry is replaced, and HAProxy's
+    // server m2 moves there.
+    let said = admin_cpha(&c, &cfg, &["members", "add", "m2=10.23.0.2:6443"])?;
+    ensure!(said.contains("replaced m2=10.22.0.2:6443 (the same name)"), "{said}");
+    wait_for("m2 at 10.23.0.2 and UP, nothing at 10.22.0.2", Duration::from_secs(20), || {
+        let s = servers(&c)?;
+        Ok((up(&c, "m2", "10.23.0.2")? && !s.iter().any(|(_, a)| a == "10.22.0.2")).then_some(()))
+    })
+    .with_context(|| c.agent_log())?;
+
+    // A new host, m4, given the address m2 has now: m2 makes way for it.
+    let said = admin_cpha(&c, &cfg, &["members", "add", "m4=10.23.0.2:6443"])?;
+    ensure!(said.contains("replaced m2=10.23.0.2:6443 (the same address)"), "{said}");
+    wait_for("m4 UP at 10.23.0.2, m2 gone", Duration::from_secs(20), || {
+        let s = servers(&c)?;
+        Ok((up(&c, "m4", "10.23.0.2")? && s == [("m1".into(), "10.21.0.2".into()), ("m4".into(), "10.23.0.2".into())])
+            .then_some(()))
+    })
+    .with_context(|| c.agent_log())?;
+    // The same registration again after a reboot: nothing written, nothing moves.
+    ensure!(admin_cpha(&c, &cfg, &["members", "add", "m4=10.23.0.2:6443"])?.contains("already listed"));
+    assert_eq!(c.workers()?, workers, "a replacement reloaded HAProxy");
     Ok(())
 }
 

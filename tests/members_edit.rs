@@ -1,6 +1,7 @@
 //! `cpha members add` and `remove` against the real API stand-in (`kube-standin`) on loopback:
 //! racing writers all land (optimistic concurrency on the resourceVersion, retried on 409),
-//! the last member cannot be removed, an invalid entry is refused before any request, both are
+//! a registration replaces the entry with its name and the entry with its address, the last
+//! member cannot be removed, an invalid entry is refused before any request, both are
 //! idempotent, the ConfigMap is created when absent, and the members are asked directly when
 //! the configured server is down.
 //!
@@ -101,22 +102,73 @@ fn members_add_creates_the_configmap_and_is_idempotent() -> Result<()> {
     ensure!(out.status.success(), "{}", text(&out));
     assert_eq!(read_members(&dir)?.unwrap().0, "cp1=127.0.0.11:6443\ncp2=127.0.0.12:7443\n");
 
-    // The same name elsewhere is refused as data (65), nothing written.
     let (_, rv) = read_members(&dir)?.unwrap();
-    let out = cpha(&["members", "add", "--config", &cfg, "cp2=127.0.0.99"])?;
-    assert_eq!(out.status.code(), Some(65), "{}", text(&out));
-    ensure!(
-        String::from_utf8_lossy(&out.stderr).contains("cp2 is already listed as 127.0.0.12:7443"),
-        "{}",
-        text(&out)
-    );
-    assert_eq!(read_members(&dir)?.unwrap().1, rv);
-
     // Removing an absent member: exit 0, nothing written.
     let out = cpha(&["members", "remove", "--config", &cfg, "cp9"])?;
     ensure!(out.status.success(), "{}", text(&out));
     ensure!(String::from_utf8_lossy(&out.stdout).contains("not listed"), "{}", text(&out));
     assert_eq!(read_members(&dir)?.unwrap().1, rv);
+    Ok(())
+}
+
+/// Runs `cpha members add ENTRY` and returns its exit code and stdout.
+fn add(cfg: &str, entry: &str) -> Result<(Option<i32>, String, Output)> {
+    let out = cpha(&["members", "add", "--config", cfg, entry])?;
+    Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), out))
+}
+
+#[test]
+fn members_add_replaces_a_rebuilt_host_and_a_reused_address() -> Result<()> {
+    let (dir, api, cfg) = setup("edit-replace")?;
+    api.set_members("cp1=127.0.0.11:6443\ncp2=127.0.0.12:6443\ncp3=127.0.0.13:6443\n")?;
+
+    // cp1 rebuilt under its old name at a new address.
+    let (code, stdout, out) = add(&cfg, "cp1=127.0.0.21")?;
+    assert_eq!(code, Some(0), "{}", text(&out));
+    ensure!(
+        stdout.contains("add cp1=127.0.0.21:6443: replaced cp1=127.0.0.11:6443 (the same name)\n"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(read_members(&dir)?.unwrap().0, "cp2=127.0.0.12:6443\ncp3=127.0.0.13:6443\ncp1=127.0.0.21:6443\n");
+
+    // A new host, cp4, given the address cp2 had.
+    let (code, stdout, out) = add(&cfg, "cp4=127.0.0.12:6443")?;
+    assert_eq!(code, Some(0), "{}", text(&out));
+    ensure!(stdout.contains("replaced cp2=127.0.0.12:6443 (the same address)\n"), "{}", text(&out));
+    assert_eq!(read_members(&dir)?.unwrap().0, "cp4=127.0.0.12:6443\ncp3=127.0.0.13:6443\ncp1=127.0.0.21:6443\n");
+
+    // cp3 rebuilt at the address cp1 has now: two entries replaced by one, each reported.
+    let (code, stdout, out) = add(&cfg, "cp3=127.0.0.21")?;
+    assert_eq!(code, Some(0), "{}", text(&out));
+    let replaced: Vec<&str> = stdout.lines().filter(|l| l.contains(": replaced ")).collect();
+    assert_eq!(
+        replaced,
+        [
+            "add cp3=127.0.0.21:6443: replaced cp3=127.0.0.13:6443 (the same name)",
+            "add cp3=127.0.0.21:6443: replaced cp1=127.0.0.21:6443 (the same address)",
+        ],
+        "{}",
+        text(&out)
+    );
+    let (members, rv) = read_members(&dir)?.unwrap();
+    assert_eq!(members, "cp4=127.0.0.12:6443\ncp3=127.0.0.21:6443\n");
+
+    // The same registration again (a reboot): exit 0, says so, writes nothing.
+    let (code, stdout, out) = add(&cfg, "cp3=127.0.0.21:6443")?;
+    assert_eq!(code, Some(0), "{}", text(&out));
+    ensure!(stdout.contains("already listed") && !stdout.contains("replaced"), "{}", text(&out));
+    assert_eq!(read_members(&dir)?.unwrap(), (members.clone(), rv.clone()), "a no-op writes nothing");
+
+    // Still refused: an invalid entry (64) and removing the last member (65).
+    let (code, _, out) = add(&cfg, "cp5=127.0.0.15 check")?;
+    assert_eq!(code, Some(64), "{}", text(&out));
+    assert_eq!(read_members(&dir)?.unwrap(), (members, rv), "nothing was written");
+    let out = cpha(&["members", "remove", "--config", &cfg, "cp4"])?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let out = cpha(&["members", "remove", "--config", &cfg, "cp3"])?;
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out));
+    assert_eq!(read_members(&dir)?.unwrap().0, "cp3=127.0.0.21:6443\n");
     Ok(())
 }
 

@@ -184,8 +184,32 @@ fn malformed_configmap_changes_nothing() {
         })
         .unwrap();
     }
+    // A HAProxy line or section pasted under a good entry: each line is one entry, and one of
+    // several words is invalid, so the whole value is refused and named (it used to be read as
+    // one member per word, 10.201.66.6 among them).
+    let rejected = |c: &Cluster| -> Result<u64> {
+        Ok(c.metrics()?
+            .lines()
+            .find(|l| l.starts_with("cpha_member_updates_rejected_total{source=\"configmap\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0))
+    };
+    for (bad, entry) in [
+        ("10.21.0.2:6443\nserver evil 10.201.66.6:6443 check", r#""server evil 10.201.66.6:6443 check""#),
+        ("10.21.0.2:6443\nbackend evil\n  mode http", r#""backend evil""#),
+    ] {
+        let before = rejected(&c).unwrap();
+        c.set_members(bad).unwrap();
+        cpha_lab::netns::wait_for("the hostile value refused", Duration::from_secs(10), || {
+            let s = c.status()?;
+            let reason = s["agent"]["last_rejected_update"].as_str().unwrap_or_default().to_string();
+            Ok((reason.contains(entry) && rejected(&c)? > before).then_some(()))
+        })
+        .unwrap();
+    }
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(std::fs::read(c.dir.join("haproxy.cfg")).unwrap(), cfg, "haproxy.cfg changed");
+    assert!(!c.servers().unwrap().iter().any(|(_, addr, _)| addr == "10.201.66.6"), "the pasted address is a server");
     let names = |v: &Vec<(String, String, u32)>| v.iter().map(|(n, a, _)| (n.clone(), a.clone())).collect::<Vec<_>>();
     assert_eq!(names(&c.servers().unwrap()), names(&servers));
     assert_eq!(c.workers().unwrap(), workers);
@@ -196,7 +220,7 @@ fn malformed_configmap_changes_nothing() {
         .find(|l| l.starts_with("cpha_member_updates_rejected_total{source=\"configmap\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0);
-    assert!(rejected >= 3, "rejections not counted:\n{metrics}");
+    assert!(rejected >= 5, "rejections not counted:\n{metrics}");
 }
 
 #[test]

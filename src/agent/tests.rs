@@ -115,7 +115,7 @@ fn ready(effects: &[Effect]) -> bool {
 fn forwarding() -> Run {
     let mut r = Run::new(settings());
     assert!(r.acts(Input::Started { adopted: Adopted::Nothing }).is_empty(), "nothing to forward to yet");
-    let e = r.acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3"));
+    let e = r.acts(accepted("10.0.0.1, 10.0.0.2, 10.0.0.3"));
     assert!(e.contains(&Effect::Forward(vec![addr("10.0.0.1:6443"), addr("10.0.0.2:6443"), addr("10.0.0.3:6443")])));
     assert!(has_apply(&e), "{e:?}");
     let e = r.done();
@@ -242,7 +242,7 @@ fn restart_adopted_at_haproxy_falls_back_when_haproxy_is_unhealthy() {
     assert_eq!(r.phase(), "balanced");
     assert_eq!(transitions(&e), [("starting", "balanced")]);
     assert!(ready(&e), "{e:?}");
-    r.acts(accepted("10.0.0.1 10.0.0.2"));
+    r.acts(accepted("10.0.0.1, 10.0.0.2"));
     for (i, t) in [1000, 2000].into_iter().enumerate() {
         assert!(
             !r.at(t).acts(Input::Haproxy(Health::default())).iter().any(|e| matches!(e, Effect::Forward(_))),
@@ -257,7 +257,7 @@ fn restart_adopted_at_haproxy_falls_back_when_haproxy_is_unhealthy() {
 fn restart_adopted_at_haproxy_while_healthy_hands_over_no_second_time() {
     let mut r = Run::new(settings());
     r.acts(Input::Started { adopted: Adopted::Haproxy });
-    r.acts(accepted("10.0.0.1 10.0.0.2"));
+    r.acts(accepted("10.0.0.1, 10.0.0.2"));
     for t in 1..20 {
         let e = r.at(t * 1000).acts(Input::Haproxy(HEALTHY));
         assert!(transitions(&e).is_empty() && !e.contains(&Effect::HandToHaproxy), "{e:?}");
@@ -279,7 +279,7 @@ fn an_unresolvable_member_list_keeps_the_last_good_state() {
     let mut r = balanced();
     let before = r.c.desired().cloned();
     r.at(10_000);
-    let set = set("cp1=cp1.invalid cp2=cp2.invalid");
+    let set = set("cp1=cp1.invalid, cp2=cp2.invalid");
     let unresolved =
         set.iter().map(|m| Unresolved { member: m.to_string(), reason: "no such host".into(), kept: None }).collect();
     let e = r.acts(Input::MembersAccepted {
@@ -309,10 +309,10 @@ fn an_explicitly_empty_set_is_applied() {
 fn applies_at_once_then_exactly_when_the_interval_allows_coalesced() {
     let mut r = balanced();
     // The last apply started at 2 s; an edit at 3.5 s waits until 4 s, not for a tick.
-    assert!(!has_apply(&r.at(3500).acts(accepted("10.0.0.1 10.0.0.2"))));
+    assert!(!has_apply(&r.at(3500).acts(accepted("10.0.0.1, 10.0.0.2"))));
     assert!(r.c.next_wake() <= r.t0 + Duration::from_millis(4000));
     assert!(!has_apply(&r.at(3900).acts(Input::Tick)));
-    assert!(!has_apply(&r.at(3950).acts(accepted("10.0.0.1 10.0.0.4"))), "coalesced");
+    assert!(!has_apply(&r.at(3950).acts(accepted("10.0.0.1, 10.0.0.4"))), "coalesced");
     let e = r.at(4000).acts(Input::Tick);
     assert_eq!(
         e,
@@ -374,7 +374,7 @@ fn a_member_update_during_a_handover_is_applied_and_waits_for_the_move() {
     r.at(3000).acts(Input::Haproxy(HEALTHY));
     r.at(4000).acts(Input::Haproxy(HEALTHY));
     // HAProxy's first answer at 3 s started a reconcile; the edit waits for it.
-    let e = r.at(4100).acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3 10.0.0.4"));
+    let e = r.at(4100).acts(accepted("10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4"));
     assert!(e.is_empty(), "no retarget while the handover is in flight, no second apply: {e:?}");
     r.done();
     assert_eq!(r.phase(), "balanced");
@@ -498,7 +498,7 @@ fn check_ready() -> Input {
 fn vip_healthy() -> Run {
     let mut r = Run::new(vip_settings());
     r.acts(Input::Started { adopted: Adopted::Nothing });
-    let e = r.acts(accepted("10.0.0.3 10.0.0.1 10.0.0.2"));
+    let e = r.acts(accepted("10.0.0.3, 10.0.0.1, 10.0.0.2"));
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
     assert!(e.contains(&Effect::VipMembers(vec![ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")])), "{e:?}");
     r.done();
@@ -598,9 +598,9 @@ fn a_killed_keepalived_leaves_the_address_and_it_is_removed_once() {
 #[test]
 fn the_same_members_do_not_reconfigure_keepalived() {
     let mut r = vip_healthy();
-    let e = r.acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3"));
+    let e = r.acts(accepted("10.0.0.1, 10.0.0.2, 10.0.0.3"));
     assert!(!e.iter().any(|e| matches!(e, Effect::VipMembers(_))), "{e:?}");
-    let e = r.acts(accepted("10.0.0.1 10.0.0.2 10.0.0.3 10.0.0.4"));
+    let e = r.acts(accepted("10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4"));
     assert!(e.iter().any(|e| matches!(e, Effect::VipMembers(m) if m.len() == 4)), "{e:?}");
     let e = r.acts(Input::VipConfigured(Err("keepalived --config-test refused the rendered file".into())));
     assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipConfigRefused")), "{e:?}");
@@ -708,7 +708,7 @@ mod driver {
     fn restarted_at_a_dead_haproxy_the_endpoint_falls_back_within_the_liveness_checks() {
         local(async {
             let r = rig(Adopted::Haproxy, Err("unused".into()));
-            r.inputs.send(accepted("10.0.0.1 10.0.0.2")).await.unwrap();
+            r.inputs.send(accepted("10.0.0.1, 10.0.0.2")).await.unwrap();
             let started = tokio::time::Instant::now();
             wait("the fallback forward", || r.endpoint.count("forward") == 1).await;
             assert!(started.elapsed() <= Duration::from_millis(700), "{:?}", started.elapsed());
@@ -777,7 +777,7 @@ mod driver {
         local(async {
             let r =
                 rig_with(Adopted::Forward(vec![addr("10.0.0.1:6443")]), Err("unused".into()), vip_settings(), false);
-            r.inputs.send(accepted("10.0.0.1 10.0.0.2")).await.unwrap();
+            r.inputs.send(accepted("10.0.0.1, 10.0.0.2")).await.unwrap();
             wait("healthy advertised", || r.endpoint.count("advertise healthy") == 1).await;
             assert_eq!(r.endpoint.count("members [10.0.0.1, 10.0.0.2]"), 1, "{:?}", r.endpoint.lines());
             // keepalived killed with the address on this host: removed once.

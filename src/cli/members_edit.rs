@@ -20,13 +20,17 @@ use crate::members::MemberSet;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum EditCommand {
-    /// Add a member to the member ConfigMap (created when absent); a listed member is a no-op.
+    /// Add a member to the member ConfigMap (created when absent), replacing the entry with its name
+    /// and the entry with its address; a listed member is a no-op.
     #[command(after_help = "The entry is NAME=ADDRESS[:PORT] (the port defaults to members.defaultPort) and is \
-checked with the agent's member grammar before any request. The ConfigMap is updated with its resourceVersion as \
-a precondition and read again after a 409 Conflict, so hosts adding themselves at once all end up listed. Exit \
-codes: 0 added or already listed, 64 invalid entry, 65 refused (the name or address is listed differently, the \
-current list is invalid, too many members), 69 no credentials or API in time, 1 other API failure. Needs \
-credentials that may get, create and update the ConfigMap (kubeadm's admin.conf), not the agent's own.")]
+checked with the agent's member grammar before any request. An entry with the same name at another address (a \
+host rebuilt under its old name) and an entry with the same address under another name (a new host given a \
+released address) are replaced by the new one, and each is reported on a line of its own (\"replaced ...\"); \
+the same NAME=ADDRESS:PORT again changes nothing. The ConfigMap is updated with its resourceVersion as a \
+precondition and read again after a 409 Conflict, so hosts adding themselves at once all end up listed. Exit \
+codes: 0 added, replaced or already listed, 64 invalid entry, 65 refused (the current list is invalid, too many \
+members), 69 no credentials or API in time, 1 other API failure. Needs credentials that may get, create and \
+update the ConfigMap (kubeadm's admin.conf), not the agent's own.")]
     Add {
         /// NAME=ADDRESS[:PORT], e.g. cp2=192.0.2.12:6443.
         #[arg(value_name = "NAME=ADDRESS[:PORT]")]
@@ -113,7 +117,12 @@ pub fn run(command: EditCommand) -> anyhow::Result<()> {
     match applied {
         Applied::Unchanged { why, members } => println!("{edit}: {why}; {object} unchanged: {}", show(&members)),
         Applied::Created { members } => println!("{edit}: created {object}: {}", show(&members)),
-        Applied::Updated { members, attempts } => {
+        Applied::Updated { members, replaced, attempts } => {
+            // One line per replaced entry, before the result, so a script or a reader of the boot
+            // log sees what this host's registration took the place of.
+            for r in &replaced {
+                println!("{edit}: replaced {r}");
+            }
             let retried = if attempts > 1 { format!(" (after {} conflicts)", attempts - 1) } else { String::new() };
             println!("{edit}: updated {object}{retried}: {}", show(&members))
         }

@@ -390,7 +390,7 @@ mod tests {
     #[test]
     fn golden_default_template() {
         let cases = [
-            ("haproxy-v4-three.cfg", settings(), bind(), servers("10.0.0.11 10.0.0.12 10.0.0.13")),
+            ("haproxy-v4-three.cfg", settings(), bind(), servers("10.0.0.11, 10.0.0.12, 10.0.0.13")),
             (
                 "haproxy-v6-named.cfg",
                 HaproxySettings {
@@ -399,7 +399,7 @@ mod tests {
                     ..settings()
                 },
                 "[fd00::10]:6443".parse().unwrap(),
-                servers("cp1=[fd00::11]:6443 cp2=fd00::12 10.0.0.13:7443"),
+                servers("cp1=[fd00::11]:6443, cp2=fd00::12, 10.0.0.13:7443"),
             ),
             ("haproxy-empty.cfg", settings(), "127.0.0.1:9445".parse().unwrap(), Vec::new()),
             (
@@ -430,7 +430,7 @@ mod tests {
     fn digest_ignores_servers_and_follows_everything_else() {
         let s = settings();
         let a = render(&s, bind(), &servers("10.0.0.11")).unwrap();
-        let b = render(&s, bind(), &servers("10.0.0.12 10.0.0.13")).unwrap();
+        let b = render(&s, bind(), &servers("10.0.0.12, 10.0.0.13")).unwrap();
         let none = render(&s, bind(), &[]).unwrap();
         assert_ne!(a.text, b.text);
         assert_eq!(a.digest, b.digest);
@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn rendering_is_deterministic() {
-        let list = servers("10.0.0.13 cp1=10.0.0.11 [fd00::1]");
+        let list = servers("10.0.0.13, cp1=10.0.0.11, [fd00::1]");
         assert_eq!(render(&settings(), bind(), &list).unwrap(), render(&settings(), bind(), &list).unwrap());
     }
 
@@ -515,12 +515,20 @@ mod tests {
     #[test]
     fn nothing_outside_parsed_values_reaches_the_file() {
         // Members are parsed before they get here: separators and comment signs are refused.
-        for hostile in ["10.0.0.1;del server", "10.0.0.1#x", "cp1=10.0.0.1\"", "10.0.0.1/program"] {
+        // So is a line of several words: a pasted section or server line is one invalid entry.
+        for hostile in [
+            "10.0.0.1;del server",
+            "10.0.0.1#x",
+            "cp1=10.0.0.1\"",
+            "10.0.0.1/program",
+            "10.0.0.1\nprogram x",
+            "10.0.0.1\nserver evil 10.201.66.6:6443 check",
+        ] {
             assert!(crate::members::parse(hostile, &ParseOptions::default()).is_err(), "{hostile:?}");
         }
-        // A newline only separates entries: `program x` becomes two DNS members, rendered as
-        // server lines of resolved addresses, never as a section.
-        let set = crate::members::parse("10.0.0.1\nprogram x", &ParseOptions::default()).unwrap();
+        // A newline only separates entries: `program` alone is a DNS member, rendered as a
+        // server line of its resolved address, never as a section.
+        let set = crate::members::parse("10.0.0.1\nprogram", &ParseOptions::default()).unwrap();
         let list: Vec<Server> = set
             .iter()
             .enumerate()

@@ -124,7 +124,7 @@ mod tests {
 
     #[tokio::test]
     async fn resolves_ip_members_as_they_are_and_names_with_the_system_resolver() {
-        let set = parse("10.0.0.11 cp2=[fd00::12]:7443 local=localhost:6443", &ParseOptions::default()).unwrap();
+        let set = parse("10.0.0.11, cp2=[fd00::12]:7443, local=localhost:6443", &ParseOptions::default()).unwrap();
         let r = resolve(&set, &BTreeMap::new(), Duration::from_secs(5)).await;
         assert!(r.unresolved.is_empty(), "{:?}", r.unresolved);
         let got: Vec<(String, SocketAddr)> = r.servers.iter().map(|s| (s.name.to_string(), s.addr)).collect();
@@ -137,7 +137,7 @@ mod tests {
     #[tokio::test]
     async fn an_unresolvable_name_keeps_its_last_address_or_is_left_out() {
         // `.invalid` never resolves (RFC 6761).
-        let set = parse("gone=cp.invalid:6443 new=cp2.invalid", &ParseOptions::default()).unwrap();
+        let set = parse("gone=cp.invalid:6443, new=cp2.invalid", &ParseOptions::default()).unwrap();
         let previous = BTreeMap::from([("gone".parse().unwrap(), "10.0.0.5:6443".parse().unwrap())]);
         let r = resolve(&set, &previous, Duration::from_secs(5)).await;
         assert_eq!(r.servers, [Server { name: "gone".parse().unwrap(), addr: "10.0.0.5:6443".parse().unwrap() }]);

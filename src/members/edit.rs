@@ -1,8 +1,9 @@
 //! `cpha members add` and `remove`: one member added to or removed from the member ConfigMap,
-//! as an optimistic-concurrency update.
+//! as an optimistic-concurrency update. An added member replaces the entries that share its name
+//! or its address (a rebuilt host, a reused address), and says which.
 //!
-//! The decision is pure ([`plan`]: the ConfigMap's current text and the edit in, the new text or
-//! "nothing to do" out), so it is tested with plain values; [`apply`] wraps it in the API's
+//! The decision is pure ([`plan`]: the ConfigMap's current text and the edit in, the new set and
+//! what it replaced, or "nothing to do", out), so it is tested with plain values; [`apply`] wraps it in the API's
 //! read-modify-write loop: GET, decide, PUT with the resourceVersion read (or POST when the
 //! ConfigMap does not exist), and on 409 Conflict / AlreadyExists read again and decide again.
 //! Two hosts registering at once both end up listed: the loser's PUT is refused and it retries
@@ -71,10 +72,6 @@ pub enum EditError {
     InvalidName { name: String, reason: String },
     #[error("the ConfigMap's current list is invalid, so it is left as it is (fix it first): {0}")]
     CurrentInvalid(MembersError),
-    #[error("{name} is already listed as {listed}, not {wanted}: remove it first to change its address")]
-    NameTaken { name: String, listed: String, wanted: String },
-    #[error("{address} is already listed as {listed}: remove that entry first")]
-    AddressTaken { address: String, listed: String },
     #[error("{name} is the last member: removing it would leave HAProxy with no apiserver")]
     LastMember { name: String },
     #[error("the list would have {count} members, more than {max} (members.maxMembers)")]
@@ -86,11 +83,42 @@ pub enum EditError {
 pub enum Plan {
     /// The list already says so: nothing is written.
     Unchanged(&'static str),
-    /// The new text of the ConfigMap key.
-    Write(MemberSet),
+    /// The new list, and the entries an added member replaced.
+    Write { members: MemberSet, replaced: Vec<Replaced> },
+}
+
+/// An entry that an added member took the place of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub member: Member,
+    pub why: ReplacedWhy,
+}
+
+/// What the replaced entry shared with the added member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplacedWhy {
+    /// The same server name at another address: the host was rebuilt under its old name.
+    SameName,
+    /// The same address under another name: a new host was given a released address.
+    SameAddress,
+}
+
+impl fmt::Display for Replaced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = match self.why {
+            ReplacedWhy::SameName => "the same name",
+            ReplacedWhy::SameAddress => "the same address",
+        };
+        write!(f, "{}={} ({why})", self.member.name(), self.member.address())
+    }
 }
 
 /// Decides an edit on the list as the ConfigMap holds it (`None`: no ConfigMap or no key).
+///
+/// Adding `NAME=ADDRESS` replaces the entry named NAME and the entry at ADDRESS, when they differ
+/// from it: a host registers what it is now, and an entry that says otherwise about its name or
+/// its address is out of date (a rebuilt host, or a removed host whose address was handed out
+/// again). The two can be two entries, both replaced by the one added.
 pub fn plan(current: Option<&str>, edit: &Edit, opts: &ParseOptions) -> Result<Plan, EditError> {
     let set = match current {
         None => MemberSet::new(),
@@ -105,25 +133,27 @@ pub fn plan(current: Option<&str>, edit: &Edit, opts: &ParseOptions) -> Result<P
             if set.contains(member) {
                 return Ok(Plan::Unchanged("already listed"));
             }
-            if let Some(listed) = set.get(member.name().as_str()) {
-                return Err(EditError::NameTaken {
-                    name: member.name().to_string(),
-                    listed: listed.address().to_string(),
-                    wanted: member.address().to_string(),
-                });
+            let replaced: Vec<Replaced> = set
+                .iter()
+                .filter_map(|m| {
+                    let why = if m.name() == member.name() {
+                        ReplacedWhy::SameName
+                    } else if m.same_address(member) {
+                        ReplacedWhy::SameAddress
+                    } else {
+                        return None;
+                    };
+                    Some(Replaced { member: m.clone(), why })
+                })
+                .collect();
+            let count = set.len() - replaced.len() + 1;
+            if count > opts.max_members {
+                return Err(EditError::TooMany { count, max: opts.max_members });
             }
-            if let Some(listed) = set.iter().find(|m| m.same_address(member)) {
-                return Err(EditError::AddressTaken {
-                    address: member.address().to_string(),
-                    listed: listed.to_string(),
-                });
-            }
-            if set.len() + 1 > opts.max_members {
-                return Err(EditError::TooMany { count: set.len() + 1, max: opts.max_members });
-            }
-            let next = MemberSet::from_members(set.iter().cloned().chain([member.clone()]))
-                .map_err(EditError::CurrentInvalid)?;
-            Ok(Plan::Write(next))
+            let kept = set.iter().filter(|m| !replaced.iter().any(|r| &r.member == *m));
+            let members =
+                MemberSet::from_members(kept.cloned().chain([member.clone()])).map_err(EditError::CurrentInvalid)?;
+            Ok(Plan::Write { members, replaced })
         }
         Edit::Remove(name) => {
             if set.get(name.as_str()).is_none() {
@@ -132,9 +162,9 @@ pub fn plan(current: Option<&str>, edit: &Edit, opts: &ParseOptions) -> Result<P
             if set.len() == 1 && !opts.allow_empty {
                 return Err(EditError::LastMember { name: name.to_string() });
             }
-            let next = MemberSet::from_members(set.iter().filter(|m| m.name() != name).cloned())
+            let members = MemberSet::from_members(set.iter().filter(|m| m.name() != name).cloned())
                 .map_err(EditError::CurrentInvalid)?;
-            Ok(Plan::Write(next))
+            Ok(Plan::Write { members, replaced: Vec::new() })
         }
     }
 }
@@ -158,7 +188,7 @@ pub struct Target {
 pub enum Applied {
     Unchanged { why: &'static str, members: MemberSet },
     Created { members: MemberSet },
-    Updated { members: MemberSet, attempts: u32 },
+    Updated { members: MemberSet, replaced: Vec<Replaced>, attempts: u32 },
 }
 
 /// A failed edit: refused (nothing written, exit 65) or the API failed.
@@ -193,7 +223,7 @@ pub async fn apply(
             .await
             .map_err(|source| ApplyError::Api { what: format!("reading {object}"), source })?;
         let text = current.as_ref().and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(&target.key)).cloned();
-        let members = match plan(text.as_deref(), edit, opts)? {
+        let (members, replaced) = match plan(text.as_deref(), edit, opts)? {
             Plan::Unchanged(why) => {
                 let members = match text.as_deref() {
                     Some(t) => parse(t, &ParseOptions { allow_empty: true, ..opts.clone() }).unwrap_or_default(),
@@ -201,7 +231,7 @@ pub async fn apply(
                 };
                 return Ok(Applied::Unchanged { why, members });
             }
-            Plan::Write(members) => members,
+            Plan::Write { members, replaced } => (members, replaced),
         };
         let value = render(&members);
         let result = match current {
@@ -222,9 +252,11 @@ pub async fn apply(
                 // anyone wrote in between.
                 cm.data.get_or_insert_with(BTreeMap::new).insert(target.key.clone(), value);
                 cm.metadata.managed_fields = None;
-                api.replace(&target.name, &PostParams::default(), &cm)
-                    .await
-                    .map(|_| Applied::Updated { members, attempts: attempt })
+                api.replace(&target.name, &PostParams::default(), &cm).await.map(|_| Applied::Updated {
+                    members,
+                    replaced,
+                    attempts: attempt,
+                })
             }
         };
         match result {
@@ -264,7 +296,18 @@ mod tests {
 
     fn written(p: Plan) -> String {
         match p {
-            Plan::Write(set) => render(&set),
+            Plan::Write { members, replaced } => {
+                assert_eq!(replaced, [], "nothing should be replaced");
+                render(&members)
+            }
+            Plan::Unchanged(why) => panic!("unchanged: {why}"),
+        }
+    }
+
+    /// The new text and what it replaced, as `Display` shows it.
+    fn replacing(p: Plan) -> (String, Vec<String>) {
+        match p {
+            Plan::Write { members, replaced } => (render(&members), replaced.iter().map(ToString::to_string).collect()),
             Plan::Unchanged(why) => panic!("unchanged: {why}"),
         }
     }
@@ -299,18 +342,67 @@ mod tests {
         assert_eq!(written(plan(Some(""), &add("cp1=192.0.2.11"), &opts()).unwrap()), "cp1=192.0.2.11:6443\n");
     }
 
+    const THREE: &str = "cp1=192.0.2.11:6443\ncp2=192.0.2.12:6443\ncp3=192.0.2.13:6443\n";
+
     #[test]
-    fn add_refuses_conflicts_and_a_broken_list() {
-        let two = "cp1=192.0.2.11:6443\ncp2=192.0.2.12:6443\n";
-        let e = plan(Some(two), &add("cp2=192.0.2.99"), &opts()).unwrap_err();
-        assert!(matches!(e, EditError::NameTaken { .. }), "{e}");
-        let e = plan(Some(two), &add("cp9=192.0.2.12:6443"), &opts()).unwrap_err();
-        assert!(matches!(e, EditError::AddressTaken { .. }), "{e}");
+    fn add_with_a_listed_name_replaces_its_address() {
+        // A host rebuilt under its old name, with a new address.
+        let (text, replaced) = replacing(plan(Some(THREE), &add("cp2=192.0.2.99"), &opts()).unwrap());
+        assert_eq!(text, "cp1=192.0.2.11:6443\ncp3=192.0.2.13:6443\ncp2=192.0.2.99:6443\n");
+        assert_eq!(replaced, ["cp2=192.0.2.12:6443 (the same name)"]);
+        // Another port is another address too.
+        let (text, replaced) = replacing(plan(Some(THREE), &add("cp1=192.0.2.11:7443"), &opts()).unwrap());
+        assert_eq!(text, "cp1=192.0.2.11:7443\ncp2=192.0.2.12:6443\ncp3=192.0.2.13:6443\n");
+        assert_eq!(replaced, ["cp1=192.0.2.11:6443 (the same name)"]);
+    }
+
+    #[test]
+    fn add_with_a_listed_address_replaces_its_entry() {
+        // A new host given the address a removed one had.
+        let (text, replaced) = replacing(plan(Some(THREE), &add("cp4=192.0.2.12:6443"), &opts()).unwrap());
+        assert_eq!(text, "cp1=192.0.2.11:6443\ncp4=192.0.2.12:6443\ncp3=192.0.2.13:6443\n");
+        assert_eq!(replaced, ["cp2=192.0.2.12:6443 (the same address)"]);
+        // An entry with a derived name is replaced the same way.
+        let (text, replaced) =
+            replacing(plan(Some("- 192.0.2.11\n- 192.0.2.12\n"), &add("cp4=192.0.2.12"), &opts()).unwrap());
+        assert_eq!(text, "m-192.0.2.11-6443=192.0.2.11:6443\ncp4=192.0.2.12:6443\n");
+        assert_eq!(replaced, ["m-192.0.2.12-6443=192.0.2.12:6443 (the same address)"]);
+    }
+
+    #[test]
+    fn add_can_replace_two_entries_with_one() {
+        // cp3 is rebuilt at the address cp1 had: both stale entries go, one takes their place.
+        let (text, replaced) = replacing(plan(Some(THREE), &add("cp3=192.0.2.11"), &opts()).unwrap());
+        assert_eq!(text, "cp3=192.0.2.11:6443\ncp2=192.0.2.12:6443\n");
+        assert_eq!(replaced, ["cp1=192.0.2.11:6443 (the same address)", "cp3=192.0.2.13:6443 (the same name)"]);
+        // The count after the replacement is what the cap is checked on.
+        let full = ParseOptions { max_members: 3, ..opts() };
+        let (text, _) = replacing(plan(Some(THREE), &add("cp3=192.0.2.11"), &full).unwrap());
+        assert_eq!(text.lines().count(), 2);
+    }
+
+    #[test]
+    fn a_registration_run_again_changes_nothing() {
+        let (text, _) = replacing(plan(Some(THREE), &add("cp3=192.0.2.11"), &opts()).unwrap());
+        assert_eq!(plan(Some(&text), &add("cp3=192.0.2.11"), &opts()).unwrap(), Plan::Unchanged("already listed"));
+        // In any spelling of the same member.
+        assert_eq!(plan(Some(&text), &add("cp3=192.0.2.11:6443"), &opts()).unwrap(), Plan::Unchanged("already listed"));
+        assert_eq!(plan(Some(THREE), &add("cp2=192.0.2.12:6443"), &opts()).unwrap(), Plan::Unchanged("already listed"));
+    }
+
+    #[test]
+    fn add_refuses_an_invalid_entry_a_broken_list_and_too_many() {
+        for entry in ["cp2=192.0.2.12:0", "cp2=192.0.2.12 check", "cp 2=192.0.2.12", "cp2=", "cp2=0.0.0.0"] {
+            let e = Edit::add(entry, 6443).unwrap_err();
+            assert!(matches!(e, EditError::InvalidEntry { .. }), "{entry:?}: {e}");
+        }
         let e = plan(Some("cp1=192.0.2.11:6443 !!"), &add("cp2=192.0.2.12"), &opts()).unwrap_err();
         assert!(matches!(e, EditError::CurrentInvalid(_)), "{e}");
-        let small = ParseOptions { max_members: 2, ..opts() };
-        let e = plan(Some(two), &add("cp3=192.0.2.13"), &small).unwrap_err();
-        assert_eq!(e, EditError::TooMany { count: 3, max: 2 });
+        let small = ParseOptions { max_members: 3, ..opts() };
+        let e = plan(Some(THREE), &add("cp4=192.0.2.14"), &small).unwrap_err();
+        assert_eq!(e, EditError::TooMany { count: 4, max: 3 });
+        // Replacing one keeps the count.
+        assert!(plan(Some(THREE), &add("cp4=192.0.2.13"), &small).is_ok());
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn forbidden_hint(ch: char) -> &'static str {
         '#' => " (a comment must be on a line of its own)",
         '%' => " (IPv6 zone ids are not supported)",
         '/' => " (write an address, not a URL or a prefix)",
-        c if c.is_whitespace() => " (one entry cannot contain white space)",
+        c if c.is_whitespace() => " (one entry cannot contain white space: separate entries with ',' or a line end)",
         _ => "",
     }
 }

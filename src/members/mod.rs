@@ -14,8 +14,8 @@
 //! - `member`: one entry, its canonical text and its server name;
 //! - `parse`: the list shapes (YAML or plain), options and the list errors;
 //! - `set`: the canonical set, its uniqueness rules, serde form and [`MemberSet::diff`];
-//! - `edit`: `cpha members add/remove`, one member added to or removed from the ConfigMap with
-//!   an optimistic-concurrency update.
+//! - `edit`: `cpha members add/remove`, one member added to (replacing the entries with its name
+//!   or its address) or removed from the ConfigMap with an optimistic-concurrency update.
 
 pub mod edit;
 mod member;

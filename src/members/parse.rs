@@ -2,7 +2,8 @@
 //!
 //! Two shapes are read:
 //! - a YAML list, block (`- 10.0.0.11` lines) or flow (`[10.0.0.11, "cp-2:6443"]`);
-//! - plain entries separated by commas, spaces, tabs or newlines, with `#` comment lines.
+//! - plain entries separated by commas or line ends, with `#` comment lines and blank lines; the
+//!   spaces and tabs around an entry do not count, and one inside it makes it invalid.
 //!
 //! The input is YAML when its first line that is neither blank nor a comment starts with `- `
 //! (or is `-`) or `---`; it is YAML too when that line starts with `[` and the whole input reads as
@@ -119,14 +120,19 @@ pub fn parse(input: &str, opts: &ParseOptions) -> Result<MemberSet, MembersError
             Ok(member) => members.push((position, member)),
             // NOTE: input starting with '[' that YAML could not read was taken as a plain list;
             // when that fails too and the input ends like a flow list, the YAML error is the one
-            // that explains it (an unquoted "[...]" inside, a missing ',').
-            Err(_) if flow_error.is_some() && input.trim_end().ends_with(']') => {
+            // that explains it (an unquoted "[...]" inside, a missing ','), unless the entry has
+            // words in it: then the entry is what to name.
+            Err(reason) if flow_error.is_some() && input.trim_end().ends_with(']') && !is_white_space(&reason) => {
                 return Err(MembersError::Yaml(flow_error.expect("checked")))
             }
             Err(reason) => return Err(MembersError::InvalidEntry { position, entry: quote_excerpt(&text), reason }),
         }
     }
     MemberSet::from_positioned(members)
+}
+
+fn is_white_space(reason: &MemberParseError) -> bool {
+    matches!(reason, MemberParseError::ForbiddenChar { ch, .. } if ch.is_whitespace())
 }
 
 /// An overlong entry is only ever refused for its length; quoting all of it would let one
@@ -209,11 +215,18 @@ fn is_block_yaml(line: &str) -> bool {
     line == "-" || line.starts_with("- ") || line.starts_with("-\t") || line.starts_with("---")
 }
 
+/// Entries end at a comma or a line end; spaces and tabs around an entry are dropped, and what is
+/// left is the entry, words inside it and all.
+///
+/// NOTE: white space does not separate entries. When it did, a pasted HAProxy line
+/// (`server evil 10.201.66.6:6443 check`) became four members, one of them an address nobody
+/// listed; now it is one entry that the grammar refuses, and the whole list with it.
 fn split_plain(input: &str) -> Vec<Item> {
     input
         .lines()
         .filter(|line| !line.trim_start_matches([' ', '\t']).starts_with('#'))
-        .flat_map(|line| line.split([',', ' ', '\t', '\r']))
+        .flat_map(|line| line.split(','))
+        .map(|entry| entry.trim_matches([' ', '\t', '\r']))
         .filter(|entry| !entry.is_empty())
         .map(|entry| Item::Text(entry.to_owned()))
         .collect()
@@ -344,14 +357,16 @@ mod tests {
     fn all_shapes_give_the_same_set() {
         let inputs = [
             "10.0.0.11, cp1=10.0.0.12:6443, cp3=[fd00::13]:6443, CP-2.example.internal",
-            "10.0.0.11 cp1=10.0.0.12:6443 cp3=[fd00::13]:6443 cp-2.example.internal:6443",
+            // Spaces and tabs around an entry do not count.
+            "  10.0.0.11 ,\tcp1=10.0.0.12:6443 ,cp3=[fd00::13]:6443\t,  cp-2.example.internal:6443  \n",
+            "\n\n 10.0.0.11\n\n\tcp1=10.0.0.12:6443\t\r\n  cp3=[fd00::13]:6443 \n\n cp-2.example.internal:6443,\n\n",
             "# control plane\n10.0.0.11\n  # second\ncp1=10.0.0.12:6443,\ncp3=[fd00::13]\r\n\tcp-2.example.internal\n",
             "- 10.0.0.11\n- cp1=10.0.0.12:6443\n- cp3=[fd00::13]:6443\n- cp-2.example.internal\n",
             "# members\n---\n- 10.0.0.11   # first\n- 'cp1=10.0.0.12:6443'\n- \"cp3=[fd00::13]:6443\"\n-   cp-2.example.internal:6443\n",
             "[10.0.0.11, \"cp1=10.0.0.12:6443\", 'cp3=[fd00::13]:6443', cp-2.example.internal]",
             "[\n  10.0.0.11,\n  cp1=10.0.0.12,\n  \"cp3=[fd00::13]\",\n  cp-2.example.internal,\n]\n",
             // Duplicates collapse, in any spelling of the same member.
-            "10.0.0.11 10.0.0.11:6443 m-10.0.0.11-6443=10.0.0.11 cp1=10.0.0.12 cp3=[fd00::13] cp3=FD00::13 cp-2.example.internal cp-2.EXAMPLE.internal:6443",
+            "10.0.0.11, 10.0.0.11:6443, m-10.0.0.11-6443=10.0.0.11\ncp1=10.0.0.12, cp3=[fd00::13], cp3=FD00::13\ncp-2.example.internal, cp-2.EXAMPLE.internal:6443",
         ];
         for input in inputs {
             assert_eq!(ok(input), EXPECTED, "{input:?}");
@@ -362,7 +377,8 @@ mod tests {
     fn plain_list_starting_with_a_bracketed_ipv6_address() {
         assert_eq!(ok("[fd00::11]:6443, [fd00::12]:6443"), ["[fd00::11]:6443", "[fd00::12]:6443"]);
         assert_eq!(ok("[fd00::11]:6443"), ["[fd00::11]:6443"]);
-        assert_eq!(ok("[fd00::11] [fd00::12]"), ["[fd00::11]:6443", "[fd00::12]:6443"]);
+        assert_eq!(ok("[fd00::11]\n[fd00::12]"), ["[fd00::11]:6443", "[fd00::12]:6443"]);
+        assert_eq!(ok("  [fd00::11]:7443 ,\t[fd00::12]  "), ["[fd00::11]:7443", "[fd00::12]:6443"]);
         // Also YAML: a flow list with one item.
         assert_eq!(ok("[fd00::11]"), ["[fd00::11]:6443"]);
     }
@@ -392,8 +408,8 @@ mod tests {
     #[test]
     fn cap_counts_entries_before_duplicates_collapse() {
         let opts = ParseOptions { max_members: 3, ..ParseOptions::default() };
-        assert_eq!(parse("a.b c.d e.f", &opts).unwrap().len(), 3);
-        assert_eq!(refused_with("a.b a.b a.b a.b", &opts), MembersError::TooMany { count: 4, max: 3 });
+        assert_eq!(parse("a.b, c.d, e.f", &opts).unwrap().len(), 3);
+        assert_eq!(refused_with("a.b, a.b\na.b, a.b", &opts), MembersError::TooMany { count: 4, max: 3 });
         assert_eq!(refused_with("[a.b, c.d, e.f, g.h]", &opts), MembersError::TooMany { count: 4, max: 3 });
         let many: Vec<String> = (1..=33).map(|i| format!("10.0.0.{i}")).collect();
         assert_eq!(refused(&many.join(",")), MembersError::TooMany { count: 33, max: 32 });
@@ -417,7 +433,7 @@ mod tests {
 
     #[test]
     fn first_bad_entry_wins_and_nothing_is_half_applied() {
-        let e = refused("10.0.0.1 bad_host 10.0.0.2:0");
+        let e = refused("10.0.0.1, bad_host, 10.0.0.2:0");
         assert!(matches!(e, MembersError::InvalidEntry { position: 2, .. }), "{e:?}");
     }
 
@@ -477,11 +493,67 @@ mod tests {
     }
 
     #[test]
-    fn spaces_separate_entries_so_words_become_separate_members() {
-        // Each word is read as its own (single-label) host name: nothing reaches haproxy.cfg as
-        // an option, it is rendered as `server m-check-6443 check:6443`.
-        let set = ok("cp1=10.0.0.11:6443 check inter 1s");
-        assert_eq!(set, ["cp1=10.0.0.11:6443", "1s:6443", "check:6443", "inter:6443"]);
+    fn words_on_one_line_are_one_invalid_entry() {
+        // A HAProxy line or section pasted into the list: before, every word became a member
+        // (`10.201.66.6:6443` among them); now the line is one entry, refused, and the list with it.
+        for (input, position, entry) in [
+            ("cp1=10.0.0.11:6443\nserver evil 10.201.66.6:6443 check", 2, "server evil 10.201.66.6:6443 check"),
+            ("cp1=10.0.0.11:6443\nbackend evil\n  mode http", 2, "backend evil"),
+            ("cp1=10.0.0.11:6443 check inter 1s", 1, "cp1=10.0.0.11:6443 check inter 1s"),
+            ("10.0.0.11, 10.0.0.12 10.0.0.13", 2, "10.0.0.12 10.0.0.13"),
+            ("10.0.0.11\t10.0.0.12", 1, "10.0.0.11\t10.0.0.12"),
+            ("10.0.0.11,\n  10.0.0.12 # the second", 2, "10.0.0.12 # the second"),
+            ("[fd00::11] [fd00::12]:6443", 1, "[fd00::11] [fd00::12]:6443"),
+            // Shaped like a YAML flow list that YAML cannot read: the entry is still named.
+            ("[fd00::11]:6443\nserver evil [fd00::66]", 2, "server evil [fd00::66]"),
+            ("[fd00::11] [fd00::12]", 1, "[fd00::11] [fd00::12]"),
+            ("10.0.0.11\r10.0.0.12", 1, "10.0.0.11\r10.0.0.12"),
+        ] {
+            let e = refused(input);
+            assert!(
+                matches!(
+                    &e,
+                    MembersError::InvalidEntry { position: p, entry: en, reason: MemberParseError::ForbiddenChar { ch, .. } }
+                        if *p == position && en == entry && ch.is_whitespace()
+                ),
+                "{input:?} gave {e:?}"
+            );
+            // The message names the entry, escaped: no raw tab or carriage return gets through.
+            let msg = e.to_string();
+            assert!(msg.contains(&quoted(entry)), "{msg}");
+            assert!(msg.contains("one entry cannot contain white space"), "{msg}");
+            assert!(msg.chars().all(|c| c == ' ' || c.is_ascii_graphic()), "message is not plain ASCII: {msg:?}");
+        }
+        assert_eq!(
+            refused("cp1=10.0.0.11:6443\nserver evil 10.201.66.6:6443 check").to_string(),
+            "entry 2 of the member list, \"server evil 10.201.66.6:6443 check\", is invalid: character ' ' (U+0020) \
+             at byte 6 is not allowed (one entry cannot contain white space: separate entries with ',' or a line end)"
+        );
+    }
+
+    #[test]
+    fn the_plain_forms_the_docs_promise_stay_accepted() {
+        // One entry per line, blank lines, comment lines (indented too), CRLF line ends.
+        assert_eq!(
+            ok("# cp\n\ncp1=10.0.0.11:6443\n\n  # next\n\tcp2=10.0.0.12\r\n"),
+            ["cp1=10.0.0.11:6443", "cp2=10.0.0.12:6443"]
+        );
+        // Commas, with or without spaces, and a trailing one.
+        assert_eq!(ok("10.0.0.11,10.0.0.12 , 10.0.0.13,"), ["10.0.0.11:6443", "10.0.0.12:6443", "10.0.0.13:6443"]);
+        // Both at once.
+        assert_eq!(ok("10.0.0.11, 10.0.0.12\n10.0.0.13"), ["10.0.0.11:6443", "10.0.0.12:6443", "10.0.0.13:6443"]);
+        // IPv6 in brackets, with and without a port, and bare.
+        assert_eq!(
+            ok("cp3=[fd00::13]:7443\n[fd00::14]\nfd00::15"),
+            ["cp3=[fd00::13]:7443", "[fd00::14]:6443", "[fd00::15]:6443"]
+        );
+        // DNS names, named or not.
+        assert_eq!(
+            ok(" cp1=cp-1.example.internal , cp-2.example.internal:6443 "),
+            ["cp1=cp-1.example.internal:6443", "cp-2.example.internal:6443"]
+        );
+        // What `cpha members add` writes.
+        assert_eq!(ok("cp1=10.0.0.11:6443\ncp2=10.0.0.12:6443\n"), ["cp1=10.0.0.11:6443", "cp2=10.0.0.12:6443"]);
     }
 
     #[test]
@@ -607,10 +679,10 @@ mod tests {
             }
         );
         // A derived name is a name too.
-        let e = refused("10.0.0.11 cp1=10.0.0.11");
+        let e = refused("10.0.0.11\ncp1=10.0.0.11");
         assert!(matches!(e, MembersError::DuplicateAddress { .. }), "{e:?}");
         // Different ports are different addresses.
-        assert_eq!(ok("10.0.0.11:6443 10.0.0.11:7443").len(), 2);
+        assert_eq!(ok("10.0.0.11:6443, 10.0.0.11:7443").len(), 2);
     }
 
     #[test]

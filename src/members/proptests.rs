@@ -198,7 +198,8 @@ fn render_list(entries: &[String], shape: u8) -> String {
     match shape {
         0 => entries.join(", "),
         1 => entries.join("\n"),
-        2 => format!("# members\n{}\n", entries.join(" \t")),
+        // Spaces and tabs around entries, blank lines, a comment line.
+        2 => format!("# members\n \t{}\t\n", entries.join(" ,\t\n\n  ")),
         3 => entries.iter().map(|e| format!("- \"{e}\"\n")).collect(),
         _ => format!("[{}]", entries.iter().map(|e| format!("'{e}'")).collect::<Vec<_>>().join(", ")),
     }
@@ -280,6 +281,26 @@ proptest! {
                 "{:?} refused: {}", input, e
             );
         }
+    }
+
+    #[test]
+    fn words_on_one_line_are_one_entry_and_refused(
+        entries in prop::collection::vec(entry_strategy(), 2..4),
+        gap in prop::sample::select(&[" ", "\t", "  ", " \t "][..]),
+    ) {
+        // Well-formed entries, several on the second line: that line is one entry, refused for
+        // its white space (the grammar checks characters first), whatever its words are.
+        let words: Vec<String> = entries.iter().map(|e| e.text.clone()).collect();
+        let input = format!("cp0=192.0.2.1\n{}\n", words.join(gap));
+        let e = parse(&input, &opts()).unwrap_err();
+        prop_assert!(
+            matches!(
+                &e,
+                MembersError::InvalidEntry { position: 2, reason: MemberParseError::ForbiddenChar { ch, .. }, .. }
+                    if ch.is_whitespace()
+            ) || matches!(&e, MembersError::InvalidEntry { position: 2, reason: MemberParseError::TooLong { .. }, .. }),
+            "{:?} gave {:?}", input, e
+        );
     }
 
     #[test]

@@ -215,8 +215,8 @@ mod tests {
 
     #[test]
     fn diff_added_removed_and_changed() {
-        let current = set("10.0.0.1 10.0.0.2 cp1=10.0.0.3 cp2=a.example cp4=10.0.0.9");
-        let desired = set("10.0.0.2 10.0.0.4 cp1=10.0.0.5 cp2=a.example:7443 cp3=10.0.0.6 cp4=10.0.0.9");
+        let current = set("10.0.0.1, 10.0.0.2, cp1=10.0.0.3, cp2=a.example, cp4=10.0.0.9");
+        let desired = set("10.0.0.2, 10.0.0.4, cp1=10.0.0.5, cp2=a.example:7443, cp3=10.0.0.6, cp4=10.0.0.9");
         let d = current.diff(&desired);
         assert_eq!(texts(&d.added), ["10.0.0.4:6443", "cp3=10.0.0.6:6443"]);
         assert_eq!(texts(&d.removed), ["10.0.0.1:6443"]);
@@ -234,9 +234,9 @@ mod tests {
 
     #[test]
     fn diff_of_equal_sets_is_empty_and_diff_reverses() {
-        let a = set("10.0.0.1 cp1=10.0.0.3 b.example");
+        let a = set("10.0.0.1, cp1=10.0.0.3, b.example");
         assert!(a.diff(&a.clone()).is_empty());
-        let b = set("10.0.0.2 cp1=10.0.0.4");
+        let b = set("10.0.0.2, cp1=10.0.0.4");
         let ab = a.diff(&b);
         let ba = b.diff(&a);
         assert_eq!(ab.added, ba.removed);
@@ -248,7 +248,7 @@ mod tests {
     #[test]
     fn diff_from_and_to_empty() {
         let empty = MemberSet::new();
-        let a = set("10.0.0.1 10.0.0.2");
+        let a = set("10.0.0.1, 10.0.0.2");
         assert_eq!(empty.diff(&a).added, a.iter().cloned().collect::<Vec<_>>());
         assert_eq!(a.diff(&empty).removed, a.iter().cloned().collect::<Vec<_>>());
         assert!(empty.diff(&empty).is_empty());
@@ -279,14 +279,14 @@ mod tests {
 
     #[test]
     fn display_reads_back() {
-        let s = set("cp3=[fd00::13] 10.0.0.1:7443 Cp-2.Example");
+        let s = set("cp3=[fd00::13], 10.0.0.1:7443, Cp-2.Example");
         assert_eq!(s.to_string(), "10.0.0.1:7443, cp3=[fd00::13]:6443, cp-2.example:6443");
         assert_eq!(s.to_string().parse::<MemberSet>().unwrap(), s);
     }
 
     #[test]
     fn serde_as_a_list_of_canonical_strings() {
-        let s = set("cp3=[fd00::13] 10.0.0.1:7443 Cp-2.Example");
+        let s = set("cp3=[fd00::13], 10.0.0.1:7443, Cp-2.Example");
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(json, r#"["10.0.0.1:7443","cp3=[fd00::13]:6443","cp-2.example:6443"]"#);
         assert_eq!(serde_json::from_str::<MemberSet>(&json).unwrap(), s);

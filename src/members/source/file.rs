@@ -142,7 +142,7 @@ mod tests {
     #[test]
     fn bytes_are_checked_before_parsing() {
         let opts = ParseOptions::default();
-        assert_eq!(parse_bytes(b"10.0.0.1 10.0.0.2", &opts).unwrap().len(), 2);
+        assert_eq!(parse_bytes(b"10.0.0.1, 10.0.0.2", &opts).unwrap().len(), 2);
         let e = parse_bytes(b"10.0.0.1\n10.0.0.\xff", &opts).unwrap_err();
         assert!(e.to_string().contains("entry 2"), "{e}");
         let big = vec![b'1'; MAX_INPUT_BYTES + 1];

@@ -305,7 +305,9 @@ impl Pipeline {
 }
 
 /// Parses entries that arrive one by one (the `static` list, EndpointSlice addresses) with the
-/// same rules as a written list: every entry valid, the count cap, empty only when allowed.
+/// same rules as a written list: every entry valid, the count cap, empty only when allowed, and,
+/// as between commas, the spaces and tabs around an entry dropped (`CPHA_MEMBERS_STATIC="a, b"`)
+/// while one inside it makes it invalid.
 pub fn parse_entries<'a, I>(entries: I, opts: &ParseOptions) -> Result<MemberSet, MembersError>
 where
     I: IntoIterator<Item = &'a str>,
@@ -318,12 +320,12 @@ where
         return Err(MembersError::Empty);
     }
     let mut members = Vec::with_capacity(entries.len());
-    for (i, entry) in entries.iter().enumerate() {
+    for (i, entry) in entries.iter().map(|e| e.trim_matches([' ', '\t'])).enumerate() {
         match Member::parse(entry, opts.default_port) {
             Ok(m) => members.push(m),
             Err(reason) => {
                 let entry: String =
-                    if entry.len() > MAX_ENTRY_LEN { entry.chars().take(64).collect() } else { (*entry).to_owned() };
+                    if entry.len() > MAX_ENTRY_LEN { entry.chars().take(64).collect() } else { entry.to_owned() };
                 return Err(MembersError::InvalidEntry { position: i + 1, entry, reason });
             }
         }
@@ -462,5 +464,15 @@ mod tests {
         let e = parse_entries(["10.0.0.1", "10.0.0.2\nprogram x"], &allow).unwrap_err();
         assert!(e.to_string().contains("entry 2"), "{e}");
         assert!(!e.to_string().contains('\n'), "{e}");
+        // Around an entry, white space is dropped; inside one, it is refused.
+        assert_eq!(
+            parse_entries([" 10.0.0.1", "\t10.0.0.2 "], &opts).unwrap().to_string(),
+            "10.0.0.1:6443, 10.0.0.2:6443"
+        );
+        let e = parse_entries(["10.0.0.1", "server evil 10.201.66.6:6443 check"], &opts).unwrap_err();
+        assert!(
+            e.to_string().starts_with("entry 2 of the member list, \"server evil 10.201.66.6:6443 check\", is invalid"),
+            "{e}"
+        );
     }
 }
