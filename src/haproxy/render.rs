@@ -516,7 +516,11 @@ mod tests {
     fn nothing_outside_parsed_values_reaches_the_file() {
         // Members are parsed before they get here: separators and comment signs are refused.
         for hostile in ["10.0.0.1;del server", "10.0.0.1#x", "cp1=10.0.0.1\"", "10.0.0.1/program"] {
-            assert!(crate::members::parse(hostile, &ParseOptions::default()).is_err(), "{hostile:?}");
+            let refused = crate::members::parse(hostile, &ParseOptions::default());
+            assert!(
+                matches!(refused, Err(crate::members::MembersError::InvalidEntry { .. })),
+                "{hostile:?}: {refused:?}"
+            );
         }
         // A newline only separates entries: `program x` becomes two DNS members, rendered as
         // server lines of resolved addresses, never as a section.
