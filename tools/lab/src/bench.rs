@@ -1099,8 +1099,10 @@ mod tests {
         assert_eq!(busy_ticks(stat).expect("parses"), 100 + 2 + 30 + 6 + 7 + 8);
         let short = busy_ticks("cpu  1 2 3\n").expect_err("too few fields").to_string();
         assert!(short.contains("fewer than 8 fields"), "{short}");
-        assert!(busy_ticks("cpu0 1 2 3 4 5 6 7 8\n").is_err(), "only the aggregate line counts");
-        assert!(busy_ticks("cpu  1 2 x 4 5 6 7 8\n").is_err());
+        let err = busy_ticks("cpu0 1 2 3 4 5 6 7 8\n").unwrap_err().to_string();
+        assert!(err.contains("no cpu line"), "only the aggregate line counts: {err}");
+        let err = busy_ticks("cpu  1 2 x 4 5 6 7 8\n").unwrap_err().to_string();
+        assert!(err.contains("parsing /proc/stat line"), "{err}");
     }
 
     #[test]
