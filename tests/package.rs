@@ -488,10 +488,10 @@ fn dockerfile_passes_hadolint() {
     assert!(!ran.ok() && ran.stdout.contains("DL3006"), "hadolint passed a broken Dockerfile:\n{}", ran.both());
 }
 
-/// cpha is built in the image, on pinned bases, on the HAProxy the pod runs, and runs unprivileged
-/// unless the DaemonSet says otherwise.
+/// deploy/Dockerfile, read (no image is built here): cpha is built in the image, on pinned bases,
+/// on the HAProxy the pod runs, and runs unprivileged unless the DaemonSet says otherwise.
 #[test]
-fn image_builds_cpha_itself_on_the_pods_haproxy() {
+fn dockerfile_says_to_build_cpha_from_source_on_the_pods_haproxy() {
     let dockerfile = read("deploy/Dockerfile");
     let stages = stages(&dockerfile);
     assert_eq!(stages.len(), 2, "a builder and the image: {stages:?}");
