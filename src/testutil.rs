@@ -30,27 +30,6 @@ fn update_requested(update: Option<&std::ffi::OsStr>, ci: Option<&std::ffi::OsSt
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::update_requested;
-    use std::ffi::OsStr;
-
-    #[test]
-    fn golden_files_are_rewritten_only_for_exactly_1_and_never_under_ci() {
-        let os = |s: &'static str| Some(OsStr::new(s));
-        assert_eq!(update_requested(None, None), Ok(false));
-        assert_eq!(update_requested(None, os("true")), Ok(false));
-        assert_eq!(update_requested(os("1"), None), Ok(true));
-        assert_eq!(update_requested(os("1"), os("")), Ok(true));
-        for other in ["0", "", "true", "yes", " 1"] {
-            let err = update_requested(os(other), None).unwrap_err();
-            assert!(err.contains("set it to 1"), "{other:?}: {err}");
-        }
-        let err = update_requested(os("1"), os("true")).unwrap_err();
-        assert!(err.contains("refused under CI"), "{err}");
-    }
-}
-
 /// A directory under the system's temporary directory, removed with everything in it on drop.
 pub struct TempDir(std::path::PathBuf);
 
@@ -72,5 +51,26 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::update_requested;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn golden_files_are_rewritten_only_for_exactly_1_and_never_under_ci() {
+        let os = |s: &'static str| Some(OsStr::new(s));
+        assert_eq!(update_requested(None, None), Ok(false));
+        assert_eq!(update_requested(None, os("true")), Ok(false));
+        assert_eq!(update_requested(os("1"), None), Ok(true));
+        assert_eq!(update_requested(os("1"), os("")), Ok(true));
+        for other in ["0", "", "true", "yes", " 1"] {
+            let err = update_requested(os(other), None).unwrap_err();
+            assert!(err.contains("set it to 1"), "{other:?}: {err}");
+        }
+        let err = update_requested(os("1"), os("true")).unwrap_err();
+        assert!(err.contains("refused under CI"), "{err}");
     }
 }

@@ -1012,8 +1012,10 @@ fn booted_cpha_drives_keepalived_under_the_units_sandbox_and_removes_what_a_kill
     ensure!(caps.trim() == "cap_net_admin", "cpha.service: CapabilityBoundingSet={caps}");
     // READY=1 comes after cpha wrote what keepalived reads.
     m.ok("timeout 120 systemctl start cpha.service").with_context(|| m.diagnostics())?;
-    m.ok("test -p /run/cpha/keepalived.fifo && test -s /run/cpha/vip-health && test -s /etc/keepalived/keepalived.conf")
-        .with_context(|| m.diagnostics())?;
+    m.ok(
+        "test -p /run/cpha/keepalived.fifo && test -s /run/cpha/vip-health && test -s /etc/keepalived/keepalived.conf",
+    )
+    .with_context(|| m.diagnostics())?;
     // The live file is cpha's rendering of this configuration (the template, the placement on
     // this machine's interface, the other members as unicast peers), and it was checked.
     let rendered = |m: &Machine| m.ok("cpha render --keepalived --config /etc/cpha/config.yaml 2>/dev/null");

@@ -446,7 +446,11 @@ fn haproxy_dropin_passes_systemd_verify() {
     // A second ExecStart without the reset line is an error systemd reports.
     let broken = TempDir::new("dropin-broken");
     let unit = haproxy_unit_with_dropin(&broken, &dropin.replace("ExecStart=\n", ""));
-    refused(verify(&unit, &["haproxy.service", "cpha.conf"]), "more than one ExecStart", "two ExecStart lines went unnoticed");
+    refused(
+        verify(&unit, &["haproxy.service", "cpha.conf"]),
+        "more than one ExecStart",
+        "two ExecStart lines went unnoticed",
+    );
 }
 
 /// Debian's keepalived.service with our drop-in beside it.
@@ -1062,7 +1066,11 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
         assert!(header.contains(name.as_str()), "variable {name} is not documented in the template's header");
     }
     // The substitution check itself fails on a stray dollar sign.
-    refused(substitute("a: $HOME\n", &metal3_values()), "a dollar sign clusterctl would substitute", "a stray $ went unnoticed");
+    refused(
+        substitute("a: $HOME\n", &metal3_values()),
+        "a dollar sign clusterctl would substitute",
+        "a stray $ went unnoticed",
+    );
 
     let all = docs(&text);
     let cluster = one(&all, "Cluster");

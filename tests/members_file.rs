@@ -72,7 +72,8 @@ fn kubelet_symlink_swap_is_seen_at_the_next_polls() -> Result<()> {
     let dir = Scratch::new("kubelet");
     let mut volume = KubeletVolume::new(dir.join("volume"), "- 127.0.0.11\n- 127.0.0.12\n")?;
     let config = file_config(&dir, &volume.path())?;
-    let text = std::fs::read_to_string(&config)?.replace("  file:\n", "  file:\n    pollInterval: 50ms\n    settle: 50ms\n");
+    let text =
+        std::fs::read_to_string(&config)?.replace("  file:\n", "  file:\n    pollInterval: 50ms\n    settle: 50ms\n");
     std::fs::write(&config, text)?;
     let mut w = Watch::start(&["--config", &config])?;
     w.accepted("file", &["127.0.0.11:6443", "127.0.0.12:6443"], T)?;

@@ -69,9 +69,10 @@ fn bootstrap_endpoint_answers_through_the_forward_before_haproxy_runs() {
     }
     // HAProxy is not running: the agent wrote its configuration for when it starts.
     let err = c.admin("show info").expect_err("HAProxy answered");
-    let gone = err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| {
-        matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
-    });
+    let gone = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused));
     assert!(gone, "no admin socket, and no other failure: {err:#}");
     assert!(c.dir.join("haproxy.cfg").exists());
 }
@@ -433,7 +434,11 @@ fn configmap_edits_reach_haproxy_at_once() {
     let mut text = std::fs::read_to_string(&config).unwrap();
     assert!(!text.contains("\nhandover:"), "write_default_config keeps a handover section:\n{text}");
     // rise 1 only shortens the start (one 10 s check instead of two).
-    text.push_str(&format!("handover:\n  rise: 1\n  interval: {}s\n  livenessInterval: {}s\n", tick.as_secs(), tick.as_secs()));
+    text.push_str(&format!(
+        "handover:\n  rise: 1\n  interval: {}s\n  livenessInterval: {}s\n",
+        tick.as_secs(),
+        tick.as_secs()
+    ));
     std::fs::write(&config, text).unwrap();
     c.start_agent(&config).unwrap();
     c.start_haproxy().unwrap();
@@ -451,7 +456,11 @@ fn configmap_edits_reach_haproxy_at_once() {
             if c.serving().unwrap().len() == want {
                 break;
             }
-            assert!(applied.elapsed() < tick + Duration::from_secs(5), "round {round}: not applied:\n{}", c.agent_log());
+            assert!(
+                applied.elapsed() < tick + Duration::from_secs(5),
+                "round {round}: not applied:\n{}",
+                c.agent_log()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         took.push(applied.elapsed());

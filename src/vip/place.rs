@@ -165,7 +165,10 @@ mod tests {
         assert_eq!((p.interface.as_str(), p.prefix_len), ("eth1", 64));
         assert_eq!(p.source, "2001:db8::5".parse::<IpAddr>().unwrap());
         let refused = locate_in(&settings("fe80::10", None), &addrs);
-        assert!(matches!(refused, Err(PlaceError::Outside { .. })), "link-local is never a subnet for a VIP: {refused:?}");
+        assert!(
+            matches!(refused, Err(PlaceError::Outside { .. })),
+            "link-local is never a subnet for a VIP: {refused:?}"
+        );
     }
 
     #[test]
