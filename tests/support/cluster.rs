@@ -373,15 +373,21 @@ haproxy:
     pub fn workers(&self) -> Result<(Vec<String>, String)> {
         let out = self.master("show proc")?;
         let mut workers = Vec::new();
-        let mut reloads = String::new();
+        let mut reloads = None;
         for line in out.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.get(1) == Some(&"master") {
-                reloads = f.get(2).unwrap_or(&"").to_string();
+                // A count that does not parse fails here: read as "" it would make every
+                // "no reload" comparison pass.
+                let count = f.get(2).with_context(|| format!("no reload count in {line:?}"))?;
+                count.parse::<u32>().with_context(|| format!("the reload count is not a number in {line:?}"))?;
+                reloads = Some(count.to_string());
             } else if f.get(1) == Some(&"worker") {
                 workers.push(f[0].to_string());
             }
         }
+        let reloads = reloads.with_context(|| format!("no master line in `show proc`:\n{out}"))?;
+        ensure!(!workers.is_empty(), "no worker in `show proc`:\n{out}");
         Ok((workers, reloads))
     }
 
