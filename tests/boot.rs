@@ -841,11 +841,13 @@ fn server_state(m: &Machine, name: &str) -> Result<Option<u32>> {
 /// `show servers state`; admin flags: 0x01.. maintenance, 0x08/0x10 drain.
 fn server(m: &Machine, name: &str) -> Result<Option<(u32, u32)>> {
     let out = m.ok("echo 'show servers state kube-apiservers' | socat - UNIX-CONNECT:/run/haproxy/admin.sock")?;
-    Ok(out
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 6 && f[3] == name)
-        .and_then(|f| Some((f[5].parse().ok()?, f[6].parse().ok()?))))
+    let Some(f) = out.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|f| f.len() > 6 && f[3] == name)
+    else {
+        return Ok(None);
+    };
+    // A state that does not parse is an error, not "no such server" (which ends some waits).
+    let state = |i: usize| f[i].parse::<u32>().with_context(|| format!("column {i} of {name}'s row: {f:?}"));
+    Ok(Some((state(5)?, state(6)?)))
 }
 
 /// Scenario 3: the external LB shape, two hosts. lb1 (192.0.2.21) and lb2 (192.0.2.22) boot from
