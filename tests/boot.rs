@@ -22,7 +22,7 @@
 //! The scenarios, one test each: the host shape forms the endpoint (1), one of its machines is
 //! rebooted (2), the external LB shape (3; its apiservers are three stand-ins in the hub on
 //! 192.0.2.11..13 and two LB machines share 192.0.2.10), the removal of `docs/deployment.md` (4),
-//! a template with a regex under the unit's sandbox (5), and the VIP actuator's steps under the
+//! a template with a regex under the unit's sandbox (5), and `cpha run`'s VIP actuator under the
 //! unit's sandbox with keepalived.service and its drop-in (6).
 //!
 //! NOTE: `--network-namespace-path` alone leaves the machine without CAP_NET_ADMIN and with a
@@ -841,11 +841,13 @@ fn server_state(m: &Machine, name: &str) -> Result<Option<u32>> {
 /// `show servers state`; admin flags: 0x01.. maintenance, 0x08/0x10 drain.
 fn server(m: &Machine, name: &str) -> Result<Option<(u32, u32)>> {
     let out = m.ok("echo 'show servers state kube-apiservers' | socat - UNIX-CONNECT:/run/haproxy/admin.sock")?;
-    Ok(out
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 6 && f[3] == name)
-        .and_then(|f| Some((f[5].parse().ok()?, f[6].parse().ok()?))))
+    let Some(f) = out.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|f| f.len() > 6 && f[3] == name)
+    else {
+        return Ok(None);
+    };
+    // A state that does not parse is an error, not "no such server" (which ends some waits).
+    let state = |i: usize| f[i].parse::<u32>().with_context(|| format!("column {i} of {name}'s row: {f:?}"));
+    Ok(Some((state(5)?, state(6)?)))
 }
 
 /// Scenario 3: the external LB shape, two hosts. lb1 (192.0.2.21) and lb2 (192.0.2.22) boot from
@@ -971,141 +973,109 @@ fn booted_template_with_a_regex_passes_check_config_under_the_units_sandbox() ->
     Ok(())
 }
 
-/// The repository's unit with its ExecStart replaced by `script ARG` (a oneshot): the same
-/// sandbox, for steps cpha's VIP actuator takes, run by the programs it runs.
-fn sandboxed_unit(script: &str) -> String {
-    let unit = check_config_unit("/dev/null");
-    unit.lines()
-        .map(|l| if l.starts_with("ExecStart=") { format!("ExecStart=/bin/sh {script} %i") } else { l.to_string() })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
+/// cpha's configuration for scenario 6: the host shape's endpoint and VIP on cp1's address,
+/// static members (no API: nothing here needs one), the given members.
+fn vip_box_config(members: &[&str]) -> String {
+    let members: String = members.iter().map(|m| format!("    - {m}\n")).collect();
+    format!(
+        "endpoint:\n  listen: {ENDPOINT}\n  topology: retarget\n\
+         members:\n  source: static\n  static:\n{members}\
+         haproxy:\n  masterSocket: /run/haproxy/master.sock\n\
+         vip:\n  address: 192.0.2.10\n  virtualRouterId: 51\n  priority: 100\n"
+    )
 }
 
-/// What cpha's VIP actuator does, step by step, as `sh`: the tracked file and the FIFO in
-/// /run/cpha, keepalived.conf written as a candidate beside the live file, `keepalived
-/// --config-test` on it, the rename; SIGHUP to the pid in keepalived's pid file (after checking
-/// that it names keepalived, through /proc); `ip address del` of an address keepalived left.
-const VIP_STEPS: &str = r#"set -eu
-# The machine's interface on 192.0.2.0/24 (its name comes from the test's veth).
-dev=$(ip -o address show to 192.0.2.11 | awk '{ print $2; exit }')
-case $1 in
-write)
-    [ -p /run/cpha/keepalived.fifo ] || mkfifo -m 600 /run/cpha/keepalived.fifo
-    echo -50 >/run/cpha/.vip-health.new && mv /run/cpha/.vip-health.new /run/cpha/vip-health
-    sed "s/@IF@/$dev/g" /etc/cpha/keepalived.conf.rendered >/etc/keepalived/.keepalived.conf.new
-    keepalived --config-test --use-file=/etc/keepalived/.keepalived.conf.new
-    mv /etc/keepalived/.keepalived.conf.new /etc/keepalived/keepalived.conf
-    ;;
-reload)
-    pid=$(cat /run/keepalived.pid)
-    [ "$(cat /proc/"$pid"/comm)" = keepalived ]
-    kill -HUP "$pid"
-    ;;
-release)
-    ip address del 192.0.2.99/32 dev "$dev"
-    ;;
-esac
-echo "vip step $1 done"
-"#;
-
-/// keepalived.conf as cpha's built-in template renders it for cp1 of the host shape
-/// (src/vip/keepalived.conf.tera; `@IF@`: the machine's interface, filled in by the step).
-const KEEPALIVED_CONF: &str = r#"global_defs {
-    script_user root
-    enable_script_security
-    vrrp_version 3
-    vrrp_notify_fifo /run/cpha/keepalived.fifo
-    fifo_write_vrrp_states_on_reload
-}
-track_file cpha_endpoint {
-    file "/run/cpha/vip-health"
-    weight 1
-}
-vrrp_instance cpha {
-    state BACKUP
-    interface @IF@
-    virtual_router_id 51
-    priority 100
-    advert_int 0.50
-    unicast_src_ip 192.0.2.11
-    unicast_peer {
-        192.0.2.12
-        192.0.2.13
-    }
-    virtual_ipaddress {
-        192.0.2.10/32 dev @IF@
-    }
-    track_file {
-        cpha_endpoint
-    }
-}
-"#;
-
-/// Scenario 6: what cpha's VIP actuator does works under cpha.service's sandbox (writing
-/// /etc/keepalived and /run/cpha, `keepalived --config-test`, SIGHUP by pid file, `ip address
-/// del` with CAP_NET_ADMIN), keepalived.service with the drop-in starts from those files and
-/// takes the address, /run/cpha outlives a stop of the unit, and a SIGKILLed keepalived is
-/// restarted by systemd.
+/// Scenario 6: cpha's own VIP actuator, `cpha run` under the repository's cpha.service and its
+/// sandbox, with keepalived.service and its drop-in: cpha writes /run/cpha (the tracked health
+/// file, the FIFO) and /etc/keepalived/keepalived.conf (what `cpha render --keepalived` prints,
+/// checked with `keepalived --config-test`), keepalived starts from those files and takes the
+/// address; a member change reloads keepalived (SIGHUP by pid file, from the sandbox); a
+/// SIGKILLed keepalived that is not restarted leaves the address, and cpha removes it (`ip
+/// address del` with the unit's one capability); with the drop-in's `Restart=`, systemd
+/// restarts a SIGKILLed keepalived and it takes the address again; /run/cpha outlives a stop
+/// of cpha.
 #[test]
-fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after_sigkill() -> Result<()> {
+fn booted_cpha_drives_keepalived_under_the_units_sandbox_and_removes_what_a_killed_one_left() -> Result<()> {
     let net = Net::new()?;
     let mut m = Machine::new(Some(&net), "vipbox", "192.0.2.11")?;
     let root = m.root();
-    write(&root.join("etc/cpha/vip-steps.sh"), VIP_STEPS, 0o644)?;
-    write(&root.join("etc/cpha/keepalived.conf.rendered"), KEEPALIVED_CONF, 0o644)?;
-    write(&root.join("etc/systemd/system/cpha-vip@.service"), &sandboxed_unit("/etc/cpha/vip-steps.sh"), 0o644)?;
+    let three = ["cp1=192.0.2.11:6443", "cp2=192.0.2.12:6443", "cp3=192.0.2.13:6443"];
+    write(&root.join("etc/cpha/config.yaml"), &vip_box_config(&three), 0o644)?;
+    write(&root.join("etc/cpha/cpha.env"), "CPHA_HAPROXY_BIND=192.0.2.11:9445\n", 0o644)?;
+    write(&root.join("etc/systemd/system/cpha.service"), &read("systemd/cpha.service"), 0o644)?;
     write(
         &root.join("etc/systemd/system/keepalived.service.d/cpha.conf"),
         &read("systemd/keepalived.service.d/cpha.conf"),
         0o644,
     )?;
     m.boot()?;
-    let step = |name: &str| -> Result<()> {
-        let (code, out) = m.sh(&format!(
-            "systemctl start cpha-vip@{name}.service; journalctl -b -u cpha-vip@{name} --no-pager -o cat"
-        ))?;
-        let result = m.ok(&format!("systemctl show -p Result --value cpha-vip@{name}.service"))?;
-        ensure!(code == 0 && result.trim() == "success", "step {name} under the unit's sandbox failed:\n{out}");
-        Ok(())
-    };
     // The sandbox is the unit's.
-    let caps = m.ok("systemctl show -p CapabilityBoundingSet --value cpha-vip@write.service")?;
-    ensure!(caps.trim() == "cap_net_admin", "cpha-vip@.service: CapabilityBoundingSet={caps}");
-    step("write")?;
-    m.ok("test -p /run/cpha/keepalived.fifo && grep -qx -- -50 /run/cpha/vip-health && test -s /etc/keepalived/keepalived.conf")?;
-    // The files stay when the unit stops (RuntimeDirectoryPreserve=yes): keepalived reads them.
-    m.ok("test -d /run/cpha && test -p /run/cpha/keepalived.fifo")?;
+    let caps = m.ok("systemctl show -p CapabilityBoundingSet --value cpha.service")?;
+    ensure!(caps.trim() == "cap_net_admin", "cpha.service: CapabilityBoundingSet={caps}");
+    // READY=1 comes after cpha wrote what keepalived reads.
+    m.ok("timeout 120 systemctl start cpha.service").with_context(|| m.diagnostics())?;
+    m.ok(
+        "test -p /run/cpha/keepalived.fifo && test -s /run/cpha/vip-health && test -s /etc/keepalived/keepalived.conf",
+    )
+    .with_context(|| m.diagnostics())?;
+    // The live file is cpha's rendering of this configuration (the template, the placement on
+    // this machine's interface, the other members as unicast peers), and it was checked.
+    let rendered = |m: &Machine| m.ok("cpha render --keepalived --config /etc/cpha/config.yaml 2>/dev/null");
+    let live = |m: &Machine| m.ok("cat /etc/keepalived/keepalived.conf");
+    let first = rendered(&m)?;
+    ensure!(live(&m)? == first, "keepalived.conf is not what cpha renders:\n{}\n---\n{first}", live(&m)?);
+    ensure!(first.contains("192.0.2.12") && first.contains("192.0.2.13"), "no unicast peers:\n{first}");
+    let (_, journal) = m.sh("journalctl -b -u cpha.service --no-pager -o cat")?;
+    // Written only after `keepalived --config-test` accepted the candidate.
+    let written = "/etc/keepalived/keepalived.conf written (peers: 192.0.2.12, 192.0.2.13)";
+    ensure!(journal.contains(written), "cpha did not report the checked file:\n{journal}");
 
     m.ok("systemctl start keepalived.service")?;
     let holds = |m: &Machine| -> Result<bool> { Ok(!m.ok("ip -o address show to 192.0.2.10")?.trim().is_empty()) };
-    netns::wait_for(
-        "keepalived on vipbox to take 192.0.2.10",
-        Duration::from_secs(20),
-        || Ok(holds(&m)?.then_some(())),
-    )
-    .with_context(|| m.diagnostics())?;
+    let wait_holds = |m: &Machine, what: &str| {
+        netns::wait_for(what, Duration::from_secs(20), || Ok(holds(m)?.then_some(()))).with_context(|| m.diagnostics())
+    };
+    wait_holds(&m, "keepalived on vipbox to take 192.0.2.10")?;
 
-    // SIGHUP by pid file from the sandbox: keepalived reloads.
+    // A member change: cpha renders new peers, checks and swaps the file, and SIGHUPs keepalived
+    // through its pid file, from the sandbox.
     let reloads = |m: &Machine| -> Result<usize> {
         let (_, out) = m.sh("journalctl -b -u keepalived.service --no-pager -o cat")?;
         Ok(out.lines().filter(|l| l.contains("Reloading")).count())
     };
     let before = reloads(&m)?;
-    step("reload")?;
-    netns::wait_for("keepalived to reload after SIGHUP", Duration::from_secs(10), || {
+    write(&root.join("etc/cpha/config.yaml"), &vip_box_config(&three[..2]), 0o644)?;
+    m.ok("systemctl reload cpha.service")?;
+    netns::wait_for("keepalived to reload after cpha's SIGHUP", Duration::from_secs(20), || {
         Ok((reloads(&m)? > before).then_some(()))
     })
     .with_context(|| m.diagnostics())?;
+    let second = rendered(&m)?;
+    ensure!(!second.contains("192.0.2.13"), "cp3 is still a peer in cpha's rendering:\n{second}");
+    ensure!(live(&m)? == second, "keepalived.conf is not cpha's new rendering:\n{}", live(&m)?);
 
-    // ip address del with the unit's one capability.
-    m.ok("ip address add 192.0.2.99/32 dev \"$(ip -o address show to 192.0.2.11 | awk '{ print $2; exit }')\"")?;
-    step("release")?;
-    ensure!(m.ok("ip -o address show to 192.0.2.99")?.trim().is_empty(), "192.0.2.99 is still there");
-
-    // A SIGKILLed keepalived (which leaves the address behind) is restarted by systemd.
-    let pid = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
+    // A SIGKILLed keepalived that nobody restarts leaves the address on the interface; cpha
+    // notices it is gone and removes the address itself.
+    let norestart = "/run/systemd/system/keepalived.service.d/norestart.conf";
+    m.ok(&format!(
+        "mkdir -p {dir} && printf '[Service]\\nRestart=no\\n' >{norestart} && systemctl daemon-reload",
+        dir = Path::new(norestart).parent().unwrap().display()
+    ))?;
     // Every keepalived process at once, by pid (`systemctl kill` races the VRRP child's own exit).
+    m.ok("kill -KILL $(pidof keepalived)")?;
+    netns::wait_for("cpha to remove the address the killed keepalived left", Duration::from_secs(20), || {
+        let dead = m.sh("pidof keepalived")?.0 != 0;
+        Ok((dead && !holds(&m)?).then_some(()))
+    })
+    .with_context(|| m.diagnostics())?;
+    ensure!(m.sh("systemctl is-active cpha.service")?.1.trim() == "active", "{}", m.diagnostics());
+    m.ok(&format!("rm {norestart} && systemctl daemon-reload && systemctl reset-failed keepalived.service"))?;
+    m.ok("systemctl start keepalived.service")?;
+    wait_holds(&m, "keepalived, started again, to take 192.0.2.10")?;
+
+    // With the drop-in's Restart=, systemd restarts a SIGKILLed keepalived, which takes the
+    // address again.
+    let pid = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
     m.ok("kill -KILL $(pidof keepalived)")?;
     netns::wait_for("systemd to restart the killed keepalived", Duration::from_secs(20), || {
         let now = m.ok("systemctl show -p MainPID --value keepalived.service")?.trim().to_string();
@@ -1113,10 +1083,11 @@ fn booted_vip_steps_work_under_the_units_sandbox_and_keepalived_comes_back_after
         Ok((active && now != pid && now != "0").then_some(()))
     })
     .with_context(|| m.diagnostics())?;
-    netns::wait_for("the restarted keepalived to hold 192.0.2.10", Duration::from_secs(20), || {
-        Ok(holds(&m)?.then_some(()))
-    })
-    .with_context(|| m.diagnostics())?;
+    wait_holds(&m, "the restarted keepalived to hold 192.0.2.10")?;
+
+    // The files stay when cpha stops (RuntimeDirectoryPreserve=yes): keepalived goes on reading them.
+    m.ok("systemctl stop cpha.service")?;
+    m.ok("test -p /run/cpha/keepalived.fifo && test -s /run/cpha/vip-health")?;
     let _ = &mut m;
     Ok(())
 }

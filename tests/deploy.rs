@@ -313,6 +313,14 @@ fn unit_copy(dir: &TempDir, name: &str, text: &str) -> PathBuf {
 
 /// Problems `systemd-analyze verify` reports about our files. It exits 0 on unknown keys and
 /// unparsable values (it only warns), so any line about our files is a failure.
+/// A check that must fail, and for the reason given (`reason` in its message).
+fn refused<T: std::fmt::Debug>(result: Result<T, String>, reason: &str, what: &str) {
+    match result {
+        Ok(ok) => panic!("{what}: {ok:?}"),
+        Err(err) => assert!(err.contains(reason), "{what}: the check failed, but not with {reason:?}:\n{err}"),
+    }
+}
+
 fn verify(unit: &Path, ours: &[&str]) -> Result<(), String> {
     let ran = run(Command::new(tool("systemd-analyze")).arg("verify").arg(unit));
     let ours: Vec<&str> =
@@ -382,9 +390,9 @@ fn cpha_unit_passes_systemd_verify() {
     // and an ExecStart that does not exist (an error).
     let broken = dir
         .write("broken/cpha.service", &std::fs::read_to_string(&copy).unwrap().replace("PrivateTmp=", "PrivateTemp="));
-    assert!(verify(&broken, &["cpha.service"]).is_err(), "a misspelt directive went unnoticed");
+    refused(verify(&broken, &["cpha.service"]), "PrivateTemp", "a misspelt directive went unnoticed");
     let missing = dir.write("missing/cpha.service", &unit.replace("/usr/local/bin/cpha ", "/nonexistent/cpha "));
-    assert!(verify(&missing, &["cpha.service"]).is_err(), "a missing ExecStart binary went unnoticed");
+    refused(verify(&missing, &["cpha.service"]), "/nonexistent/cpha", "a missing ExecStart binary went unnoticed");
 }
 
 #[test]
@@ -438,7 +446,11 @@ fn haproxy_dropin_passes_systemd_verify() {
     // A second ExecStart without the reset line is an error systemd reports.
     let broken = TempDir::new("dropin-broken");
     let unit = haproxy_unit_with_dropin(&broken, &dropin.replace("ExecStart=\n", ""));
-    assert!(verify(&unit, &["haproxy.service", "cpha.conf"]).is_err(), "two ExecStart lines went unnoticed");
+    refused(
+        verify(&unit, &["haproxy.service", "cpha.conf"]),
+        "more than one ExecStart",
+        "two ExecStart lines went unnoticed",
+    );
 }
 
 /// Debian's keepalived.service with our drop-in beside it.
@@ -452,8 +464,11 @@ fn keepalived_unit_with_dropin(dir: &TempDir, dropin: &str) -> PathBuf {
     unit
 }
 
+/// What the drop-in asks of systemd, read back: `systemd-analyze verify` accepts it and it asks
+/// for a restart on failure, soon. That systemd does restart a SIGKILLed keepalived is shown in
+/// a booted machine (tests/boot.rs, scenario 6).
 #[test]
-fn keepalived_dropin_passes_systemd_verify_and_restarts_a_killed_keepalived() {
+fn keepalived_dropin_passes_systemd_verify_and_asks_for_a_killed_keepalived_to_be_restarted() {
     let dropin = read("systemd/keepalived.service.d/cpha.conf");
     let dir = TempDir::new("keepalived-dropin");
     let unit = keepalived_unit_with_dropin(&dir, &dropin);
@@ -481,7 +496,7 @@ fn keepalived_dropin_passes_systemd_verify_and_restarts_a_killed_keepalived() {
     // The check can fail: a misspelt directive in the drop-in.
     let broken = TempDir::new("keepalived-dropin-broken");
     let unit = keepalived_unit_with_dropin(&broken, &dropin.replace("RestartSec=", "RestartSecs="));
-    assert!(verify(&unit, &["keepalived.service", "cpha.conf"]).is_err(), "a misspelt directive went unnoticed");
+    refused(verify(&unit, &["keepalived.service", "cpha.conf"]), "RestartSecs", "a misspelt directive went unnoticed");
 }
 
 /// The drop-in's ExecStart, run for real (master-worker with the master socket) in a temp dir:
@@ -1051,7 +1066,11 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
         assert!(header.contains(name.as_str()), "variable {name} is not documented in the template's header");
     }
     // The substitution check itself fails on a stray dollar sign.
-    assert!(substitute("a: $HOME\n", &metal3_values()).is_err());
+    refused(
+        substitute("a: $HOME\n", &metal3_values()),
+        "a dollar sign clusterctl would substitute",
+        "a stray $ went unnoticed",
+    );
 
     let all = docs(&text);
     let cluster = one(&all, "Cluster");

@@ -65,6 +65,25 @@ fn netns_guard_removes_what_the_run_recorded_and_nothing_else() {
 }
 
 #[test]
+fn commands_refuse_a_user_who_is_not_root_with_a_failure_not_a_skip() {
+    cpha_lab::require_root!();
+    for command in ["hack/test", "hack/demo"] {
+        // As `nobody`: 77 would be read as SKIP by automake-style harnesses, so the run
+        // would look green on a machine where it never ran.
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(root().join(command))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(stderr.contains("needs root") && stderr.contains("sudo"), "{command}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{command}: a one-line hint, got: {stderr}");
+    }
+}
+
+#[test]
 fn commands_say_what_a_newcomer_needs_when_rust_is_missing() {
     cpha_lab::require_root!();
     for command in ["hack/test", "hack/demo"] {

@@ -5,7 +5,7 @@
 //! (no container engine runs here: the image is linted and checked, not built).
 //!
 //! `hack/test` installs what these need: debootstrap and musl-tools (Debian), hadolint (PyPI,
-//! `CPHA_HADOLINT`), and builds the musl binary (`CPHA_MUSL_BIN`). The Debian root filesystem is
+//! `CPHA_HADOLINT`), and builds the musl binary (`CPHA_MUSL_BIN`, refused when older than the sources). The Debian root filesystem is
 //! built once by `tests/package/debian-root` into /var/cache/cpha-test and extracted afresh for
 //! every run.
 
@@ -327,11 +327,60 @@ fn elf_segment_types(bytes: &[u8]) -> Vec<u32> {
 
 const PT_INTERP: u32 = 3;
 
+/// The static build, refused when it is older than the sources it is built from: a plain
+/// `cargo test` (or another checkout's `hack/test`) would otherwise test whatever musl binary an
+/// earlier build left in the cache, not this code.
+fn musl_bin() -> PathBuf {
+    let musl = from_env_or("CPHA_MUSL_BIN", MUSL_BIN, "the static x86_64 musl build");
+    let built = std::fs::metadata(&musl).and_then(|m| m.modified()).unwrap();
+    if let Some((newer, at)) = newest_source().filter(|(_, at)| *at > built) {
+        let age = at.duration_since(built).unwrap_or_default().as_secs();
+        panic!(
+            "{} is older than {} (by {age} s): it was not built from these sources. Run hack/test, or the build it \
+             runs: CARGO_TARGET_DIR=/var/cache/cpha-test/target-musl cargo build --locked --target \
+             x86_64-unknown-linux-musl --bin cpha",
+            musl.display(),
+            newer.display()
+        );
+    }
+    musl
+}
+
+/// The most recently modified file the cpha binary is built from (src/, the manifest, the lock
+/// file, build.rs), and when.
+fn newest_source() -> Option<(PathBuf, std::time::SystemTime)> {
+    type Newest = Option<(PathBuf, std::time::SystemTime)>;
+    fn consider(path: PathBuf, at: std::time::SystemTime, newest: &mut Newest) {
+        if newest.as_ref().is_none_or(|(_, t)| at > *t) {
+            *newest = Some((path, at));
+        }
+    }
+    fn walk(dir: &Path, newest: &mut Newest) {
+        for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                walk(&entry.path(), newest);
+            } else {
+                consider(entry.path(), meta.modified().unwrap(), newest);
+            }
+        }
+    }
+    let mut newest = None;
+    walk(&root().join("src"), &mut newest);
+    for file in ["Cargo.toml", "Cargo.lock", "build.rs"] {
+        let path = root().join(file);
+        if let Ok(at) = std::fs::metadata(&path).and_then(|m| m.modified()) {
+            consider(path, at, &mut newest);
+        }
+    }
+    newest
+}
+
 /// The musl build runs in a root that holds nothing but itself and a configuration: no glibc,
 /// no loader, no haproxy. The glibc build, as a control, cannot even start there.
 #[test]
 fn static_binary_runs_where_glibc_is_absent() {
-    let musl = from_env_or("CPHA_MUSL_BIN", MUSL_BIN, "the static x86_64 musl build");
+    let musl = musl_bin();
     let bytes = std::fs::read(&musl).unwrap();
     assert!(!elf_segment_types(&bytes).contains(&PT_INTERP), "{} asks for a program interpreter", musl.display());
     println!("static musl build (debug profile): {} bytes", bytes.len());
@@ -384,7 +433,7 @@ fn static_binary_runs_where_glibc_is_absent() {
 /// newest versioned symbol needs.
 #[test]
 fn deb_of_the_static_binary_depends_on_no_libc() {
-    let musl = from_env_or("CPHA_MUSL_BIN", MUSL_BIN, "the static x86_64 musl build");
+    let musl = musl_bin();
     let depends = |binary: &Path| {
         let out = TempDir::new("deb-depends");
         let deb = build_deb_of(binary, out.path());
@@ -439,10 +488,10 @@ fn dockerfile_passes_hadolint() {
     assert!(!ran.ok() && ran.stdout.contains("DL3006"), "hadolint passed a broken Dockerfile:\n{}", ran.both());
 }
 
-/// cpha is built in the image, on pinned bases, on the HAProxy the pod runs, and runs unprivileged
-/// unless the DaemonSet says otherwise.
+/// deploy/Dockerfile, read (no image is built here): cpha is built in the image, on pinned bases,
+/// on the HAProxy the pod runs, and runs unprivileged unless the DaemonSet says otherwise.
 #[test]
-fn image_builds_cpha_itself_on_the_pods_haproxy() {
+fn dockerfile_says_to_build_cpha_from_source_on_the_pods_haproxy() {
     let dockerfile = read("deploy/Dockerfile");
     let stages = stages(&dockerfile);
     assert_eq!(stages.len(), 2, "a builder and the image: {stages:?}");

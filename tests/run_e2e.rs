@@ -68,7 +68,12 @@ fn bootstrap_endpoint_answers_through_the_forward_before_haproxy_runs() {
         no_failures(&report, "through the bootstrap forward").unwrap();
     }
     // HAProxy is not running: the agent wrote its configuration for when it starts.
-    assert!(c.admin("show info").is_err());
+    let err = c.admin("show info").expect_err("HAProxy answered");
+    let gone = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused));
+    assert!(gone, "no admin socket, and no other failure: {err:#}");
     assert!(c.dir.join("haproxy.cfg").exists());
 }
 
@@ -218,8 +223,10 @@ fn malformed_configmap_changes_nothing() {
     let rejected: u64 = metrics
         .lines()
         .find(|l| l.starts_with("cpha_member_updates_rejected_total{source=\"configmap\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0);
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or_else(|| panic!("no cpha_member_updates_rejected_total for the configmap:\n{metrics}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("cpha_member_updates_rejected_total: {e}:\n{metrics}"));
     assert!(rejected >= 5, "rejections not counted:\n{metrics}");
 }
 
@@ -436,34 +443,105 @@ fn haproxy_sigkill_under_load_falls_back_on_the_fast_path() {
     assert!(report.duration_s - last > 2.0, "{report:?}");
 }
 
-/// An accepted ConfigMap edit reaches HAProxy's runtime state without waiting for a tick, at
-/// the default settings, when no apply happened in the last minApplyInterval.
+/// An accepted ConfigMap edit reaches HAProxy's runtime state at once, not at the agent's next
+/// tick, when no apply happened in the last minApplyInterval. The shipped defaults, except that
+/// every periodic input (HAProxy's health, its liveness, the endpoint check) comes only every
+/// 10 s: an agent that applied at a tick would take seconds at the median, one that applies at
+/// once takes tens of milliseconds, and the bound (1 s) sits far from both, so a loaded machine
+/// does not fail the test. The figure itself is printed, not asserted.
 #[test]
 fn configmap_edits_reach_haproxy_at_once() {
-    let c = balanced_at_defaults().unwrap();
+    let tick = Duration::from_secs(10);
+    let mut c = Cluster::new(3).unwrap();
+    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
+    let config = c.write_default_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    assert!(!text.contains("\nhandover:"), "write_default_config keeps a handover section:\n{text}");
+    // rise 1 only shortens the start (one 10 s check instead of two).
+    text.push_str(&format!(
+        "handover:\n  rise: 1\n  interval: {}s\n  livenessInterval: {}s\n",
+        tick.as_secs(),
+        tick.as_secs()
+    ));
+    std::fs::write(&config, text).unwrap();
+    c.start_agent(&config).unwrap();
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], LONG).unwrap();
     c.serving_after(Duration::from_secs(10), 3).unwrap();
     let before = c.workers().unwrap().0;
+    let took = edit_latencies(&c, 16, tick + Duration::from_secs(5));
+    let p50 = took[took.len() / 2];
+    println!(
+        "figures: {} edits, PATCH response to runtime state p50 {p50:?}, max {:?}",
+        took.len(),
+        took[took.len() - 1]
+    );
+    assert!(p50 < Duration::from_secs(1), "applied at a tick, not at once (every {tick:?}): {took:?}");
+    assert_eq!(c.workers().unwrap().0, before, "the same HAProxy worker: no reload");
+}
+
+/// `rounds` ConfigMap edits on a balanced cluster, alternating two and three members, each
+/// past minApplyInterval (2 s) since the last: how long from kubectl's answer to HAProxy's
+/// runtime state, sorted. Each must arrive within `limit`.
+fn edit_latencies(c: &Cluster, rounds: usize, limit: Duration) -> Vec<Duration> {
     let mut took = Vec::new();
-    for round in 0..16 {
-        // Past minApplyInterval (2 s) since the last apply.
+    for round in 0..rounds {
         std::thread::sleep(Duration::from_millis(2300));
         let (list, want) = if round % 2 == 0 { (c.member_list(&[1, 2]), 2) } else { (c.member_list(&[1, 2, 3]), 3) };
         c.set_members(&list).unwrap();
         let applied = std::time::Instant::now();
-        loop {
-            if c.serving().unwrap().len() == want {
-                break;
-            }
-            assert!(applied.elapsed() < Duration::from_secs(5), "round {round}: not applied:\n{}", c.agent_log());
+        while c.serving().unwrap().len() != want {
+            assert!(applied.elapsed() < limit, "round {round}: not applied:\n{}", c.agent_log());
             std::thread::sleep(Duration::from_millis(2));
         }
         took.push(applied.elapsed());
     }
     took.sort();
-    let p50 = took[took.len() / 2];
-    let p99 = took[took.len() - 1];
-    println!("figures: {} edits, PATCH response to runtime state p50 {p50:?}, max {p99:?}", took.len());
-    // The old loop waited for its 1 s tick (p50 715 ms); an apply at once is tens of ms.
-    assert!(p50 < Duration::from_millis(300), "{took:?}");
-    assert_eq!(c.workers().unwrap().0, before, "the same HAProxy worker: no reload");
+    took
+}
+
+/// The figure `configmap_edits_reach_haproxy_at_once` prints but does not assert, at the shipped
+/// defaults: ConfigMap edit to HAProxy's runtime state, 40 edits. Writes its section of the file
+/// `CPHA_APPLY_OUT` names (docs/benchmarks.md).
+#[test]
+#[ignore = "benchmark: tools/bench --apply-latency"]
+fn apply_latency_benchmark() {
+    use cpha_lab::bench::{replace_between, APPLY_BEGIN, APPLY_END};
+    let c = balanced_at_defaults().unwrap();
+    c.serving_after(Duration::from_secs(10), 3).unwrap();
+    let took = edit_latencies(&c, 40, Duration::from_secs(10));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+    let section = format!(
+        "{APPLY_BEGIN}
+
+## ConfigMap edit to HAProxy
+
+How long an accepted edit of the member list takes to reach HAProxy's runtime state: from
+kubectl's answer to the PATCH until `show servers state` lists the new set, {n} edits
+alternating two and three members, each more than `haproxy.minApplyInterval` after the last,
+with `cpha run` at the shipped defaults (tests/run_e2e.rs, `apply_latency_benchmark`).
+
+| edits | p50 (ms) | p90 (ms) | max (ms) |
+|---|---|---|---|
+| {n} | {p50:.0} | {p90:.0} | {max:.0} |
+
+- The path: the stand-in's watch event, cpha's member source and controller, and the Runtime
+  API commands; no reload. The test (`configmap_edits_reach_haproxy_at_once`) asserts only that
+  an edit does not wait for the agent's next tick.
+- Made by `tools/bench --apply-latency` (`cargo test --release --test run_e2e -- --ignored
+  apply_latency_benchmark`), on the same shared 2-CPU machine as the tables above.
+
+{APPLY_END}
+",
+        n = took.len(),
+        p50 = ms(at(0.5)),
+        p90 = ms(at(0.9)),
+        max = ms(took[took.len() - 1]),
+    );
+    println!("{section}");
+    if let Ok(out) = std::env::var("CPHA_APPLY_OUT") {
+        let old = std::fs::read_to_string(&out).unwrap_or_default();
+        std::fs::write(&out, replace_between(&old, APPLY_BEGIN, APPLY_END, &section)).unwrap();
+    }
 }

@@ -789,7 +789,7 @@ impl Controller {
     fn accepted(&mut self, set: MemberSet, origin: String, resolved: Resolved, out: &mut Vec<Effect>) {
         if resolved.servers.is_empty() && !set.is_empty() {
             // A set that resolves to nothing would empty the backend: refuse it like an
-            // invalid one (FIELD-NOTES lesson 22).
+            // invalid one (docs/design-notes.md#unresolvable-members, design note 22).
             let why = resolved.unresolved.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
             out.push(Effect::Rejected { source: origin.clone() });
             self.reject(origin, format!("no member resolves to a usable address ({why})"), out);

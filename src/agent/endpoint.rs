@@ -285,8 +285,9 @@ fn placeholder_target(listen: SocketAddr) -> SocketAddr {
 }
 
 /// SO_REUSEPORT handovers lose the connections queued on a closing listener unless the kernel
-/// migrates them (FIELD-NOTES lesson 11). Setting it affects only this network namespace's
-/// listeners that close, and only moves connections to a sibling socket.
+/// migrates them (design note 11, docs/design-notes.md#reuseport-and-migrate-req). Setting it
+/// affects only this network namespace's listeners that close, and only moves connections to a
+/// sibling socket.
 fn enable_migrate_req() {
     const KEY: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
     match std::fs::write(KEY, "1") {

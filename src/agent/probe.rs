@@ -1,6 +1,6 @@
 //! Readiness of an apiserver: `GET /readyz` over TLS, as kube-apiserver answers it anonymously.
 //! `/readyz` turns false at the start of an apiserver's shutdown, so a fallback picks members
-//! that will keep answering (FIELD-NOTES lesson 6).
+//! that will keep answering (docs/design-notes.md#probe-readyz, design note 6).
 //!
 //! NOTE: the certificate is not verified here. The probe only chooses where the forward sends
 //! TCP connections; every client still verifies the apiserver end to end, and the probe must

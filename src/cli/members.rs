@@ -489,7 +489,9 @@ mod tests {
         assert!(a.watch);
         assert_eq!(a.output, Output::Json);
         assert_eq!(a.members.static_members, ["10.0.0.1", "10.0.0.2"]);
-        assert!("kube-system".parse::<ObjectRef>().is_err());
-        assert!("a/b/c".parse::<ObjectRef>().is_err());
+        for bad in ["kube-system", "a/b/c"] {
+            let err = bad.parse::<ObjectRef>().unwrap_err();
+            assert!(err.contains("is not NAMESPACE/NAME"), "{bad:?}: {err}");
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! Counting the connections a kernel forward still carries, from the conntrack table.
 //!
 //! Removing the forwarding rule stops new connections at once, but established ones keep
-//! their NAT mapping only while the netns still has NAT hooks registered (FIELD-NOTES lesson
-//! 12). The drain logic keeps cpha's table until this count reaches zero.
+//! their NAT mapping only while the netns still has NAT hooks registered (design note 12,
+//! docs/design-notes.md#conntrack-and-nat-hooks). The drain logic keeps cpha's table until this
+//! count reaches zero.
 
 use std::net::{IpAddr, SocketAddr};
 

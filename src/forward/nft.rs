@@ -4,9 +4,10 @@
 //!
 //! Every change is one `nft -f` transaction. The table and its base chains are never deleted
 //! while forwarding or retargeting: only the rules in them are flushed and re-added, so the
-//! netns keeps its NAT hooks and established connections keep their mapping (FIELD-NOTES lesson
-//! 12). The prerouting chain carries an "anchor" rule whose comment records the listen address,
-//! so a draining table can still be matched to its conntrack flows.
+//! netns keeps its NAT hooks and established connections keep their mapping (design note 12,
+//! docs/design-notes.md#conntrack-and-nat-hooks). The prerouting chain carries an "anchor" rule
+//! whose comment records the listen address, so a draining table can still be matched to its
+//! conntrack flows.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};

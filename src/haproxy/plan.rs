@@ -122,9 +122,10 @@ pub const NOT_READY: &str = "L7STS";
 /// change of state, in whole seconds, never short) when it is only not ready and another
 /// server is UP.
 ///
-/// NOTE: not ready is not gone (FIELD-NOTES lesson 19). A kube-apiserver that got SIGTERM
-/// fails `/readyz` and keeps serving for `--shutdown-delay-duration`, then finishes what is in
-/// flight: cutting its sessions at mark-down fails requests it would have completed.
+/// NOTE: not ready is not gone (design note 19, docs/design-notes.md#not-ready-is-not-gone). A
+/// kube-apiserver that got SIGTERM fails `/readyz` and keeps serving for
+/// `--shutdown-delay-duration`, then finishes what is in flight: cutting its sessions at
+/// mark-down fails requests it would have completed.
 pub fn cuts(desired: &BTreeSet<String>, running: &BackendSnapshot, grace: Duration) -> Vec<(ServerName, CutReason)> {
     // NOTE: the grace ends only when another server is UP. With every member unready (etcd
     // lost, say) the clients cut would reconnect to no server at all; the one still serving

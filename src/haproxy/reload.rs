@@ -1,7 +1,8 @@
 //! Reloads: triggered through the master socket, systemd or a command, and confirmed from the
-//! master CLI in every case. In 2.6 the master's `reload` prints nothing (FIELD-NOTES lesson 14),
-//! so success is read back: `show proc` must list a new worker after the master's reload count
-//! went up, and that worker's `show info` must carry the digest of the file just written.
+//! master CLI in every case. In 2.6 the master's `reload` prints nothing (design note 14,
+//! docs/design-notes.md#reloads-cost), so success is read back: `show proc` must list a new
+//! worker after the master's reload count went up, and that worker's `show info` must carry the
+//! digest of the file just written.
 
 use std::fmt;
 use std::time::{Duration, Instant};

@@ -524,7 +524,11 @@ mod tests {
             "10.0.0.1\nprogram x",
             "10.0.0.1\nserver evil 10.201.66.6:6443 check",
         ] {
-            assert!(crate::members::parse(hostile, &ParseOptions::default()).is_err(), "{hostile:?}");
+            let refused = crate::members::parse(hostile, &ParseOptions::default());
+            assert!(
+                matches!(refused, Err(crate::members::MembersError::InvalidEntry { .. })),
+                "{hostile:?}: {refused:?}"
+            );
         }
         // A newline only separates entries: `program` alone is a DNS member, rendered as a
         // server line of its resolved address, never as a section.

@@ -2,7 +2,8 @@
 //! connection, built from parsed values only, each answer checked against what HAProxy 2.6
 //! prints on success.
 //!
-//! NOTE: HAProxy splits a command line on `;` and ends it at a newline (FIELD-NOTES lesson 15).
+//! NOTE: HAProxy splits a command line on `;` and ends it at a newline (design note 15,
+//! docs/design-notes.md#runtime-api-in-2-6).
 //! [`Command`] holds typed values ([`ServerName`], [`ProxyName`], [`SocketAddr`]) whose text has
 //! neither, and [`Command::line`] checks the finished line again before anything is sent.
 

@@ -4,7 +4,7 @@
 //! NOTE: settings come from the operator's file, but they still reach a file the HAProxy master
 //! parses as root. Every string that is rendered (names, paths, user and group) is checked against
 //! a small character set here, so a newline or a `#` in a setting cannot add a section either
-//! (FIELD-NOTES lesson 16).
+//! (docs/design-notes.md#config-injection, design note 16).
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -272,7 +272,8 @@ mod tests {
         assert_eq!(s.connect_timeout, Duration::from_secs(5));
         assert_eq!(KubeSettings::default(), s);
         assert_eq!(yaml::from_str::<KubeSettings>("{}").unwrap(), s);
-        assert!(yaml::from_str::<KubeSettings>("tokenFile: /t\n").is_err());
+        let err = yaml::from_str::<KubeSettings>("tokenFile: /t\n").unwrap_err().to_string();
+        assert!(err.contains("kubernetes.caFile: is required with tokenFile"), "{err}");
     }
 
     #[test]

@@ -164,7 +164,11 @@ mod tests {
         let p = locate_in(&settings("2001:db8::10", None), &addrs).unwrap();
         assert_eq!((p.interface.as_str(), p.prefix_len), ("eth1", 64));
         assert_eq!(p.source, "2001:db8::5".parse::<IpAddr>().unwrap());
-        assert!(locate_in(&settings("fe80::10", None), &addrs).is_err(), "link-local is never a subnet for a VIP");
+        let refused = locate_in(&settings("fe80::10", None), &addrs);
+        assert!(
+            matches!(refused, Err(PlaceError::Outside { .. })),
+            "link-local is never a subnet for a VIP: {refused:?}"
+        );
     }
 
     #[test]

@@ -323,8 +323,10 @@ mod tests {
     #[test]
     fn unknown_keys_and_wrong_types_are_refused() {
         assert!(vip("address: 192.0.2.10\nrouterId: 5\n").unwrap_err().contains("unknown field"));
-        assert!(vip("address: 192.0.2.300\n").is_err());
-        assert!(vip("address: 192.0.2.10\nvirtualRouterId: -1\n").is_err());
+        let err = vip("address: 192.0.2.300\n").unwrap_err();
+        assert!(err.contains("invalid IP address"), "{err}");
+        let err = vip("address: 192.0.2.10\nvirtualRouterId: -1\n").unwrap_err();
+        assert!(err.contains("virtualRouterId: invalid type: integer `-1`"), "{err}");
     }
 
     #[test]

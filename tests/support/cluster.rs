@@ -188,7 +188,7 @@ impl Cluster {
             let f: Vec<&str> = line.split(',').collect();
             if f.first() == Some(&BACKEND) && f.get(1) == Some(&name.as_str()) {
                 let i = header.iter().position(|h| *h == column).with_context(|| format!("no {column} column"))?;
-                return Ok(f[i].parse().unwrap_or(0));
+                return f[i].parse().with_context(|| format!("{column} of {name} is not a number: {line:?}"));
             }
         }
         bail!("no show stat row for {name}")
@@ -386,15 +386,21 @@ haproxy:
     pub fn workers(&self) -> Result<(Vec<String>, String)> {
         let out = self.master("show proc")?;
         let mut workers = Vec::new();
-        let mut reloads = String::new();
+        let mut reloads = None;
         for line in out.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.get(1) == Some(&"master") {
-                reloads = f.get(2).unwrap_or(&"").to_string();
+                // A count that does not parse fails here: read as "" it would make every
+                // "no reload" comparison pass.
+                let count = f.get(2).with_context(|| format!("no reload count in {line:?}"))?;
+                count.parse::<u32>().with_context(|| format!("the reload count is not a number in {line:?}"))?;
+                reloads = Some(count.to_string());
             } else if f.get(1) == Some(&"worker") {
                 workers.push(f[0].to_string());
             }
         }
+        let reloads = reloads.with_context(|| format!("no master line in `show proc`:\n{out}"))?;
+        ensure!(!workers.is_empty(), "no worker in `show proc`:\n{out}");
         Ok((workers, reloads))
     }
 
@@ -403,13 +409,17 @@ haproxy:
     pub fn serving(&self) -> Result<Vec<String>> {
         let out = self.admin(&format!("show servers state {BACKEND}"))?;
         let mut names = Vec::new();
-        for line in out.lines().skip(1).filter(|l| !l.starts_with('#')) {
+        for line in out.lines().skip(1).filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            // srv_admin_state: maintenance 0x01|0x02|0x04|0x20|0x40, drain 0x08|0x10.
-            if let Some(admin) = f.get(6).and_then(|a| a.parse::<u32>().ok()) {
-                if admin == 0 {
-                    names.push(f[3].to_string());
-                }
+            // srv_admin_state: maintenance 0x01|0x02|0x04|0x20|0x40, drain 0x08|0x10. A row
+            // whose column does not parse is an error, not a server that is not serving.
+            let admin: u32 = f
+                .get(6)
+                .with_context(|| format!("no srv_admin_state in {line:?}"))?
+                .parse()
+                .with_context(|| format!("srv_admin_state is not a number in {line:?}"))?;
+            if admin == 0 {
+                names.push(f[3].to_string());
             }
         }
         names.sort();
@@ -427,7 +437,8 @@ haproxy:
         for line in out.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() > 5 && !line.starts_with('#') {
-                servers.push((f[3].to_string(), f[4].to_string(), f[5].parse().unwrap_or(99)));
+                let state = f[5].parse().with_context(|| format!("srv_op_state is not a number in {line:?}"))?;
+                servers.push((f[3].to_string(), f[4].to_string(), state));
             }
         }
         Ok(servers)
@@ -446,7 +457,8 @@ haproxy:
             let f: Vec<&str> = line.split(',').collect();
             if f.first() == Some(&BACKEND) && f.get(1).is_some_and(|s| *s != "BACKEND" && *s != "FRONTEND") {
                 let i = header.iter().position(|h| *h == "stot").context("no stot column")?;
-                totals.push((f[1].to_string(), f[i].parse().unwrap_or(0)));
+                let total = f[i].parse().with_context(|| format!("stot of {} is not a number: {line:?}", f[1]))?;
+                totals.push((f[1].to_string(), total));
             }
         }
         Ok(totals)

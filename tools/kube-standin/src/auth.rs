@@ -221,8 +221,10 @@ mod tests {
         assert_eq!(t.rules[0].namespaces, vec!["*"]);
         let t: TokenSpec = "nobody:".parse().unwrap();
         assert!(t.rules.is_empty() && t.token.is_empty());
-        assert!("x".parse::<TokenSpec>().is_err());
-        assert!("u:t:get".parse::<TokenSpec>().is_err());
+        let err = "x".parse::<TokenSpec>().unwrap_err();
+        assert!(err.contains("expected USER:TOKEN[:RULES]"), "{err}");
+        let err = "u:t:get".parse::<TokenSpec>().unwrap_err();
+        assert!(err.contains("expected VERBS/RESOURCES"), "{err}");
     }
 
     #[test]
@@ -258,8 +260,8 @@ mod tests {
     fn authenticates_bearer_tokens() {
         let a = Authenticator::new(vec!["u:tok:*/*".parse().unwrap(), "g::get/configmaps".parse().unwrap()]).unwrap();
         assert_eq!(a.authenticate(Some("Bearer tok")).unwrap().unwrap().name, "u");
-        assert!(a.authenticate(Some("Bearer nope")).is_err());
-        assert!(a.authenticate(Some("Basic dTp0")).is_err());
+        assert_eq!(a.authenticate(Some("Bearer nope")).err(), Some(BadToken));
+        assert_eq!(a.authenticate(Some("Basic dTp0")).err(), Some(BadToken));
         assert!(a.authenticate(None).unwrap().is_none());
         let g = a.user("g").unwrap();
         assert_eq!(g.token.len(), 48);

@@ -193,8 +193,8 @@ mod tests {
         assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
         assert_eq!("2".parse::<Dur>().unwrap().0, Duration::from_secs(2));
         assert_eq!("5m".parse::<Dur>().unwrap().0, Duration::from_secs(300));
-        assert!("5d".parse::<Dur>().is_err());
-        assert!("ms".parse::<Dur>().is_err());
+        assert!("5d".parse::<Dur>().unwrap_err().contains("unknown unit \"d\""));
+        assert!("ms".parse::<Dur>().unwrap_err().contains("expected a number"));
     }
 
     #[test]
@@ -202,7 +202,7 @@ mod tests {
         let t: KubeconfigTarget = "/tmp/a:b/kc:admin".parse().unwrap();
         assert_eq!(t.path, PathBuf::from("/tmp/a:b/kc"));
         assert_eq!(t.user, "admin");
-        assert!("nouser".parse::<KubeconfigTarget>().is_err());
+        assert!("nouser".parse::<KubeconfigTarget>().unwrap_err().contains("expected PATH:USER"));
         let cli = Cli::try_parse_from([
             "kube-standin",
             "--cert-dir",
@@ -219,6 +219,8 @@ mod tests {
         .unwrap();
         assert_eq!(cli.endpoints.len(), 2);
         assert_eq!(cli.tokens[0].user, "admin");
-        assert!(Cli::try_parse_from(["kube-standin", "--cert-dir", "x", "--error-status", "200"]).is_err());
+        let err = Cli::try_parse_from(["kube-standin", "--cert-dir", "x", "--error-status", "200"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
+        assert!(err.to_string().contains("--error-status"), "{err}");
     }
 }

@@ -275,7 +275,8 @@ mod tests {
             json!({"metadata": {"ownerReferences": [{"uid": "1", "$patch": "delete"}, {"uid": "2", "name": "c"}, {"uid": "3", "name": "d"}]}}),
         );
         assert_eq!(r["metadata"]["ownerReferences"], json!([{"uid": "2", "name": "c"}, {"uid": "3", "name": "d"}]));
-        assert!(apply(STRATEGIC, &o, br#"{"data":{"$patch":"bogus"}}"#).is_err());
+        let err = apply(STRATEGIC, &o, br#"{"data":{"$patch":"bogus"}}"#).unwrap_err();
+        assert!(format!("{err:?}").contains("Unknown patch type"), "{err:?}");
     }
 
     #[test]

@@ -214,8 +214,10 @@ mod tests {
         for s in no {
             assert!(!LabelSelector::parse(s).unwrap().matches(Some(&l)), "{s}");
         }
-        assert!(LabelSelector::parse("app in (x").is_err());
-        assert!(LabelSelector::parse("a b=c").is_err());
+        let err = LabelSelector::parse("app in (x").unwrap_err();
+        assert!(err.contains("unclosed '('"), "{err}");
+        let err = LabelSelector::parse("a b=c").unwrap_err();
+        assert!(err.contains("unable to parse requirement"), "{err}");
     }
 
     #[test]
@@ -232,6 +234,7 @@ mod tests {
         let f = FieldSelector::parse_any("regarding.kind=ConfigMap,reason=").unwrap();
         assert!(f.matches(&o), "an absent field reads as empty");
         assert!(!FieldSelector::parse_any("regarding.kind=Pod").unwrap().matches(&o));
-        assert!(FieldSelector::parse_any("nonsense").is_err());
+        let err = FieldSelector::parse_any("nonsense").unwrap_err();
+        assert!(err.contains("can't understand 'nonsense'"), "{err}");
     }
 }

@@ -198,7 +198,8 @@ mod tests {
         let b = setup(&dir.0, &[]).unwrap();
         assert_eq!(a.ca_pem, b.ca_pem, "a second start reuses the CA");
         assert!(a.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
-        assert!(setup(&dir.0, &["not a name".into()]).is_err());
+        let err = setup(&dir.0, &["not a name".into()]).err().expect("refused");
+        assert!(err.to_string().contains("neither an IP address nor a DNS name"), "{err:#}");
     }
 
     #[test]

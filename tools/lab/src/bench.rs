@@ -280,15 +280,17 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
     drop(labs);
     let doc = render(opts, &rows, &environment(opts, load, congestion_control), started.elapsed());
     if let Some(out) = &opts.out {
-        // The failover and rolling-restart sections (tools/bench --failover, --rolling-restart)
-        // are other runs': kept as they are.
+        // The failover, rolling-restart and apply-latency sections (tools/bench --failover,
+        // --rolling-restart, --apply-latency) are other runs': kept as they are.
         let old = std::fs::read_to_string(out).unwrap_or_default();
         let mut doc = match crate::failover::section_of(&old) {
             Some(section) => crate::failover::replace_section(&doc, section),
             None => doc.clone(),
         };
-        if let Some(section) = section_between(&old, ROLLING_BEGIN, ROLLING_END) {
-            doc = replace_between(&doc, ROLLING_BEGIN, ROLLING_END, section);
+        for (begin, end) in [(ROLLING_BEGIN, ROLLING_END), (APPLY_BEGIN, APPLY_END)] {
+            if let Some(section) = section_between(&old, begin, end) {
+                doc = replace_between(&doc, begin, end, section);
+            }
         }
         write_atomically(out, &doc)?;
         eprintln!("bench: wrote {}", out.display());
@@ -300,6 +302,11 @@ pub fn run(opts: &BenchOpts) -> Result<String> {
 /// `rolling_restart_benchmark`, writes it).
 pub const ROLLING_BEGIN: &str = "<!-- rolling-restart: begin (tools/bench --rolling-restart writes this section) -->";
 pub const ROLLING_END: &str = "<!-- rolling-restart: end -->";
+
+/// The ConfigMap-edit-to-HAProxy section of docs/benchmarks.md (tests/run_e2e.rs,
+/// `apply_latency_benchmark`, writes it).
+pub const APPLY_BEGIN: &str = "<!-- apply-latency: begin (tools/bench --apply-latency writes this section) -->";
+pub const APPLY_END: &str = "<!-- apply-latency: end -->";
 
 /// The section of `text` from `begin` to `end` (both included), if it has one.
 pub fn section_between<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {
@@ -1099,8 +1106,10 @@ mod tests {
         assert_eq!(busy_ticks(stat).expect("parses"), 100 + 2 + 30 + 6 + 7 + 8);
         let short = busy_ticks("cpu  1 2 3\n").expect_err("too few fields").to_string();
         assert!(short.contains("fewer than 8 fields"), "{short}");
-        assert!(busy_ticks("cpu0 1 2 3 4 5 6 7 8\n").is_err(), "only the aggregate line counts");
-        assert!(busy_ticks("cpu  1 2 x 4 5 6 7 8\n").is_err());
+        let err = busy_ticks("cpu0 1 2 3 4 5 6 7 8\n").unwrap_err().to_string();
+        assert!(err.contains("no cpu line"), "only the aggregate line counts: {err}");
+        let err = busy_ticks("cpu  1 2 x 4 5 6 7 8\n").unwrap_err().to_string();
+        assert!(err.contains("parsing /proc/stat line"), "{err}");
     }
 
     #[test]

@@ -579,6 +579,6 @@ mod tests {
     fn direction_parses() {
         assert_eq!("read".parse::<Direction>(), Ok(Direction::Read));
         assert_eq!("write".parse::<Direction>(), Ok(Direction::Write));
-        assert!("both".parse::<Direction>().is_err());
+        assert!("both".parse::<Direction>().unwrap_err().contains("expected read or write"));
     }
 }

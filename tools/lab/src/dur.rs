@@ -81,8 +81,20 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "s", "ms", "-1s", "1x", "1.2.3s", "1e3s", "9999h", "five"] {
-            assert!(bad.parse::<Dur>().is_err(), "{bad:?} was accepted");
+        let number = "expected a number with a unit";
+        for (bad, reason) in [
+            ("", number),
+            ("s", number),
+            ("ms", number),
+            ("-1s", number),
+            ("five", number),
+            ("1x", "unknown unit"),
+            ("1e3s", "unknown unit"),
+            ("1.2.3s", "is not a number"),
+            ("9999h", "longer than a week"),
+        ] {
+            let err = bad.parse::<Dur>().expect_err(bad);
+            assert!(err.contains(reason), "{bad:?}: {err}");
         }
     }
 

@@ -570,7 +570,8 @@ mod tests {
     #[test]
     fn rejects_bad_prefixes_before_touching_the_system() {
         for bad in ["", "a/b", "a b", "../x"] {
-            assert!(Netns::new(bad).is_err(), "{bad:?}");
+            let err = Netns::new(bad).unwrap_err().to_string();
+            assert!(err.contains("use letters, digits"), "{bad:?}: {err}");
         }
     }
 
@@ -583,7 +584,8 @@ mod tests {
         let (status, rest) = child.finish(Duration::from_secs(5)).unwrap();
         assert_eq!(status.code(), Some(3));
         assert_eq!(rest, vec!["second".to_string()]);
-        assert!(child.signal(libc::SIGTERM).is_err(), "signal after reaping");
+        let err = child.signal(libc::SIGTERM).unwrap_err().to_string();
+        assert!(err.contains("already exited"), "signal after reaping: {err}");
     }
 
     #[test]

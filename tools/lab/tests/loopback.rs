@@ -72,7 +72,9 @@ fn serve_echoes_and_announces_only_once() {
     let mut got = String::new();
     s.read_to_string(&mut got).unwrap();
     assert_eq!(got, "echo\nhello, lab");
-    assert!(srv.stdout_line(Duration::from_millis(300)).is_err());
+    // Still running, and quiet: no second announcement (not an exit, which is an error too).
+    let err = srv.stdout_line(Duration::from_millis(300)).unwrap_err().to_string();
+    assert!(err.contains("printed no line within"), "{err}");
 }
 
 #[test]

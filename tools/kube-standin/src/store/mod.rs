@@ -408,13 +408,13 @@ mod tests {
         let names: Vec<_> = at12.iter().map(|o| (o["metadata"]["name"].clone(), o["data"]["v"].clone())).collect();
         assert_eq!(names, vec![(json!("a"), json!("1")), (json!("b"), json!("1"))]);
         // Capacity 3: event 11 fell out, so 11 is the oldest servable revision.
-        assert!(s.list_at(Kind::ConfigMap, None, 10).is_err());
-        assert!(s.watch(Kind::ConfigMap, WatchFrom::After(10)).is_err());
+        assert!(matches!(s.list_at(Kind::ConfigMap, None, 10), Err(SnapshotError::Compacted)));
+        assert_eq!(s.watch(Kind::ConfigMap, WatchFrom::After(10)).err(), Some(11), "expired, 11 the oldest");
         let w = s.watch(Kind::ConfigMap, WatchFrom::After(11)).ok().unwrap();
         let rvs: Vec<_> = w.initial.iter().map(|e| (e.rv, e.etype)).collect();
         assert_eq!(rvs, vec![(12, EventType::Added), (13, EventType::Modified), (14, EventType::Deleted)]);
         s.compact_now();
-        assert!(s.watch(Kind::ConfigMap, WatchFrom::After(13)).is_err());
+        assert_eq!(s.watch(Kind::ConfigMap, WatchFrom::After(13)).err(), Some(14), "expired, 14 the oldest");
         assert!(s.watch(Kind::ConfigMap, WatchFrom::After(14)).is_ok());
     }
 }

@@ -2,9 +2,8 @@
 //! with the last-applied annotation), edit, patch (strategic, merge, JSON), get -w, RBAC
 //! denials, and the events.k8s.io Events kube-rs's Recorder posts. kubectl must be installed: these tests fail, never skip, without it.
 //!
-//! `KUBECTL` names the binary (default: `kubectl` on PATH); `KUBE_STANDIN_EXTRA_KUBECTL` may
-//! list more binaries (colon-separated, e.g. an older client) for the get/patch/edit/watch
-//! scenario.
+//! `KUBECTL` names the binary (default: `kubectl` on PATH). To try another client (an older
+//! kubectl, say), run these tests again with `KUBECTL` set to it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -321,36 +320,6 @@ impl Drop for KillOnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_get_watch() {
     watch_scenario(kubectl_binary()).await;
-}
-
-/// The get/patch/edit/watch scenario with each extra client listed in
-/// `KUBE_STANDIN_EXTRA_KUBECTL` (none listed: nothing more to check).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn extra_kubectl_clients() {
-    let list = std::env::var("KUBE_STANDIN_EXTRA_KUBECTL").unwrap_or_default();
-    for bin in list.split(':').filter(|p| !p.is_empty()) {
-        let bin = PathBuf::from(bin);
-        assert!(bin.is_file(), "KUBE_STANDIN_EXTRA_KUBECTL lists {} which does not exist", bin.display());
-        watch_scenario(bin.clone()).await;
-        let dir = Scratch::new("kubectl-extra");
-        let s = start(dir.path());
-        let k = Kubectl::new(bin, dir.path(), "admin");
-        s.create_cm("kube-system", "x", json!({"a": "1"})).await;
-        k.ok(&["patch", "cm", "x", "-n", "kube-system", "-p", r#"{"data":{"b":"2"}}"#]);
-        let editor = dir.path().join("editor.sh");
-        std::fs::write(
-            &editor,
-            "#!/bin/sh\nsed -i 's/\"2\"/\"3\"/; s/: \"2\"$/: \"3\"/; s/b: \"2\"/b: \"3\"/' \"$1\"\n",
-        )
-        .unwrap();
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&editor, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let out = k.run_env(&["edit", "cm", "x", "-n", "kube-system"], &[("KUBE_EDITOR", editor.to_str().unwrap())]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(data(&s, "x").await, json!({"a": "1", "b": "3"}));
-    }
 }
 
 /// The RBAC objects as an operator handles them with kubectl: `apply` of a ServiceAccount, a
