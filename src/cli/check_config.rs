@@ -4,7 +4,8 @@
 //! NOTE: `haproxy -c` is not a passive parser (HAProxy 2.6 runs `lua-load` code while it
 //! checks) and runs as root here: the copies it checks live in a new private directory
 //! ([`PrivateDir`]: mode 0700, a random name, files created `O_EXCL|O_NOFOLLOW` 0600), so no
-//! other user can read them (the stats password) or swap them before the check.
+//! other user can read them (the stats password) or swap them before the check (design note
+//! 29, docs/design-notes.md#haproxy-check-runs-lua).
 
 use crate::exit::Coded;
 use crate::fsutil::PrivateDir;
