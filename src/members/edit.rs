@@ -320,8 +320,10 @@ mod tests {
         let e = Edit::add("cp2=192.0.2.12:6443\nprogram x", 6443).unwrap_err();
         assert!(matches!(e, EditError::InvalidEntry { .. }), "{e}");
         assert!(!e.to_string().contains('\n'), "the message quotes the newline: {e}");
-        assert!(Edit::add("cp2=0.0.0.0:6443", 6443).is_err(), "an unusable address");
-        assert!(Edit::remove("cp 2").is_err());
+        let e = Edit::add("cp2=0.0.0.0:6443", 6443).unwrap_err();
+        assert!(matches!(e, EditError::InvalidEntry { .. }), "an unusable address: {e}");
+        let e = Edit::remove("cp 2").unwrap_err();
+        assert!(e.to_string().contains("cp 2"), "the refusal names the entry: {e}");
         assert!(Edit::remove("cp2").is_ok());
     }
 

@@ -305,7 +305,9 @@ mod tests {
         assert!(e.to_string().contains("'\\n'"), "{e}");
         let e = serde_json::from_str::<MemberSet>(r#"["a=10.0.0.1","a=10.0.0.2"]"#).unwrap_err();
         assert!(e.to_string().contains("server name \"a\""), "{e}");
-        assert!(serde_json::from_str::<MemberSet>("[6443]").is_err());
-        assert!(serde_json::from_str::<MemberSet>(r#""10.0.0.1""#).is_err());
+        let e = serde_json::from_str::<MemberSet>("[6443]").unwrap_err();
+        assert!(e.to_string().contains("invalid type: integer"), "{e}");
+        let e = serde_json::from_str::<MemberSet>(r#""10.0.0.1""#).unwrap_err();
+        assert!(e.to_string().contains("invalid type: string"), "{e}");
     }
 }

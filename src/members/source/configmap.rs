@@ -58,7 +58,8 @@ mod tests {
         let Extracted::List { parsed, .. } = extract(&cm(&[("members", "")]), "ns", "cm", "members", &opts) else {
             panic!("no list")
         };
-        assert!(parsed.is_err(), "empty is refused unless allowed");
+        let e = parsed.unwrap_err();
+        assert!(e.to_string().contains("empty"), "empty is refused unless allowed: {e}");
         let Extracted::Missing(message) = extract(&cm(&[("other", "10.0.0.1")]), "ns", "cm", "members", &opts) else {
             panic!("not missing")
         };

@@ -123,6 +123,7 @@ mod tests {
         let s = slice(&[("10.0.0.11", None), ("not an address", None)], &[("https", 6443)]);
         assert!(parsed(extract(&s, "default", "kubernetes", "https", &opts)).unwrap_err().contains("entry 2"));
         let s = slice(&[("10.0.0.11", None)], &[("https", 0)]);
-        assert!(parsed(extract(&s, "default", "kubernetes", "https", &opts)).is_err());
+        let e = parsed(extract(&s, "default", "kubernetes", "https", &opts)).unwrap_err();
+        assert!(e.contains("port"), "{e}");
     }
 }

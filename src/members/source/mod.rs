@@ -377,7 +377,7 @@ mod tests {
         assert_eq!(h.metrics.members.get(), 2);
         // The same set again (a relist) is not sent again.
         h.pipeline.handle(SourceEvent::Parsed(Ok(a.clone()))).await.ok().unwrap();
-        assert!(h.rx.try_recv().is_err());
+        assert_eq!(h.rx.try_recv(), Err(tokio::sync::mpsc::error::TryRecvError::Empty));
         assert_eq!(counter(&h.metrics, "accepted"), 1);
 
         let bad = parse_entries(["10.0.0.1", "nope!"], &ParseOptions::default());
@@ -401,7 +401,11 @@ mod tests {
             h.rx.try_recv().unwrap(),
             Update::Problem { source: "configmap", kind: ProblemKind::Missing, message: "deleted".into() }
         );
-        assert!(h.rx.try_recv().is_err(), "the same problem is sent once");
+        assert_eq!(
+            h.rx.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty),
+            "the same problem is sent once"
+        );
         assert_eq!(*h.known.borrow(), a);
     }
 
