@@ -89,13 +89,30 @@ impl EndpointCheck {
     }
 
     /// The health this result argues for; `was_healthy`: whether this run was ever healthy
-    /// (before that, nothing answering is the first boot, not a failure).
-    fn argues(&self, was_healthy: bool) -> Advertised {
+    /// (before that, nothing answering is the first boot, not a failure); `members_answer`:
+    /// whether this host's own probes found a ready member since the endpoint stopped
+    /// answering.
+    ///
+    /// NOTE: nothing answering through the endpoint withdraws (FAULT: the address moves at
+    /// once) only when some apiserver is known to answer: then the endpoint is broken here and
+    /// another host's may work. When no member answers this host's probes either, it is an
+    /// outage of the apiservers (or this host is cut off from them all): every host sees the
+    /// same, so each degrades and the holder keeps the address, and the first request after
+    /// the first apiserver is ready again goes through without waiting for VRRP.
+    fn argues(&self, was_healthy: bool, members_answer: bool) -> Advertised {
         match self {
             EndpointCheck::Ready => Advertised::Healthy,
             EndpointCheck::NotReady(_) => Advertised::Degraded,
-            EndpointCheck::Unreachable(_) if was_healthy => Advertised::Withdrawn,
+            EndpointCheck::Unreachable(_) if was_healthy && members_answer => Advertised::Withdrawn,
             EndpointCheck::Unreachable(_) => Advertised::Degraded,
+        }
+    }
+
+    fn kind(&self) -> u8 {
+        match self {
+            EndpointCheck::Ready => 0,
+            EndpointCheck::NotReady(_) => 1,
+            EndpointCheck::Unreachable(_) => 2,
         }
     }
 }
@@ -406,8 +423,10 @@ pub struct VipView {
 struct VipState {
     policy: VipPolicy,
     advertised: Option<Advertised>,
-    /// The last check's argument and how many checks in a row made it.
-    run: Option<(Advertised, u32)>,
+    /// The last check's kind ([`EndpointCheck::kind`]) and how many checks in a row had it.
+    run: Option<(u8, u32)>,
+    /// Since when the endpoint has answered nothing, in the current run of such checks.
+    unreachable_since: Option<Instant>,
     was_healthy: bool,
     /// When worse health was last advertised.
     lowered_at: Option<Instant>,
@@ -454,6 +473,9 @@ pub struct Controller {
     mute_run: u32,
     mute_reconciled: bool,
     ready_members: Option<Vec<SocketAddr>>,
+    /// When the last probe round that found a ready member began.
+    ready_at: Option<Instant>,
+    probe_started: Instant,
     endpoint_check: Option<EndpointCheck>,
     next_read: Instant,
     next_liveness: Instant,
@@ -475,6 +497,7 @@ impl VipState {
             policy,
             advertised: None,
             run: None,
+            unreachable_since: None,
             was_healthy: false,
             lowered_at: None,
             observed: None,
@@ -493,13 +516,19 @@ impl VipState {
     /// last lowered, so a flapping host gives the address away once and does not take it back
     /// at each flap. Withdrawn may step up to degraded within the hold-down: a degraded host
     /// holds the address only where no host is healthy (all apiservers back after an outage).
-    fn check(&mut self, now: Instant, check: &EndpointCheck) -> Option<Advertised> {
-        let argued = check.argues(self.was_healthy);
+    fn check(&mut self, now: Instant, check: &EndpointCheck, ready_at: Option<Instant>) -> Option<Advertised> {
+        if matches!(check, EndpointCheck::Unreachable(_)) {
+            self.unreachable_since.get_or_insert(now);
+        } else {
+            self.unreachable_since = None;
+        }
+        let members_answer = matches!((ready_at, self.unreachable_since), (Some(r), Some(u)) if r >= u);
+        let argued = check.argues(self.was_healthy, members_answer);
         let count = match self.run {
-            Some((last, n)) if last == argued => n.saturating_add(1),
+            Some((last, n)) if last == check.kind() => n.saturating_add(1),
             _ => 1,
         };
-        self.run = Some((argued, count));
+        self.run = Some((check.kind(), count));
         let next = match self.advertised {
             None => argued,
             Some(current) if current == argued => return None,
@@ -564,6 +593,8 @@ impl Controller {
             mute_run: 0,
             mute_reconciled: false,
             ready_members: None,
+            ready_at: None,
+            probe_started: now,
             endpoint_check: None,
             next_read: now,
             next_liveness: now,
@@ -658,7 +689,7 @@ impl Controller {
             }
             Input::Haproxy(health) => self.observe(now, health, &mut out),
             Input::Liveness { alive } => self.liveness(alive, &mut out),
-            Input::Probed { probed, ready } => self.probed(probed, ready, &mut out),
+            Input::Probed { probed, ready } => self.probed(now, probed, ready, &mut out),
             Input::EndpointChecked(check) => self.endpoint_checked(now, check, &mut out),
             Input::Vrrp(observed) => self.vrrp(now, observed, &mut out),
             Input::VipConfigured(result) => self.vip_configured(result, &mut out),
@@ -932,12 +963,20 @@ impl Controller {
         out.push(Effect::Forward(targets));
     }
 
-    fn probed(&mut self, probed: Vec<SocketAddr>, ready: Vec<SocketAddr>, out: &mut Vec<Effect>) {
+    fn probed(&mut self, now: Instant, probed: Vec<SocketAddr>, ready: Vec<SocketAddr>, out: &mut Vec<Effect>) {
         self.probing = false;
         if probed != self.desired_addresses() {
             return; // an answer about an older member set
         }
         let none_ready = ready.is_empty();
+        if !none_ready {
+            // When the round began: an answer it got may predate a failure seen meanwhile.
+            self.ready_at = Some(self.probe_started.min(now));
+        }
+        if self.vip.as_ref().and_then(|v| v.unreachable_since).is_some_and(|u| self.probe_started < u) {
+            // The endpoint failed while this round ran: ask again, after the failure.
+            self.next_probe = now;
+        }
         self.ready_members = Some(ready);
         // While the forward carries the endpoint, keep it on members that are ready; when none
         // is (all restarting at once), the targets it has are as good as any.
@@ -1046,6 +1085,7 @@ impl Controller {
             let addresses = self.desired_addresses();
             if !addresses.is_empty() {
                 self.probing = true;
+                self.probe_started = now;
                 self.next_probe = now + self.settings.probe_interval;
                 out.push(Effect::Probe(addresses));
             }
@@ -1070,7 +1110,15 @@ impl Controller {
     }
 
     fn endpoint_checked(&mut self, now: Instant, check: EndpointCheck, out: &mut Vec<Effect>) {
-        if let Some(level) = self.vip.as_mut().and_then(|vip| vip.check(now, &check)) {
+        let ready_at = self.ready_at;
+        let fresh_failure = matches!(check, EndpointCheck::Unreachable(_))
+            && !matches!(self.endpoint_check, Some(EndpointCheck::Unreachable(_)));
+        if fresh_failure && self.vip.is_some() {
+            // Whether to withdraw depends on whether any apiserver still answers this host:
+            // ask now rather than at the next round.
+            self.next_probe = now;
+        }
+        if let Some(level) = self.vip.as_mut().and_then(|vip| vip.check(now, &check, ready_at)) {
             let why = match &check {
                 EndpointCheck::Ready => "a ready apiserver answers through the endpoint".to_string(),
                 EndpointCheck::NotReady(why) | EndpointCheck::Unreachable(why) => why.clone(),

@@ -494,6 +494,29 @@ fn check_ready() -> Input {
     Input::EndpointChecked(EndpointCheck::Ready)
 }
 
+/// The answer to the probe round in flight: `ready` of vip_healthy's three members.
+fn probed(ready: &[&str]) -> Input {
+    let all = ["10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443"].map(addr).to_vec();
+    Input::Probed { probed: all, ready: ready.iter().map(|a| addr(a)).collect() }
+}
+
+/// One input at `t` whose probe round, if it asks for one, finds every member ready.
+fn with_members_up(r: &mut Run, t: u64, input: Input) -> Vec<Advertised> {
+    let e = r.at(t).input(input);
+    if e.iter().any(|e| matches!(e, Effect::Probe(_))) {
+        r.at(t + 10).input(probed(&["10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443"]));
+    }
+    advertised(&e)
+}
+
+/// An endpoint check that finds nothing answering, then this host's own probes (the round
+/// the failure starts) finding the members ready: the endpoint is broken here.
+fn unreachable_here(r: &mut Run, t: u64) -> Vec<Effect> {
+    let e = r.at(t).acts(unreachable());
+    r.at(t + 10).input(probed(&["10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443"]));
+    e
+}
+
 /// Forwarding with a VIP, the endpoint checked healthy.
 fn vip_healthy() -> Run {
     let mut r = Run::new(vip_settings());
@@ -504,6 +527,8 @@ fn vip_healthy() -> Run {
     r.done();
     r.acts(Input::Applied(Ok("file written".into())));
     assert_eq!(advertised(&r.at(100).acts(check_ready())), [Advertised::Healthy], "the first check decides at once");
+    // The probe round in flight finds every member ready.
+    r.at(150).input(probed(&["10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443"]));
     r
 }
 
@@ -527,9 +552,9 @@ fn first_boot_holds_the_vip_degraded_until_an_apiserver_answers() {
 #[test]
 fn a_host_whose_endpoint_stops_working_withdraws_after_fall_checks() {
     let mut r = vip_healthy();
-    assert!(advertised(&r.at(600).acts(unreachable())).is_empty(), "one failure is not enough");
+    assert!(advertised(&unreachable_here(&mut r, 600)).is_empty(), "one failure is not enough");
     assert!(advertised(&r.at(1100).acts(check_ready())).is_empty());
-    assert!(advertised(&r.at(1600).acts(unreachable())).is_empty());
+    assert!(advertised(&unreachable_here(&mut r, 1600)).is_empty());
     let e = r.at(2100).acts(unreachable());
     assert_eq!(advertised(&e), [Advertised::Withdrawn]);
     assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipWithdrawn" && n.warning)), "{e:?}");
@@ -550,8 +575,54 @@ fn an_apiserver_that_answers_not_ready_degrades_instead_of_withdrawing() {
     let not_ready = || Input::EndpointChecked(EndpointCheck::NotReady("answered /readyz with HTTP 500".into()));
     assert!(advertised(&r.at(600).acts(not_ready())).is_empty());
     assert_eq!(advertised(&r.at(1100).acts(not_ready())), [Advertised::Degraded]);
-    assert_eq!(advertised(&r.at(1600).acts(unreachable())), [], "a new kind of failure counts anew");
+    assert_eq!(advertised(&unreachable_here(&mut r, 1600)), [], "a new kind of failure counts anew");
     assert_eq!(advertised(&r.at(2100).acts(unreachable())), [Advertised::Withdrawn]);
+}
+
+#[test]
+fn every_apiserver_down_degrades_and_the_holder_keeps_the_address() {
+    let mut r = vip_healthy();
+    // Nothing answers through the endpoint, and this host's own probes find no member ready
+    // either: an outage of the apiservers, which every host sees alike.
+    let e = r.at(600).input(unreachable());
+    assert!(e.iter().any(|e| matches!(e, Effect::Probe(_))), "the failure asks the members at once: {e:?}");
+    r.at(700).input(probed(&[]));
+    let mut changes = Vec::new();
+    for t in (1100..6100).step_by(500) {
+        changes.extend(advertised(&r.at(t).acts(unreachable())));
+        if t % 2000 == 100 {
+            r.at(t + 10).input(probed(&[]));
+        }
+    }
+    assert_eq!(changes, [Advertised::Degraded], "degraded, never withdrawn: {changes:?}");
+    // The first apiserver is back: the holder serves through it; health rises after the hold-down.
+    r.at(6210).input(probed(&["10.0.0.2:6443"]));
+    for t in (6600..16_600).step_by(500) {
+        assert!(!advertised(&r.at(t).acts(check_ready())).contains(&Advertised::Withdrawn), "{t}");
+    }
+}
+
+#[test]
+fn a_probe_answered_before_the_failure_does_not_withdraw() {
+    let mut r = vip_healthy();
+    // vip_healthy's members answered at 150; nothing answers from 600 on, and the round the
+    // failure starts finds no member ready: that older answer does not count.
+    r.at(600).input(unreachable());
+    r.at(620).input(probed(&[]));
+    assert_eq!(advertised(&r.at(1100).acts(unreachable())), [Advertised::Degraded]);
+    // A later round finds a member ready: now the endpoint is broken here, and it withdraws.
+    let mut t = 1600;
+    loop {
+        let e = r.at(t).input(unreachable());
+        assert!(!advertised(&e).contains(&Advertised::Withdrawn), "withdrawn without an answer at {t}");
+        if e.iter().any(|e| matches!(e, Effect::Probe(_))) {
+            break;
+        }
+        t += 500;
+        assert!(t < 60_000, "no later probe round");
+    }
+    r.at(t + 10).input(probed(&["10.0.0.1:6443"]));
+    assert_eq!(advertised(&r.at(t + 500).acts(unreachable())), [Advertised::Withdrawn]);
 }
 
 #[test]
@@ -562,14 +633,14 @@ fn a_flapping_endpoint_does_not_bounce_the_vip() {
     // claims it back while it flaps.
     for i in 0..120u64 {
         let input = if i % 3 == 2 { check_ready() } else { unreachable() };
-        changes.extend(advertised(&r.at(600 + 500 * i).acts(input)));
+        changes.extend(with_members_up(&mut r, 600 + 500 * i, input));
     }
     assert_eq!(changes, [Advertised::Withdrawn], "{changes:?}");
     // Alternating success and failure never reaches `fall`: it keeps the address.
     let mut r = vip_healthy();
     for i in 0..120u64 {
         let input = if i % 2 == 0 { unreachable() } else { check_ready() };
-        assert!(advertised(&r.at(600 + 500 * i).acts(input)).is_empty(), "{i}");
+        assert!(with_members_up(&mut r, 600 + 500 * i, input).is_empty(), "{i}");
     }
 }
 
@@ -784,7 +855,9 @@ mod driver {
             r.inputs.send(Input::Vrrp(VrrpObserved { vrrp: Vrrp::Gone, holds: true })).await.unwrap();
             wait("the release", || r.endpoint.count("release") == 1).await;
             wait("the event", || r.reporter.log.count("event VipReleased") == 1).await;
-            // The endpoint stops working: withdrawn after two failed checks 500 ms apart.
+            // The endpoint stops working while the members answer this host's probes:
+            // withdrawn after two failed checks 500 ms apart.
+            *r.probes.ready.lock().unwrap() = vec![addr("10.0.0.1:6443"), addr("10.0.0.2:6443")];
             r.probes.endpoint_ok.store(false, Ordering::SeqCst);
             let broke = tokio::time::Instant::now();
             wait("withdrawn advertised", || r.endpoint.count("advertise withdrawn") == 1).await;
