@@ -27,7 +27,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")).into())
     });
     let vip = match (&result, &config.vip) {
-        (Ok(()), Some(vip)) => Some(check_keepalived(&config, vip, &members, &dir)),
+        (Ok(()), Some(vip)) => Some(check_keepalived(&config, vip, &members, args.host_address, &dir)),
         _ => None,
     };
     let _ = std::fs::remove_dir_all(&dir);
@@ -53,9 +53,10 @@ fn check_keepalived(
     config: &crate::config::Config,
     vip: &crate::vip::VipSettings,
     members: &crate::members::MemberSet,
+    host: Option<super::render::HostAddress>,
     dir: &std::path::Path,
 ) -> anyhow::Result<String> {
-    let (place, text) = super::render::render_keepalived(config, members)?;
+    let (place, text) = super::render::render_keepalived(config, members, host)?;
     let path = dir.join("keepalived.conf");
     std::fs::write(&path, &text).context("writing the candidate keepalived.conf")?;
     crate::vip::keepalived::config_test(&vip.keepalived.binary, &path)
