@@ -776,7 +776,8 @@ fn bootstrap_script_is_clean_and_installs_only_a_verified_binary() {
     assert!(!calls.exists(), "apt-get ran for a package with the wrong checksum");
     // The unit and drop-ins the user-data wrote (running /usr/local/bin/cpha) make way for the
     // package's, in /lib/systemd/system.
-    let copies = ["systemd/cpha.service", "systemd/haproxy.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"];
+    let copies =
+        ["systemd/cpha.service", "systemd/haproxy.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"];
     for copy in copies {
         dir.write(copy, &read(copy));
     }
