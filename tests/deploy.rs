@@ -714,6 +714,8 @@ fn bootstrap(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Ran {
     cmd.arg(root().join("cloud-init/cpha-bootstrap"))
         .args(args)
         .env("CPHA_BIN", dir.path().join("bin/cpha"))
+        .env("CPHA_PACKAGE_BIN", dir.path().join("package/usr/bin/cpha"))
+        .env("SYSTEMD_ETC", dir.path().join("systemd"))
         .env("CPHA_ETC", dir.path().join("etc"))
         .env("KUBERNETES_DIR", dir.path().join("kubernetes"));
     for (k, v) in env {
@@ -787,6 +789,13 @@ fn bootstrap_script_is_clean_and_installs_only_a_verified_binary() {
     let ran = bootstrap(&dir, &["install"], &[("PATH", &path)]);
     assert!(!ran.ok() && ran.stderr.contains("CPHA_SHA256"), "{}", ran.both());
     assert!(!calls.exists(), "apt-get ran for a package with the wrong checksum");
+    // The unit and drop-ins the user-data wrote (running /usr/local/bin/cpha) make way for the
+    // package's, in /lib/systemd/system.
+    let copies =
+        ["systemd/cpha.service", "systemd/haproxy.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"];
+    for copy in copies {
+        dir.write(copy, &read(copy));
+    }
     dir.write("etc/install.env", &format!("CPHA_URL=file://{}\nCPHA_SHA256={deb_sum}\n", deb.display()));
     let ran = bootstrap(&dir, &["install"], &[("PATH", &path)]);
     assert!(ran.ok(), "{}", ran.both());
@@ -795,6 +804,23 @@ fn bootstrap_script_is_clean_and_installs_only_a_verified_binary() {
         call.starts_with("install -y") && call.contains("--force-confold") && call.trim_end().ends_with(".deb"),
         "{call}"
     );
+    for copy in copies {
+        assert!(!dir.path().join(copy).exists(), "{copy} would shadow the package's unit:\n{}", ran.both());
+    }
+    // An image with the package already installed, and no URL: the same.
+    for copy in copies {
+        dir.write(copy, &read(copy));
+    }
+    std::fs::remove_file(&installed).unwrap();
+    let package_bin = dir.write("package/usr/bin/cpha", "#!/bin/sh\n");
+    std::fs::set_permissions(&package_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir.write("etc/install.env", "CPHA_URL=\nCPHA_SHA256=\n");
+    let ran = bootstrap(&dir, &["install"], &[]);
+    assert!(ran.ok() && ran.stdout.contains("pre-installed package"), "{}", ran.both());
+    for copy in copies {
+        assert!(!dir.path().join(copy).exists(), "{copy} would shadow the package's unit:\n{}", ran.both());
+    }
+    std::fs::remove_file(&package_bin).unwrap();
 
     // node-env: HAProxy's private address is this host's address towards the endpoint.
     dir.write("etc/site.env", "CONTROL_PLANE_ENDPOINT=127.0.0.1:8443\n");

@@ -2,6 +2,7 @@
 //! them: they say what is missing before anything else, they leave the machine's cloud-init
 //! alone, and the test run removes only the network namespaces it created.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -86,19 +87,46 @@ fn commands_refuse_a_user_who_is_not_root_with_a_failure_not_a_skip() {
 #[test]
 fn commands_say_what_a_newcomer_needs_when_rust_is_missing() {
     cpha_lab::require_root!();
+    let hint = format!("install Rust {} or newer", env!("CARGO_PKG_RUST_VERSION"));
     for command in ["hack/test", "hack/demo"] {
-        // A PATH with the system's programs and no cargo.
+        // A PATH with the system's programs and no cargo (and no sudo user whose rustup the
+        // commands would look for).
         let out = Command::new(root().join(command))
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env_remove("SUDO_USER")
             .stdin(Stdio::null())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(69), "{command}: {stderr}");
         assert!(!stderr.contains("command not found"), "{command}: {stderr}");
-        assert!(stderr.contains("install Rust 1.88 or newer"), "{command}: {stderr}");
+        assert!(stderr.contains(&hint), "{command}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{command}: a one-line hint, got: {stderr}");
     }
+}
+
+#[test]
+fn commands_say_when_rust_is_older_than_cargo_toml_needs() {
+    cpha_lab::require_root!();
+    // A cargo older than Cargo.toml's rust-version (Debian 12's own is 1.65).
+    let bin = std::env::temp_dir().join(format!("cpha-old-cargo-{}", std::process::id()));
+    std::fs::create_dir_all(&bin).unwrap();
+    let cargo = bin.join("cargo");
+    std::fs::write(&cargo, "#!/bin/sh\necho 'cargo 1.65.0'\n").unwrap();
+    std::fs::set_permissions(&cargo, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hint = format!("Rust 1.65.0 is older than the {} this needs", env!("CARGO_PKG_RUST_VERSION"));
+    for command in ["hack/test", "hack/demo"] {
+        let out = Command::new(root().join(command))
+            .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display()))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{command}: {stderr}");
+        assert!(stderr.contains(&hint) && stderr.contains("rustup update"), "{command}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{command}: a one-line hint, got: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&bin);
 }
 
 #[test]

@@ -91,6 +91,14 @@ fn subcommands() -> Vec<String> {
     cpha::cli::Cli::command().get_subcommands().filter(|c| !c.is_hide_set()).map(|c| c.get_name().to_string()).collect()
 }
 
+/// The unit as the package installs it: the repository's, run from the package's binary
+/// (`/usr/bin/cpha`) instead of the copy provisioning installs (`/usr/local/bin/cpha`).
+fn packaged_unit() -> String {
+    let unit = read("systemd/cpha.service");
+    assert!(unit.contains("\nExecStart=/usr/local/bin/cpha "), "systemd/cpha.service runs /usr/local/bin/cpha");
+    unit.replace("\nExecStart=/usr/local/bin/cpha ", "\nExecStart=/usr/bin/cpha ")
+}
+
 /// `tools/build-deb` on the test binary.
 fn build_deb(out: &Path) -> PathBuf {
     build_deb_of(Path::new(env!("CARGO_BIN_EXE_cpha")), out)
@@ -178,8 +186,9 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     assert!(status.starts_with("install ok installed"), "{status}");
     assert!(status.contains("/etc/cpha/config.yaml"), "the configuration is a conffile: {status}");
 
-    // The binary where the unit runs it, and the commit it was built from.
-    let version = debian.sh_ok("/usr/local/bin/cpha --version").stdout;
+    // The binary where Debian policy puts a package's (and the unit runs it), and the commit it
+    // was built from.
+    let version = debian.sh_ok("/usr/bin/cpha --version").stdout;
     assert_eq!(version.trim(), format!("cpha {}", cpha::cli::VERSION));
     let check = debian.sh_ok("cpha check-config --config /etc/cpha/config.yaml");
     assert!(check.stdout.contains("haproxy -c accepts the rendered file"), "{}", check.both());
@@ -188,13 +197,16 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
         std::fs::read_to_string(debian.path("/etc/cpha/config.yaml")).unwrap(),
         read("examples/config-host.yaml")
     );
-    for (inside, repo) in [
-        ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
-        ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
-        ("/etc/systemd/system/keepalived.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"),
+    // The unit and drop-ins in the package's directory, none in the administrator's.
+    for (inside, text) in [
+        ("/lib/systemd/system/cpha.service", packaged_unit()),
+        ("/lib/systemd/system/haproxy.service.d/cpha.conf", read("systemd/haproxy.service.d/cpha.conf")),
+        ("/lib/systemd/system/keepalived.service.d/cpha.conf", read("systemd/keepalived.service.d/cpha.conf")),
     ] {
-        assert_eq!(std::fs::read_to_string(debian.path(inside)).unwrap(), read(repo), "{inside}");
+        assert_eq!(std::fs::read_to_string(debian.path(inside)).unwrap(), text, "{inside}");
     }
+    let listed = debian.sh_ok("dpkg -L cpha").stdout;
+    assert!(!listed.lines().any(|l| l.starts_with("/usr/local") || l.starts_with("/etc/systemd")), "{listed}");
 
     // The units, as the root's own systemd reads them (drop-ins included for haproxy.service
     // and keepalived.service).
@@ -205,9 +217,13 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
             ran.stderr.lines().chain(ran.stdout.lines()).filter(|l| l.contains("cpha") || l.contains(unit)).collect();
         assert!(ran.ok() && ours.is_empty(), "systemd-analyze verify {unit}:\n{}", ran.both());
     }
+    // (/lib is /usr/lib on a merged-/usr system: systemd may name either.)
     let dropins = debian.sh_ok("systemd-delta --no-pager --type=extended").stdout;
-    assert!(dropins.contains("haproxy.service -> /etc/systemd/system/haproxy.service.d/cpha.conf"), "{dropins}");
-    assert!(dropins.contains("keepalived.service -> /etc/systemd/system/keepalived.service.d/cpha.conf"), "{dropins}");
+    for unit in ["haproxy", "keepalived"] {
+        let extended = format!("{unit}.service -> ");
+        let dropin = format!("lib/systemd/system/{unit}.service.d/cpha.conf");
+        assert!(dropins.lines().any(|l| l.contains(&extended) && l.contains(&dropin)), "{dropins}");
+    }
 
     // A man page for every subcommand, and completions every shell can load.
     for sub in subcommands() {
@@ -236,10 +252,10 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
     assert_eq!(nft.trim(), "", "apt remove left nftables rules behind");
     assert!(!ipt.to_lowercase().contains("cpha"), "apt remove left iptables rules behind: {ipt}");
     for gone in [
-        "/usr/local/bin/cpha",
-        "/etc/systemd/system/cpha.service",
-        "/etc/systemd/system/haproxy.service.d/cpha.conf",
-        "/etc/systemd/system/keepalived.service.d/cpha.conf",
+        "/usr/bin/cpha",
+        "/lib/systemd/system/cpha.service",
+        "/lib/systemd/system/haproxy.service.d/cpha.conf",
+        "/lib/systemd/system/keepalived.service.d/cpha.conf",
         "/usr/share/man/man1/cpha.1.gz",
     ] {
         assert!(!debian.path(gone).exists(), "{gone} left after apt remove");
@@ -254,7 +270,8 @@ fn deb_installs_on_clean_debian_12_and_removes_its_rules() {
 
 /// Provisioning (cloud-init, metal3) writes /etc/cpha/config.yaml and the unit before it installs
 /// the package: with --force-confold, as the install snippet passes, apt keeps that
-/// configuration (the conffile is then the operator's) and installs its own unit.
+/// configuration (the conffile is then the operator's) and installs its own unit, which
+/// `cpha-bootstrap install` then puts in use by removing provisioning's copies.
 #[test]
 fn deb_keeps_a_configuration_written_before_it() {
     // lb1 of the external LB configuration (192.0.2.21: its vip.unicastPeers names lb2).
@@ -266,14 +283,34 @@ fn deb_keeps_a_configuration_written_before_it() {
     let mine = read("examples/config-external-lb.yaml");
     std::fs::create_dir_all(debian.path("/etc/cpha")).unwrap();
     std::fs::write(debian.path("/etc/cpha/config.yaml"), &mine).unwrap();
-    // cloud-init writes its copy of the unit too; the package's (the same file) takes its place.
-    let unit = debian.path("/etc/systemd/system/cpha.service");
-    std::fs::write(&unit, read("systemd/cpha.service") + "# written by provisioning\n").unwrap();
+    // cloud-init writes its copies of the unit and drop-ins too (running /usr/local/bin/cpha).
+    let copies = [
+        ("/etc/systemd/system/cpha.service", "systemd/cpha.service"),
+        ("/etc/systemd/system/haproxy.service.d/cpha.conf", "systemd/haproxy.service.d/cpha.conf"),
+        ("/etc/systemd/system/keepalived.service.d/cpha.conf", "systemd/keepalived.service.d/cpha.conf"),
+    ];
+    for (inside, repo) in copies {
+        std::fs::create_dir_all(debian.path(inside).parent().unwrap()).unwrap();
+        std::fs::write(debian.path(inside), read(repo)).unwrap();
+    }
     debian.sh_ok(
         "apt-get install -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold /root/cpha.deb",
     );
     assert_eq!(std::fs::read_to_string(debian.path("/etc/cpha/config.yaml")).unwrap(), mine);
-    assert_eq!(std::fs::read_to_string(&unit).unwrap(), read("systemd/cpha.service"));
+    assert_eq!(std::fs::read_to_string(debian.path("/lib/systemd/system/cpha.service")).unwrap(), packaged_unit());
+    // The package leaves the administrator's directory alone; the copies there would shadow its
+    // unit (and run a /usr/local/bin/cpha that is not there) until `cpha-bootstrap install`, as
+    // the user-data runs it with the package installed and no URL, removes them.
+    assert!(copies.iter().all(|(inside, _)| debian.path(inside).is_file()));
+    std::fs::copy(root().join("cloud-init/cpha-bootstrap"), debian.path("/usr/local/sbin/cpha-bootstrap")).unwrap();
+    std::fs::write(debian.path("/etc/cpha/install.env"), "CPHA_URL=\nCPHA_SHA256=\n").unwrap();
+    let ran = debian.sh_ok("bash /usr/local/sbin/cpha-bootstrap install");
+    assert!(ran.stdout.contains("using the pre-installed package's /usr/bin/cpha"), "{}", ran.both());
+    for (inside, _) in copies {
+        assert!(!debian.path(inside).exists(), "{inside} still shadows the package's");
+    }
+    let verify = debian.sh("systemd-analyze verify --man=no cpha.service");
+    assert!(verify.ok() && !verify.both().contains("cpha"), "{}", verify.both());
     let check = debian.sh_ok("cpha check-config --config /etc/cpha/config.yaml");
     assert!(check.stdout.contains("retarget topology"), "{}", check.both());
     assert!(check.stdout.contains("vip 192.0.2.10 on cpha0"), "{}", check.both());

@@ -29,7 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::haproxy::check::check(&config.haproxy, &path)
         .map_err(|e| Coded::config(format!("rendered haproxy.cfg: {e}")))?;
     let vip = match &config.vip {
-        Some(vip) => Some(check_keepalived(&config, vip, &members, &dir)?),
+        Some(vip) => Some(check_keepalived(&config, vip, &members, args.host_address, &dir)?),
         None => None,
     };
     drop(dir);
@@ -53,9 +53,10 @@ fn check_keepalived(
     config: &crate::config::Config,
     vip: &crate::vip::VipSettings,
     members: &crate::members::MemberSet,
+    host: Option<super::render::HostAddress>,
     dir: &PrivateDir,
 ) -> anyhow::Result<String> {
-    let (place, text) = super::render::render_keepalived(config, members)?;
+    let (place, text) = super::render::render_keepalived(config, members, host)?;
     let path = dir.write("keepalived.conf", text.as_bytes())?;
     crate::vip::keepalived::config_test(&vip.keepalived.binary, &path)
         .map_err(|e| Coded::config(format!("rendered keepalived.conf: {e}")))?;

@@ -23,7 +23,16 @@ use std::net::IpAddr;
 /// keepalived.conf for these members on this host, as the agent would write it, with where it
 /// places the address (for `cpha render` and `check-config`).
 pub fn render_for(settings: &VipSettings, members: &[IpAddr]) -> Result<(place::Placement, String), String> {
-    let placement = place::locate(settings).map_err(|e| e.to_string())?;
+    render_placed(settings, members, place::locate(settings).map_err(|e| e.to_string())?)
+}
+
+/// keepalived.conf for these members with the address at `placement` (found on this host by
+/// [`render_for`], or given: `cpha render --host-address`).
+pub fn render_placed(
+    settings: &VipSettings,
+    members: &[IpAddr],
+    placement: place::Placement,
+) -> Result<(place::Placement, String), String> {
     let template = render::Template::from_settings(settings).map_err(|e| e.to_string())?;
     let peers = render::peers(settings, members, &placement);
     let text = template.render(settings, &placement, &peers).map_err(|e| e.to_string())?;

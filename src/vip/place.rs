@@ -101,6 +101,17 @@ pub fn contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
     }
 }
 
+/// The name of an interface of this network namespace that keepalived could run VRRP on (not
+/// loopback; one that is up first), for placing an address given by hand where its interface
+/// must exist (`cpha check-config --host-address`).
+pub fn an_interface() -> Option<String> {
+    use nix::net::if_::InterfaceFlags;
+    let all: Vec<_> =
+        nix::ifaddrs::getifaddrs().ok()?.filter(|i| !i.flags.contains(InterfaceFlags::IFF_LOOPBACK)).collect();
+    let up = all.iter().find(|i| i.flags.contains(InterfaceFlags::IFF_UP));
+    up.or(all.first()).map(|i| i.interface_name.clone())
+}
+
 /// Every address of every interface in this network namespace.
 pub fn addresses() -> std::io::Result<Vec<IfAddr>> {
     let mut out = Vec::new();
