@@ -135,6 +135,10 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
     let haproxy = Haproxy::new(config.haproxy.clone(), metrics.clone())
         .map_err(|e| crate::exit::Coded::config(format!("haproxy: {e}")))?;
     let (inputs_tx, inputs) = mpsc::channel(64);
+    if let Some((watcher, drifts)) = endpoint.watch(config.handover.liveness_interval, root.child_token()) {
+        supervise("the forward watcher", watcher, root.clone(), ended_tx.clone());
+        tokio::spawn(drift_bridge(drifts, inputs_tx.clone()));
+    }
     let (haproxy_handle, worker) =
         HaproxyHandle::spawn(HaproxyBackend { haproxy, bind: config.haproxy_bind() }, inputs_tx.clone());
     supervise("the HAProxy worker", worker, root.clone(), ended_tx.clone());
@@ -435,6 +439,15 @@ async fn registered(mut updates: mpsc::Receiver<Update>, inputs: mpsc::Sender<In
     }
 }
 
+/// The forward watcher's reports to controller inputs.
+async fn drift_bridge(mut drifts: mpsc::Receiver<String>, inputs: mpsc::Sender<Input>) {
+    while let Some(why) = drifts.recv().await {
+        if inputs.send(Input::ForwardDrift(controller::ForwardDrift { why })).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The VIP actuator's reports to controller inputs.
 async fn vip_bridge(mut events: mpsc::Receiver<crate::vip::keepalived::VipEvent>, inputs: mpsc::Sender<Input>) {
     use crate::vip::keepalived::VipEvent;
@@ -597,6 +610,12 @@ impl Reporter for AgentReporter {
                 }
                 _ => None,
             },
+            last_repair: view.last_repair.as_ref().map(|r| status::RepairStatus {
+                object: r.object.to_string(),
+                why: r.why.clone(),
+                at: self.unix(r.at),
+                took_ms: u64::try_from(r.took.as_millis()).unwrap_or(u64::MAX),
+            }),
             ..self.base.clone()
         };
         *self.shared.status.write().expect("status lock") = status;
@@ -613,6 +632,10 @@ impl Reporter for AgentReporter {
 
     fn vip_changed(&mut self, held: bool) {
         self.metrics.vip_change(held);
+    }
+
+    fn repaired(&mut self, repair: &controller::Repair) {
+        self.metrics.repaired(repair.object);
     }
 }
 

@@ -49,6 +49,21 @@ pub struct AgentStatus {
     /// The virtual IP, on a host that runs one.
     #[serde(default)]
     pub vip: Option<VipStatus>,
+    /// The last repair of something cpha owns that someone else changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair: Option<RepairStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepairStatus {
+    /// What was put back: `forward`.
+    pub object: String,
+    /// What had changed.
+    pub why: String,
+    /// Unix seconds of the repair.
+    pub at: u64,
+    /// Milliseconds from the change seen to the repair done.
+    pub took_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -99,6 +114,10 @@ impl AgentStatus {
                 vip.vrrp_state,
                 vip.advertised,
             ));
+        }
+        if let Some(r) = &self.last_repair {
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(r.at));
+            s.push_str(&format!("repaired    {} at {at} in {} ms: {}\n", r.object, r.took_ms, r.why));
         }
         for (label, value) in [
             ("last apply", &self.last_apply),

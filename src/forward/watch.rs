@@ -1,0 +1,306 @@
+//! Watching what a kernel forward owns, so drift is noticed within a fraction of a second:
+//! its nf_tables objects (nftables' `inet cpha`, or with iptables-nft the nat table its chains
+//! and jumps live in) and the sysctls it relies on.
+//!
+//! Nothing is polled for the rules: the kernel sends a message on the `NFNLGRP_NFTABLES`
+//! netlink group for every change of the ruleset (a table, chain, rule or set added or
+//! deleted, `flush ruleset` included), and only a message that names cpha's table makes the
+//! watcher read the forward back (`nft -j` or `iptables-save`, one process) and compare it
+//! with what cpha installed ([`Expected`]). The sysctls have no notification: they are read
+//! (one small file each) every `poll`. Every [`RESYNC`] the whole forward is read back anyway,
+//! for what sends no message (iptables-legacy, a message lost to a full socket buffer).
+//!
+//! The watcher only reports (`drift`, a sentence); deciding to repair and repairing belong to
+//! the agent (`agent::controller`, `agent::endpoint`).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::kernel::{KernelBackend, Snapshot};
+use super::spec::ForwardSpec;
+use crate::sysinfo;
+
+/// How often the whole forward is read back even without a notification.
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// How long after a notification the watcher waits for the rest of a transaction's messages
+/// before it reads the forward back once.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// netlink's multicast group of nf_tables ruleset changes (`NFNLGRP_NFTABLES`).
+const NFNLGRP_NFTABLES: u32 = 7;
+/// `NFNL_SUBSYS_NFTABLES`: the high byte of an nf_tables message's type.
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+
+/// What cpha last installed, to compare the kernel with.
+pub struct Expected {
+    pub backend: &'static dyn KernelBackend,
+    pub spec: ForwardSpec,
+    /// The forward's objects read back right after cpha's transaction.
+    pub rules: Snapshot,
+    /// Sysctls the forward needs and that were on (`1`) when it was installed.
+    pub sysctls: Vec<&'static str>,
+}
+
+impl Expected {
+    /// Reads back what the forward needs now (after cpha's own transaction).
+    pub fn read(backend: &'static dyn KernelBackend, spec: ForwardSpec) -> anyhow::Result<Expected> {
+        let rules = backend.snapshot(spec.listen)?;
+        let sysctls = super::relied_on_sysctls(&spec);
+        Ok(Expected { backend, spec, rules, sysctls })
+    }
+
+    /// Everything this forward owns, named together.
+    pub fn whole(&self) -> &'static str {
+        match self.backend.name() {
+            "nftables" => "table inet cpha",
+            _ => "cpha's nat chains and jumps",
+        }
+    }
+
+    /// The sysctls that are not on any more.
+    pub fn sysctls_off(&self) -> Vec<(&'static str, String)> {
+        self.sysctls
+            .iter()
+            .filter_map(|key| {
+                let value = sysinfo::sysctl(key).unwrap_or_else(|| "missing".into());
+                (value != "1").then(|| (*key, value))
+            })
+            .collect()
+    }
+
+    /// How the kernel differs from what was installed, in words; `None` when it does not.
+    /// Returns the rules as read, for a repair to tell whether they need the transaction.
+    pub fn compare(&self) -> anyhow::Result<(Option<String>, Option<String>)> {
+        let now = self.backend.snapshot(self.spec.listen)?;
+        let rules = self.rules.drift(&now, self.whole());
+        let sysctls: Vec<String> = self.sysctls_off().iter().map(|(k, v)| format!("{k} is {v}")).collect();
+        let sysctls = (!sysctls.is_empty()).then(|| sysctls.join(", "));
+        Ok((rules, sysctls))
+    }
+}
+
+/// The sentence for a drift of rules and sysctls, if any.
+pub fn describe(rules: Option<String>, sysctls: Option<String>) -> Option<String> {
+    match (rules, sysctls) {
+        (None, None) => None,
+        (Some(r), None) => Some(r),
+        (None, Some(s)) => Some(s),
+        (Some(r), Some(s)) => Some(format!("{r}; {s}")),
+    }
+}
+
+/// Watches until `stop`: each drift from `expected` (while it is set) is sent on `drift`.
+pub async fn run(
+    mut expected: watch::Receiver<Option<Arc<Expected>>>,
+    drift: mpsc::Sender<String>,
+    poll: Duration,
+    stop: CancellationToken,
+) {
+    let mut events = match Notifications::open() {
+        Ok(n) => Some(n),
+        Err(err) => {
+            tracing::warn!(
+                "cannot follow nf_tables changes ({err:#}): the forward is read back every {poll:?} instead"
+            );
+            None
+        }
+    };
+    let resync = if events.is_some() { RESYNC } else { poll };
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_full = tokio::time::Instant::now() + resync;
+    let mut failing = false;
+    loop {
+        let table = expected.borrow().as_ref().map(|e| e.backend.nf_table(e.spec.listen));
+        let check = tokio::select! {
+            () = stop.cancelled() => return,
+            changed = async {
+                match (&mut events, table) {
+                    (Some(n), Some(table)) => n.changed(table).await,
+                    _ => std::future::pending().await,
+                }
+            } => match changed {
+                Ok(relevant) => relevant,
+                Err(err) => {
+                    tracing::warn!("nf_tables notifications failed ({err}): the forward is read back every {poll:?} instead");
+                    events = None;
+                    true
+                }
+            },
+            _ = tick.tick() => {
+                let due = tokio::time::Instant::now() >= next_full || events.is_none();
+                due || expected.borrow().as_ref().is_some_and(|e| !e.sysctls_off().is_empty())
+            }
+            // A new forward was installed and read back: nothing to compare yet.
+            Ok(()) = expected.changed() => false,
+        };
+        if !check {
+            continue;
+        }
+        if let Some(n) = &mut events {
+            // One transaction sends a message per object: read back once, after the last.
+            tokio::time::sleep(SETTLE).await;
+            n.drain();
+        }
+        next_full = tokio::time::Instant::now() + resync;
+        let Some(want) = expected.borrow().clone() else { continue };
+        let compared = tokio::task::spawn_blocking(move || want.compare()).await;
+        match compared {
+            Ok(Ok((rules, sysctls))) => {
+                failing = false;
+                if let Some(why) = describe(rules, sysctls) {
+                    tracing::debug!("forward drift seen: {why}");
+                    if drift.send(why).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Err(err)) if !failing => {
+                failing = true;
+                tracing::warn!("reading the forward back to compare it: {err:#}");
+            }
+            Ok(Err(_)) => {}
+            Err(err) => tracing::error!("the forward's read-back task failed: {err}"),
+        }
+    }
+}
+
+/// A netlink socket subscribed to nf_tables ruleset changes in this network namespace.
+struct Notifications {
+    fd: AsyncFd<OwnedFd>,
+    buf: Vec<u8>,
+}
+
+impl Notifications {
+    fn open() -> anyhow::Result<Notifications> {
+        use nix::sys::socket::{bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType};
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkNetFilter,
+        )
+        .context("opening a netfilter netlink socket")?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1 << (NFNLGRP_NFTABLES - 1)))
+            .context("joining the nf_tables notification group (needs CAP_NET_ADMIN)")?;
+        // NOTE: `AsyncFd::new` is deprecated for types whose descriptor may change or close
+        // behind it; an `OwnedFd` it owns cannot, and this keeps the crate free of `unsafe`.
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(fd).context("registering the netlink socket")?;
+        Ok(Notifications { fd, buf: vec![0; 65536] })
+    }
+
+    /// Waits for the next datagram; true when it changes `table` (`(family, name)`), or when
+    /// messages were lost (the socket's buffer overran) and anything may have changed.
+    async fn changed(&mut self, table: (u8, &str)) -> std::io::Result<bool> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let buf = &mut self.buf;
+            match guard.try_io(|fd| {
+                nix::sys::socket::recv(fd.get_ref().as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())
+                    .map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => return Ok(touches(&self.buf[..n], table)),
+                Ok(Err(err)) if err.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => return Ok(true),
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Reads and drops what is queued.
+    fn drain(&mut self) {
+        let fd = self.fd.get_ref().as_raw_fd();
+        let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        let mut more = true;
+        while more {
+            more = nix::sys::socket::recv(fd, &mut self.buf, flags).is_ok_and(|n| n > 0);
+        }
+    }
+}
+
+/// Whether a datagram of netlink messages holds an nf_tables message about `table`: every
+/// message about a table, chain, rule, set or object carries the table's name as attribute 1
+/// (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`, `NFTA_RULE_TABLE`, ...).
+pub fn touches(mut buf: &[u8], (family, table): (u8, &str)) -> bool {
+    const NLMSG_HDR: usize = 16;
+    const NFGENMSG: usize = 4;
+    while buf.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        if len < NLMSG_HDR || len > buf.len() {
+            return false;
+        }
+        let msg = &buf[..len];
+        if kind >> 8 == NFNL_SUBSYS_NFTABLES && msg.len() >= NLMSG_HDR + NFGENMSG && msg[NLMSG_HDR] == family {
+            let mut attrs = &msg[NLMSG_HDR + NFGENMSG..];
+            while attrs.len() >= 4 {
+                let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+                let atype = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+                if alen < 4 || alen > attrs.len() {
+                    break;
+                }
+                if atype == 1 {
+                    let name = &attrs[4..alen];
+                    let name = name.split(|b| *b == 0).next().unwrap_or(name);
+                    if name == table.as_bytes() {
+                        return true;
+                    }
+                    break;
+                }
+                attrs = &attrs[(alen + 3) & !3..];
+            }
+        }
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One nf_tables message of `msg` type in `family` whose first attribute is `table`.
+    fn message(msg: u8, family: u8, table: &str) -> Vec<u8> {
+        let mut attr = Vec::new();
+        let name_len = table.len() + 1;
+        attr.extend(((4 + name_len) as u16).to_ne_bytes());
+        attr.extend(1u16.to_ne_bytes());
+        attr.extend(table.as_bytes());
+        attr.push(0);
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        let len = 16 + 4 + attr.len();
+        let mut m = Vec::new();
+        m.extend((len as u32).to_ne_bytes());
+        m.extend(((NFNL_SUBSYS_NFTABLES << 8) | u16::from(msg)).to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend([family, 0, 0, 0]);
+        m.extend(attr);
+        m
+    }
+
+    #[test]
+    fn only_messages_about_the_watched_table_count() {
+        // NFT_MSG_DELTABLE (2) for `inet cpha` after one for `inet other`, as `flush ruleset`
+        // sends them.
+        let mut flush = message(2, 1, "other");
+        flush.extend(message(2, 1, "cpha"));
+        assert!(touches(&flush, (1, "cpha")));
+        assert!(!touches(&message(2, 1, "other"), (1, "cpha")));
+        // A rule (NFT_MSG_NEWRULE, 6) in `ip nat`: iptables-nft's table, not an inet one.
+        assert!(touches(&message(6, 2, "nat"), (2, "nat")));
+        assert!(!touches(&message(6, 2, "nat"), (1, "cpha")));
+        assert!(!touches(&message(6, 10, "nat"), (2, "nat")));
+        assert!(!touches(&message(6, 1, "cphax"), (1, "cpha")));
+        assert!(!touches(&[0u8; 7], (1, "cpha")), "a short datagram is ignored");
+    }
+}
