@@ -142,7 +142,7 @@ impl Endpoint {
                 crate::sysinfo::set_sysctl(key, "1").with_context(|| format!("setting {key}=1"))?;
             }
             if rules.is_some() {
-                backend.repair(&expected.spec)?;
+                backend.repair(&expected.spec, &expected.rules)?;
             }
             Ok(Some((why, Expected::read(backend, expected.spec.clone())?)))
         })
@@ -196,7 +196,7 @@ impl Endpoint {
             // forward and not whatever part of it survived until this start.
             let spec = ForwardSpec::new(self.listen, targets)?;
             let again = spec.clone();
-            blocking(move || backend.repair(&again)).await?;
+            blocking(move || backend.repair(&again, &backend.snapshot(again.listen)?)).await?;
             self.expect(backend, spec).await?;
         }
         Ok(found)

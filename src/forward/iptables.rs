@@ -209,8 +209,13 @@ fn anchor(listen: SocketAddr, created: bool) -> String {
 /// The `iptables-restore --noflush` input that installs `spec`. Declaring cpha's chains
 /// flushes them, so the same input also retargets. `table` is the current nat table.
 pub fn render_install(spec: &ForwardSpec, table: &NatTable) -> String {
-    let family = Family::of(spec.listen.ip());
     let created = !table.exists || table.anchor().is_some_and(|(_, c)| c);
+    render_install_marked(spec, table, created)
+}
+
+/// As [`render_install`], with the anchor recording whether cpha created the nat table.
+fn render_install_marked(spec: &ForwardSpec, table: &NatTable, created: bool) -> String {
+    let family = Family::of(spec.listen.ip());
     let mut s = String::from("*nat\n");
     chain_declarations(&mut s);
     s.push_str(&anchor(spec.listen, created));
@@ -362,12 +367,15 @@ impl KernelBackend for Iptables {
         Ok(if before.is_some() || other_before.is_some() { Change::Retargeted } else { Change::Installed })
     }
 
-    fn repair(&self, spec: &ForwardSpec) -> anyhow::Result<()> {
+    fn repair(&self, spec: &ForwardSpec, installed: &Snapshot) -> anyhow::Result<()> {
         // The install's input declares (so flushes) cpha's chains, refills them and adds the
-        // jumps that are missing, in one iptables-restore transaction.
+        // jumps that are missing, in one iptables-restore transaction. Whether cpha created the
+        // nat table is what the install recorded, not what a table without its anchor says.
         let family = Family::of(spec.listen.ip());
         let table = Self::table(family)?;
-        Self::restore(family, &render_install(spec, &table))
+        let marker = format!("{ANCHOR}{}{CREATED}", spec.listen);
+        let created = !table.exists || installed.parts.values().flatten().any(|l| l.contains(&marker));
+        Self::restore(family, &render_install_marked(spec, &table, created))
     }
 
     fn snapshot(&self, listen: SocketAddr) -> anyhow::Result<Snapshot> {

@@ -21,8 +21,9 @@ pub trait KernelBackend: Send + Sync {
     /// Installs or retargets the forward in one transaction.
     fn install(&self, spec: &ForwardSpec) -> anyhow::Result<Change>;
     /// Installs `spec` again with the install's transaction, whatever is there now (a table
-    /// flushed or deleted, a chain emptied, a jump removed).
-    fn repair(&self, spec: &ForwardSpec) -> anyhow::Result<()>;
+    /// flushed or deleted, a chain emptied, a jump removed); `installed` is what the install
+    /// left, for what it recorded about the host before it.
+    fn repair(&self, spec: &ForwardSpec, installed: &Snapshot) -> anyhow::Result<()>;
     /// Everything this backend owns for a forward on `listen`'s family, as it is now.
     fn snapshot(&self, listen: SocketAddr) -> anyhow::Result<Snapshot>;
     /// The nf_tables table this backend's objects live in, `(family, name)` as netlink names

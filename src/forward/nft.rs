@@ -251,7 +251,7 @@ impl KernelBackend for Nftables {
         Ok(if before.is_some() { Change::Retargeted } else { Change::Installed })
     }
 
-    fn repair(&self, spec: &ForwardSpec) -> anyhow::Result<()> {
+    fn repair(&self, spec: &ForwardSpec, _installed: &Snapshot) -> anyhow::Result<()> {
         // The install's transaction creates what is missing and replaces the rules.
         Self::apply(&render_install(spec))
     }
