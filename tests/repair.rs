@@ -213,3 +213,39 @@ fn ip_forward_turned_off_under_a_forward_to_another_host_is_turned_on_again() {
     assert_eq!(c.phase().unwrap(), "forwarding");
     repaired(&c, "sysctl net.ipv4.ip_forward=0", &[&["sysctl", "-qw", "net.ipv4.ip_forward=0"]], ip_forward).unwrap();
 }
+
+/// The idle cost of a balanced agent (three members, HAProxy healthy, nothing changing): CPU
+/// time (utime + stime from /proc/PID/stat) over 60 s, after 10 s to settle. `CPHA_IDLE_BIN`
+/// measures another build of cpha the same way (docs/benchmarks.md compares the two).
+/// Run: `cargo test --test repair -- --ignored --nocapture idle`.
+#[test]
+#[ignore = "a 70 s measurement"]
+fn idle_cpu_of_a_balanced_agent() {
+    let mut c = Cluster::new(3).unwrap();
+    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
+    let config = c.write_default_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
+    let bin = std::env::var("CPHA_IDLE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cpha").to_string());
+    let log = std::fs::File::create(c.dir.join("cpha.log")).unwrap();
+    let mut cmd = c.cp.command(&bin);
+    cmd.args(["run", "--config"]).arg(&config).stderr(log);
+    c.agent = Some(netns::Child::spawn(cmd, "cpha run").unwrap());
+    c.wait_phase(&["forwarding"], LONG).unwrap();
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], LONG).unwrap();
+    let pid = c.agent.as_ref().unwrap().pid();
+    std::thread::sleep(Duration::from_secs(10));
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let (t0, before) = (Instant::now(), ticks());
+    std::thread::sleep(Duration::from_secs(60));
+    let (spent, after) = (t0.elapsed(), ticks());
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = rss.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or_default().to_string();
+    // Clock ticks are 1/100 s on Linux.
+    let percent = (after - before) as f64 / 100.0 / spent.as_secs_f64() * 100.0;
+    eprintln!("IDLE {bin}: {} ticks in {spent:?}: {percent:.3} % of one core; {rss}", after - before);
+    assert_eq!(c.phase().unwrap(), "balanced");
+}
