@@ -112,13 +112,17 @@ pub async fn run(
             None
         }
     };
-    let resync = if events.is_some() { RESYNC } else { poll };
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = if events.is_some() { RESYNC } else { poll };
     let mut next_full = tokio::time::Instant::now() + resync;
     let mut failing = false;
     loop {
-        let table = expected.borrow().as_ref().map(|e| e.backend.nf_table(e.spec.listen));
+        let (table, sysctls) = match expected.borrow().as_ref() {
+            Some(e) => (Some(e.backend.nf_table(e.spec.listen)), !e.sysctls.is_empty()),
+            None => (None, false),
+        };
+        // NOTE: idle, the watcher wakes only for the sysctls it must read (and the resync):
+        // a forward that relies on none costs one wake-up every RESYNC.
+        let wake = if sysctls { (tokio::time::Instant::now() + poll).min(next_full) } else { next_full };
         let check = tokio::select! {
             () = stop.cancelled() => return,
             changed = async {
@@ -131,12 +135,13 @@ pub async fn run(
                 Err(err) => {
                     tracing::warn!("nf_tables notifications failed ({err}): the forward is read back every {poll:?} instead");
                     events = None;
+                    resync = poll;
                     true
                 }
             },
-            _ = tick.tick() => {
-                let due = tokio::time::Instant::now() >= next_full || events.is_none();
-                due || expected.borrow().as_ref().is_some_and(|e| !e.sysctls_off().is_empty())
+            () = tokio::time::sleep_until(wake) => {
+                tokio::time::Instant::now() >= next_full
+                    || expected.borrow().as_ref().is_some_and(|e| !e.sysctls_off().is_empty())
             }
             // A new forward was installed and read back: nothing to compare yet.
             Ok(()) = expected.changed() => false,
