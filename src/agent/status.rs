@@ -170,3 +170,29 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> anyhow::Result<AgentStatus>
     );
     serde_json::from_str(body).context("the agent's /status is not the expected JSON")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_repair_is_one_line_of_the_text() {
+        let status = AgentStatus {
+            last_repair: Some(RepairStatus {
+                object: "forward".into(),
+                why: "table inet cpha deleted".into(),
+                at: 1_796_590_800,
+                took_ms: 31,
+            }),
+            ..AgentStatus::default()
+        };
+        let text = status.render_text();
+        assert!(
+            text.lines().any(|l| l == "repaired    forward at 2026-12-06T21:00:00Z in 31 ms: table inet cpha deleted"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["last_repair"]["why"], "table inet cpha deleted");
+        assert!(serde_json::to_value(AgentStatus::default()).unwrap().get("last_repair").is_none());
+    }
+}

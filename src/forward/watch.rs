@@ -70,7 +70,7 @@ impl Expected {
             .iter()
             .filter_map(|key| {
                 let value = sysinfo::sysctl(key).unwrap_or_else(|| "missing".into());
-                (value != "1").then(|| (*key, value))
+                (value != "1").then_some((*key, value))
             })
             .collect()
     }
