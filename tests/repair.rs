@@ -175,6 +175,63 @@ fn nftables_forward_flushed_deleted_or_emptied_is_put_back_and_other_tables_are_
     assert!(repaired_events.count() >= 1, "no ForwardRepaired event: {events}");
 }
 
+/// Another table DNATs the endpoint's address and port at an earlier priority than cpha's
+/// chains: cpha cannot out-rank it, so it says so (log, Event, `/status`) and changes nothing.
+#[test]
+fn a_dnat_that_outranks_the_forward_is_reported_and_left_alone() {
+    let c = cluster("nftables", true).unwrap();
+    let forward = nft_forward(&c).unwrap();
+    let repairs_before = repairs(&c).unwrap();
+    c.cp.run("nft", &["add", "table", "ip", "other"]).unwrap();
+    c.cp.run(
+        "nft",
+        &["add", "chain", "ip", "other", "pre", "{ type nat hook prerouting priority -150; policy accept; }"],
+    )
+    .unwrap();
+    let member = c.members[0].addr.clone();
+    c.cp.run(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "ip",
+            "other",
+            "pre",
+            "ip",
+            "daddr",
+            "10.10.0.1",
+            "tcp",
+            "dport",
+            "6443",
+            "dnat",
+            "to",
+            &member,
+        ],
+    )
+    .unwrap();
+    let other = c.cp.run("nft", &["list", "table", "ip", "other"]).unwrap();
+    let by = netns::wait_for("the outranking rule reported", Duration::from_secs(10), || {
+        Ok(c.status()?["agent"]["outranked_by"].as_str().map(str::to_string))
+    })
+    .unwrap();
+    assert!(by.contains("table ip other") && by.contains("10.10.0.1:6443"), "{by}");
+    // Connections go where the other rule says (straight to the member), and nothing of
+    // anyone's was changed.
+    let report = load_report(c.https_loop(&c.client, "1s").unwrap(), LONG).unwrap();
+    assert!(report.ok > 0 && report.failed == 0, "{report:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.cp.run("nft", &["list", "table", "ip", "other"]).unwrap(), other);
+    assert_eq!(nft_forward(&c).unwrap(), forward);
+    assert_eq!(repairs(&c).unwrap(), repairs_before);
+    assert_eq!(c.agent_log().matches("ForwardOutranked").count(), 1, "{}", c.agent_log());
+    // Gone again: the report ends.
+    c.cp.run("nft", &["delete", "table", "ip", "other"]).unwrap();
+    netns::wait_for("the report ended", Duration::from_secs(10), || {
+        Ok(c.status()?["agent"].get("outranked_by").is_none_or(|v| v.is_null()).then_some(()))
+    })
+    .unwrap();
+}
+
 #[test]
 fn iptables_forward_with_a_chain_flushed_or_a_jump_deleted_is_put_back() {
     let c = cluster("iptables", true).unwrap();

@@ -248,6 +248,9 @@ pub enum Input {
     /// The last `Effect::RepairForward` finished: what it found and put back (`None`: the
     /// forward was in place by then).
     ForwardRepaired(Result<Option<String>, String>),
+    /// Another table translates the endpoint before the forward can (`Some`, in words), or no
+    /// longer does. cpha cannot out-rank it, and does not fight it: it reports it.
+    ForwardOutranked(Option<String>),
 }
 
 /// The kernel forward differs from what cpha last installed: its table or chains deleted,
@@ -429,6 +432,8 @@ pub struct View {
     pub vip: Option<VipView>,
     /// The last repair of something cpha owns.
     pub last_repair: Option<Repair>,
+    /// Another table's rule that translates the endpoint before the forward.
+    pub outranked: Option<String>,
 }
 
 /// The virtual IP as this host sees it.
@@ -510,6 +515,7 @@ pub struct Controller {
     next_check: Instant,
     repairing: Option<Repairing>,
     last_repair: Option<Repair>,
+    outranked: Option<String>,
 }
 
 impl VipState {
@@ -622,6 +628,7 @@ impl Controller {
             next_check: now,
             repairing: None,
             last_repair: None,
+            outranked: None,
         }
     }
 
@@ -687,6 +694,7 @@ impl Controller {
                 last_config: v.last_config.clone(),
             }),
             last_repair: self.last_repair.clone(),
+            outranked: self.outranked.clone(),
         }
     }
 
@@ -749,6 +757,24 @@ impl Controller {
             Input::Registered(addresses) => self.registered = Some(addresses),
             Input::ForwardDrift(drift) => self.forward_drift(now, drift, &mut out),
             Input::ForwardRepaired(result) => self.forward_repaired(now, result, &mut out),
+            Input::ForwardOutranked(by) if by != self.outranked => {
+                out.push(Effect::Event(match &by {
+                    Some(by) => Note {
+                        warning: true,
+                        reason: "ForwardOutranked",
+                        action: "Compare",
+                        message: format!("{by}: new connections to the endpoint go where that rule sends them, not where cpha does; cpha leaves it alone"),
+                    },
+                    None => Note {
+                        warning: false,
+                        reason: "ForwardNotOutranked",
+                        action: "Compare",
+                        message: "no other table translates the endpoint before cpha's forward any more".into(),
+                    },
+                }));
+                self.outranked = by;
+            }
+            Input::ForwardOutranked(_) => {}
         }
         self.compare(now, &mut out);
         self.schedule(now, &mut out);

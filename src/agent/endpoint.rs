@@ -100,12 +100,13 @@ impl Endpoint {
     }
 
     /// Starts watching a kernel forward for changes made by others (none for the userspace
-    /// proxy); each drift seen comes out of the returned channel as a sentence.
+    /// proxy); each drift seen, and each change of a rule that outranks the forward, comes out
+    /// of the returned channel.
     pub fn watch(
         &self,
         poll: Duration,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Option<(JoinHandle<()>, mpsc::Receiver<String>)> {
+    ) -> Option<(JoinHandle<()>, mpsc::Receiver<forward::watch::Report>)> {
         let Kind::Kernel(_) = self.kind else { return None };
         let (tx, rx) = mpsc::channel(4);
         let task = tokio::spawn(forward::watch::run(self.expected.subscribe(), tx, poll, stop));

@@ -440,9 +440,14 @@ async fn registered(mut updates: mpsc::Receiver<Update>, inputs: mpsc::Sender<In
 }
 
 /// The forward watcher's reports to controller inputs.
-async fn drift_bridge(mut drifts: mpsc::Receiver<String>, inputs: mpsc::Sender<Input>) {
-    while let Some(why) = drifts.recv().await {
-        if inputs.send(Input::ForwardDrift(controller::ForwardDrift { why })).await.is_err() {
+async fn drift_bridge(mut reports: mpsc::Receiver<crate::forward::watch::Report>, inputs: mpsc::Sender<Input>) {
+    use crate::forward::watch::Report;
+    while let Some(report) = reports.recv().await {
+        let input = match report {
+            Report::Drift(why) => Input::ForwardDrift(controller::ForwardDrift { why }),
+            Report::Outranked(by) => Input::ForwardOutranked(by),
+        };
+        if inputs.send(input).await.is_err() {
             return;
         }
     }
@@ -610,6 +615,7 @@ impl Reporter for AgentReporter {
                 }
                 _ => None,
             },
+            outranked_by: view.outranked.clone(),
             last_repair: view.last_repair.as_ref().map(|r| status::RepairStatus {
                 object: r.object.to_string(),
                 why: r.why.clone(),

@@ -49,6 +49,10 @@ pub struct AgentStatus {
     /// The virtual IP, on a host that runs one.
     #[serde(default)]
     pub vip: Option<VipStatus>,
+    /// Another table's rule that translates the endpoint before cpha's forward can (reported,
+    /// not fought).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outranked_by: Option<String>,
     /// The last repair of something cpha owns that someone else changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_repair: Option<RepairStatus>,
@@ -124,6 +128,7 @@ impl AgentStatus {
             ("rejected", &self.last_rejected_update),
             ("source", &self.source_problem),
             ("drift", &self.drift),
+            ("outranked", &self.outranked_by),
             ("last error", &self.last_error),
         ] {
             if let Some(v) = value {

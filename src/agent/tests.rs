@@ -991,3 +991,17 @@ fn nothing_is_repaired_before_a_forward_is_installed_or_while_one_is_being_moved
     r.done();
     assert_eq!(r.acts(drift("table inet cpha deleted")), [Effect::RepairForward]);
 }
+
+#[test]
+fn a_rule_that_outranks_the_forward_is_reported_once_and_never_fought() {
+    let mut r = balanced();
+    let by = "table ip other (chain pre; its prerouting hook at priority -150, cpha's at -100) translates 10.0.0.10:6443 first";
+    let e = r.at(3_000).acts(Input::ForwardOutranked(Some(by.into())));
+    assert_eq!(events(&e), ["ForwardOutranked"], "{e:?}");
+    assert!(!e.iter().any(|x| matches!(x, Effect::RepairForward | Effect::Forward(_) | Effect::Reassert)), "{e:?}");
+    assert_eq!(r.c.view().outranked.as_deref(), Some(by));
+    assert!(r.at(4_000).acts(Input::ForwardOutranked(Some(by.into()))).is_empty(), "said once");
+    let e = r.at(5_000).acts(Input::ForwardOutranked(None));
+    assert_eq!(events(&e), ["ForwardNotOutranked"]);
+    assert_eq!(r.c.view().outranked, None);
+}

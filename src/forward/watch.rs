@@ -86,6 +86,75 @@ impl Expected {
     }
 }
 
+impl Expected {
+    /// Another table's rule that translates the endpoint before cpha's forward, in words.
+    pub fn outranked(&self) -> anyhow::Result<Option<String>> {
+        let json = crate::exec::run("nft", &["-j", "list", "ruleset"], None).context("listing the ruleset")?;
+        outranking(&json, self.spec.listen, self.backend.nf_table(self.spec.listen))
+    }
+}
+
+/// The priority of cpha's own NAT chains in prerouting and output (nftables' `dstnat`, which is
+/// also where iptables-nft's nat chains are).
+const OWN_PRIORITY: i64 = -100;
+
+/// Rules of other tables, in `nft -j list ruleset` output, that translate new connections to
+/// `listen` before cpha's chains can (a `dnat` or `redirect` in a table with a NAT chain hooked
+/// to prerouting or output at cpha's priority or before): the first connection's translation
+/// is the only one, so cpha cannot out-rank them. `own` is cpha's table, left out.
+pub fn outranking(json: &str, listen: std::net::SocketAddr, own: (u8, &str)) -> anyhow::Result<Option<String>> {
+    use serde_json::Value;
+    let doc: Value = serde_json::from_str(json).context("nft printed JSON cpha cannot read")?;
+    let items = doc["nftables"].as_array().context("nft JSON has no \"nftables\" array")?;
+    let family_number = |f: &str| match f {
+        "inet" => 1,
+        "ip" => 2,
+        "ip6" => 10,
+        _ => 255,
+    };
+    let reaches = |f: &str| f == "inet" || ((f == "ip") == listen.is_ipv4() && (f == "ip" || f == "ip6"));
+    // Tables with a NAT base chain that runs no later than cpha's, with that chain's hook and
+    // priority.
+    let mut early: Vec<(String, String, String, i64)> = Vec::new();
+    for chain in items.iter().filter_map(|i| i.get("chain")) {
+        let (Some(family), Some(table)) = (chain["family"].as_str(), chain["table"].as_str()) else { continue };
+        if (family_number(family), table) == own || !reaches(family) || chain["type"] != "nat" {
+            continue;
+        }
+        let hook = chain["hook"].as_str().unwrap_or_default();
+        let prio = chain["prio"].as_i64().unwrap_or(i64::MAX);
+        if (hook == "prerouting" || hook == "output") && prio <= OWN_PRIORITY {
+            early.push((family.into(), table.into(), hook.into(), prio));
+        }
+    }
+    let mut found = Vec::new();
+    for rule in items.iter().filter_map(|i| i.get("rule")) {
+        let (Some(family), Some(table)) = (rule["family"].as_str(), rule["table"].as_str()) else { continue };
+        let Some((_, _, hook, prio)) = early.iter().find(|(f, t, _, _)| f == family && t == table) else { continue };
+        let exprs = rule["expr"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if !exprs.iter().any(|e| e.get("dnat").is_some() || e.get("redirect").is_some()) {
+            continue;
+        }
+        let mut daddr_ok = true;
+        let mut dport_ok = true;
+        for m in exprs.iter().filter_map(|e| e.get("match")) {
+            match m["left"]["payload"]["field"].as_str() {
+                Some("daddr") => daddr_ok &= m["right"].as_str().and_then(|a| a.parse().ok()) == Some(listen.ip()),
+                Some("dport") => dport_ok &= m["right"].as_u64() == Some(u64::from(listen.port())),
+                _ => {}
+            }
+        }
+        if daddr_ok && dport_ok {
+            let chain = rule["chain"].as_str().unwrap_or_default();
+            found.push(format!(
+                "table {family} {table} (chain {chain}; its {hook} hook at priority {prio}, cpha's at {OWN_PRIORITY}) translates {listen} first"
+            ));
+        }
+    }
+    found.dedup();
+    Ok((!found.is_empty()).then(|| found.join("; ")))
+}
+
 /// The sentence for a drift of rules and sysctls, if any.
 pub fn describe(rules: Option<String>, sysctls: Option<String>) -> Option<String> {
     match (rules, sysctls) {
@@ -96,10 +165,24 @@ pub fn describe(rules: Option<String>, sysctls: Option<String>) -> Option<String
     }
 }
 
-/// Watches until `stop`: each drift from `expected` (while it is set) is sent on `drift`.
+/// What the watcher tells the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// The forward differs from what was installed, in words.
+    Drift(String),
+    /// Another table translates the endpoint's address and port before cpha's forward sees
+    /// the connection (`Some`, in words), or no longer does (`None`). Reported, not fought.
+    Outranked(Option<String>),
+}
+
+/// How often, at most, the whole ruleset is read to look for a rule that outranks cpha's.
+const CONTEST_EVERY: Duration = Duration::from_secs(5);
+
+/// Watches until `stop`: each drift from `expected` (while it is set) is sent on `reports`,
+/// and so is every change of whether another table outranks the forward.
 pub async fn run(
     mut expected: watch::Receiver<Option<Arc<Expected>>>,
-    drift: mpsc::Sender<String>,
+    reports: mpsc::Sender<Report>,
     poll: Duration,
     stop: CancellationToken,
 ) {
@@ -115,6 +198,11 @@ pub async fn run(
     let mut resync = if events.is_some() { RESYNC } else { poll };
     let mut next_full = tokio::time::Instant::now() + resync;
     let mut failing = false;
+    // Another table's changes: when the ruleset may next be read for a rule that outranks
+    // cpha's, whether one is waiting for that, and what was last reported.
+    let mut next_contest = tokio::time::Instant::now();
+    let mut contest_due = true;
+    let mut outranked: Option<String> = None;
     loop {
         let (table, sysctls) = match expected.borrow().as_ref() {
             Some(e) => (Some(e.backend.nf_table(e.spec.listen)), !e.sysctls.is_empty()),
@@ -122,7 +210,10 @@ pub async fn run(
         };
         // NOTE: idle, the watcher wakes only for the sysctls it must read (and the resync):
         // a forward that relies on none costs one wake-up every RESYNC.
-        let wake = if sysctls { (tokio::time::Instant::now() + poll).min(next_full) } else { next_full };
+        let mut wake = if sysctls { (tokio::time::Instant::now() + poll).min(next_full) } else { next_full };
+        if contest_due && table.is_some() {
+            wake = wake.min(next_contest);
+        }
         let check = tokio::select! {
             () = stop.cancelled() => return,
             changed = async {
@@ -131,7 +222,10 @@ pub async fn run(
                     _ => std::future::pending().await,
                 }
             } => match changed {
-                Ok(relevant) => relevant,
+                Ok(seen) => {
+                    contest_due |= seen.other;
+                    seen.own
+                }
                 Err(err) => {
                     tracing::warn!("nf_tables notifications failed ({err}): the forward is read back every {poll:?} instead");
                     events = None;
@@ -144,15 +238,36 @@ pub async fn run(
                     || expected.borrow().as_ref().is_some_and(|e| !e.sysctls_off().is_empty())
             }
             // A new forward was installed and read back: nothing to compare yet.
-            Ok(()) = expected.changed() => false,
+            Ok(()) = expected.changed() => {
+                contest_due = true;
+                false
+            }
         };
+        if contest_due && tokio::time::Instant::now() >= next_contest {
+            let want = expected.borrow().clone();
+            if let Some(want) = want {
+                contest_due = false;
+                next_contest = tokio::time::Instant::now() + CONTEST_EVERY;
+                match tokio::task::spawn_blocking(move || want.outranked()).await {
+                    Ok(Ok(found)) if found != outranked => {
+                        outranked = found.clone();
+                        if reports.send(Report::Outranked(found)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => tracing::debug!("reading the ruleset for rules that outrank cpha's: {err:#}"),
+                    Err(err) => tracing::error!("the ruleset read-back task failed: {err}"),
+                }
+            }
+        }
         if !check {
             continue;
         }
         if let Some(n) = &mut events {
             // One transaction sends a message per object: read back once, after the last.
             tokio::time::sleep(SETTLE).await;
-            n.drain();
+            contest_due |= n.drain().other;
         }
         next_full = tokio::time::Instant::now() + resync;
         let Some(want) = expected.borrow().clone() else { continue };
@@ -162,7 +277,7 @@ pub async fn run(
                 failing = false;
                 if let Some(why) = describe(rules, sysctls) {
                     tracing::debug!("forward drift seen: {why}");
-                    if drift.send(why).await.is_err() {
+                    if reports.send(Report::Drift(why)).await.is_err() {
                         return;
                     }
                 }
@@ -202,9 +317,9 @@ impl Notifications {
         Ok(Notifications { fd, buf: vec![0; 65536] })
     }
 
-    /// Waits for the next datagram; true when it changes `table` (`(family, name)`), or when
-    /// messages were lost (the socket's buffer overran) and anything may have changed.
-    async fn changed(&mut self, table: (u8, &str)) -> std::io::Result<bool> {
+    /// Waits for the next datagram: whether it changes `table` (`(family, name)`) or another
+    /// table; both when messages were lost (the socket's buffer overran).
+    async fn changed(&mut self, table: (u8, &str)) -> std::io::Result<Seen> {
         loop {
             let mut guard = self.fd.readable().await?;
             let buf = &mut self.buf;
@@ -212,39 +327,57 @@ impl Notifications {
                 nix::sys::socket::recv(fd.get_ref().as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())
                     .map_err(std::io::Error::from)
             }) {
-                Ok(Ok(n)) => return Ok(touches(&self.buf[..n], table)),
-                Ok(Err(err)) if err.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => return Ok(true),
+                Ok(Ok(n)) => return Ok(seen(&self.buf[..n], table)),
+                Ok(Err(err)) if err.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
+                    return Ok(Seen { own: true, other: true })
+                }
                 Ok(Err(err)) => return Err(err),
                 Err(_would_block) => continue,
             }
         }
     }
 
-    /// Reads and drops what is queued.
-    fn drain(&mut self) {
+    /// Reads what is queued; whether any of it was about another table.
+    fn drain(&mut self) -> Seen {
         let fd = self.fd.get_ref().as_raw_fd();
         let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
-        let mut more = true;
-        while more {
-            more = nix::sys::socket::recv(fd, &mut self.buf, flags).is_ok_and(|n| n > 0);
+        let mut all = Seen::default();
+        while let Ok(n) = nix::sys::socket::recv(fd, &mut self.buf, flags) {
+            if n == 0 {
+                break;
+            }
+            // Which table does not matter here: the forward is read back anyway.
+            all.other |= seen(&self.buf[..n], (0, "")).other;
         }
+        all
     }
 }
 
-/// Whether a datagram of netlink messages holds an nf_tables message about `table`: every
-/// message about a table, chain, rule, set or object carries the table's name as attribute 1
-/// (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`, `NFTA_RULE_TABLE`, ...).
-pub fn touches(mut buf: &[u8], (family, table): (u8, &str)) -> bool {
+/// What a datagram of nf_tables messages was about.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// The watched table.
+    pub own: bool,
+    /// Some other table.
+    pub other: bool,
+}
+
+/// Which tables a datagram of netlink messages is about: every nf_tables message about a
+/// table, chain, rule, set or object carries the table's name as attribute 1
+/// (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`, `NFTA_RULE_TABLE`, ...), after the family.
+pub fn seen(mut buf: &[u8], (family, table): (u8, &str)) -> Seen {
     const NLMSG_HDR: usize = 16;
     const NFGENMSG: usize = 4;
+    let mut out = Seen::default();
     while buf.len() >= NLMSG_HDR {
         let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         let kind = u16::from_ne_bytes([buf[4], buf[5]]);
         if len < NLMSG_HDR || len > buf.len() {
-            return false;
+            return out;
         }
         let msg = &buf[..len];
-        if kind >> 8 == NFNL_SUBSYS_NFTABLES && msg.len() >= NLMSG_HDR + NFGENMSG && msg[NLMSG_HDR] == family {
+        if kind >> 8 == NFNL_SUBSYS_NFTABLES && msg.len() >= NLMSG_HDR + NFGENMSG {
+            let msg_family = msg[NLMSG_HDR];
             let mut attrs = &msg[NLMSG_HDR + NFGENMSG..];
             while attrs.len() >= 4 {
                 let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
@@ -255,8 +388,10 @@ pub fn touches(mut buf: &[u8], (family, table): (u8, &str)) -> bool {
                 if atype == 1 {
                     let name = &attrs[4..alen];
                     let name = name.split(|b| *b == 0).next().unwrap_or(name);
-                    if name == table.as_bytes() {
-                        return true;
+                    if msg_family == family && name == table.as_bytes() {
+                        out.own = true;
+                    } else {
+                        out.other = true;
                     }
                     break;
                 }
@@ -265,7 +400,7 @@ pub fn touches(mut buf: &[u8], (family, table): (u8, &str)) -> bool {
         }
         buf = &buf[((len + 3) & !3).min(buf.len())..];
     }
-    false
+    out
 }
 
 #[cfg(test)]
@@ -297,15 +432,45 @@ mod tests {
     fn only_messages_about_the_watched_table_count() {
         // NFT_MSG_DELTABLE (2) for `inet cpha` after one for `inet other`, as `flush ruleset`
         // sends them.
+        let touches = |buf: &[u8], table| seen(buf, table).own;
         let mut flush = message(2, 1, "other");
         flush.extend(message(2, 1, "cpha"));
-        assert!(touches(&flush, (1, "cpha")));
-        assert!(!touches(&message(2, 1, "other"), (1, "cpha")));
+        assert_eq!(seen(&flush, (1, "cpha")), Seen { own: true, other: true });
+        assert_eq!(seen(&message(2, 1, "other"), (1, "cpha")), Seen { own: false, other: true });
         // A rule (NFT_MSG_NEWRULE, 6) in `ip nat`: iptables-nft's table, not an inet one.
         assert!(touches(&message(6, 2, "nat"), (2, "nat")));
         assert!(!touches(&message(6, 2, "nat"), (1, "cpha")));
         assert!(!touches(&message(6, 10, "nat"), (2, "nat")));
         assert!(!touches(&message(6, 1, "cphax"), (1, "cpha")));
-        assert!(!touches(&[0u8; 7], (1, "cpha")), "a short datagram is ignored");
+        assert_eq!(seen(&[0u8; 7], (1, "cpha")), Seen::default(), "a short datagram is ignored");
+    }
+
+    #[test]
+    fn a_dnat_in_an_earlier_table_outranks_and_one_after_does_not() {
+        let ruleset = |prio: i64, port: u16| {
+            serde_json::json!({"nftables": [
+                {"table": {"family": "ip", "name": "other", "handle": 9}},
+                {"chain": {"family": "ip", "table": "other", "name": "pre", "handle": 1, "type": "nat", "hook": "prerouting", "prio": prio, "policy": "accept"}},
+                {"rule": {"family": "ip", "table": "other", "chain": "pre", "handle": 2, "expr": [
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "10.10.0.1"}},
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": port}},
+                    {"dnat": {"addr": "10.21.0.2", "port": 6443}}]}},
+                {"chain": {"family": "inet", "table": "cpha", "name": "prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+                {"rule": {"family": "inet", "table": "cpha", "chain": "prerouting", "handle": 3, "expr": [
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 6443}},
+                    {"dnat": {"family": "ip", "addr": "10.10.0.1", "port": 9445}}]}}
+            ]})
+            .to_string()
+        };
+        let listen = "10.10.0.1:6443".parse().unwrap();
+        let found = outranking(&ruleset(-150, 6443), listen, (1, "cpha")).unwrap().unwrap();
+        assert_eq!(
+            found,
+            "table ip other (chain pre; its prerouting hook at priority -150, cpha's at -100) translates 10.10.0.1:6443 first"
+        );
+        assert_eq!(outranking(&ruleset(0, 6443), listen, (1, "cpha")).unwrap(), None, "after cpha's chains");
+        assert_eq!(outranking(&ruleset(-150, 8443), listen, (1, "cpha")).unwrap(), None, "another port");
+        let v6: std::net::SocketAddr = "[fd00::1]:6443".parse().unwrap();
+        assert_eq!(outranking(&ruleset(-150, 6443), v6, (1, "cpha")).unwrap(), None, "another family");
     }
 }
