@@ -210,7 +210,8 @@ fn a_dnat_that_outranks_the_forward_is_reported_and_left_alone() {
     )
     .unwrap();
     let other = c.cp.run("nft", &["list", "table", "ip", "other"]).unwrap();
-    let by = netns::wait_for("the outranking rule reported", Duration::from_secs(10), || {
+    // The ruleset is read at most every 15 s after another table changes (one read at start).
+    let by = netns::wait_for("the outranking rule reported", Duration::from_secs(20), || {
         Ok(c.status()?["agent"]["outranked_by"].as_str().map(str::to_string))
     })
     .unwrap();
@@ -226,7 +227,7 @@ fn a_dnat_that_outranks_the_forward_is_reported_and_left_alone() {
     assert_eq!(c.agent_log().matches("ForwardOutranked").count(), 1, "{}", c.agent_log());
     // Gone again: the report ends.
     c.cp.run("nft", &["delete", "table", "ip", "other"]).unwrap();
-    netns::wait_for("the report ended", Duration::from_secs(10), || {
+    netns::wait_for("the report ended", Duration::from_secs(20), || {
         Ok(c.status()?["agent"].get("outranked_by").is_none_or(|v| v.is_null()).then_some(()))
     })
     .unwrap();

@@ -176,7 +176,10 @@ pub enum Report {
 }
 
 /// How often, at most, the whole ruleset is read to look for a rule that outranks cpha's.
-const CONTEST_EVERY: Duration = Duration::from_secs(5);
+/// NOTE: only after another table changed, and never more often than this: on a host whose
+/// kube-proxy rewrites its tables every second a large ruleset is read once per period, not
+/// at each of its changes. A report may wait this long; a repair never does.
+const CONTEST_EVERY: Duration = Duration::from_secs(15);
 
 /// Watches until `stop`: each drift from `expected` (while it is set) is sent on `reports`,
 /// and so is every change of whether another table outranks the forward.
