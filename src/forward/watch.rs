@@ -10,8 +10,11 @@
 //! (one small file each) every `poll`. Every [`RESYNC`] the whole forward is read back anyway,
 //! for what sends no message (iptables-legacy, a message lost to a full socket buffer).
 //!
-//! The watcher only reports (`drift`, a sentence); deciding to repair and repairing belong to
-//! the agent (`agent::controller`, `agent::endpoint`).
+//! It also looks, after another table changed (at most every `CONTEST_EVERY`), for a rule that
+//! takes the endpoint before cpha's chains can ([`outranking`]): that is reported, not fought.
+//!
+//! The watcher only reports ([`Report`]); deciding to repair and repairing belong to the
+//! agent (`agent::controller`, `agent::endpoint`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -246,6 +249,13 @@ pub async fn run(
                 false
             }
         };
+        if check && !compare(&mut events, &expected, &reports, &mut failing, &mut contest_due).await {
+            return;
+        }
+        if check {
+            next_full = tokio::time::Instant::now() + resync;
+        }
+        // After the repair's read-back, never before it: this one may read a large ruleset.
         if contest_due && tokio::time::Instant::now() >= next_contest {
             let want = expected.borrow().clone();
             if let Some(want) = want {
@@ -264,35 +274,41 @@ pub async fn run(
                 }
             }
         }
-        if !check {
-            continue;
-        }
-        if let Some(n) = &mut events {
-            // One transaction sends a message per object: read back once, after the last.
-            tokio::time::sleep(SETTLE).await;
-            contest_due |= n.drain().other;
-        }
-        next_full = tokio::time::Instant::now() + resync;
-        let Some(want) = expected.borrow().clone() else { continue };
-        let compared = tokio::task::spawn_blocking(move || want.compare()).await;
-        match compared {
-            Ok(Ok((rules, sysctls))) => {
-                failing = false;
-                if let Some(why) = describe(rules, sysctls) {
-                    tracing::debug!("forward drift seen: {why}");
-                    if reports.send(Report::Drift(why)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Ok(Err(err)) if !failing => {
-                failing = true;
-                tracing::warn!("reading the forward back to compare it: {err:#}");
-            }
-            Ok(Err(_)) => {}
-            Err(err) => tracing::error!("the forward's read-back task failed: {err}"),
-        }
     }
+}
+
+/// Reads the forward back after a change (or a due look) and reports a drift; false when the
+/// agent is gone.
+async fn compare(
+    events: &mut Option<Notifications>,
+    expected: &watch::Receiver<Option<Arc<Expected>>>,
+    reports: &mpsc::Sender<Report>,
+    failing: &mut bool,
+    contest_due: &mut bool,
+) -> bool {
+    if let Some(n) = events {
+        // One transaction sends a message per object: read back once, after the last.
+        tokio::time::sleep(SETTLE).await;
+        *contest_due |= n.drain().other;
+    }
+    let want = expected.borrow().clone();
+    let Some(want) = want else { return true };
+    match tokio::task::spawn_blocking(move || want.compare()).await {
+        Ok(Ok((rules, sysctls))) => {
+            *failing = false;
+            if let Some(why) = describe(rules, sysctls) {
+                tracing::debug!("forward drift seen: {why}");
+                return reports.send(Report::Drift(why)).await.is_ok();
+            }
+        }
+        Ok(Err(err)) if !*failing => {
+            *failing = true;
+            tracing::warn!("reading the forward back to compare it: {err:#}");
+        }
+        Ok(Err(_)) => {}
+        Err(err) => tracing::error!("the forward's read-back task failed: {err}"),
+    }
+    true
 }
 
 /// A netlink socket subscribed to nf_tables ruleset changes in this network namespace.
