@@ -755,7 +755,7 @@ mod driver {
             let r = rig(Adopted::Haproxy, Err("unused".into()));
             r.probes.alive.store(true, Ordering::SeqCst);
             *r.haproxy.health.lock().unwrap() = HEALTHY;
-            r.inputs.send(accepted("10.0.0.1 10.0.0.2")).await.unwrap();
+            r.inputs.send(accepted("10.0.0.1, 10.0.0.2")).await.unwrap();
             wait("the first apply", || r.haproxy.log.count("apply") == 1).await;
             // The watcher saw the table deleted: repaired with no wait for any periodic check.
             *r.drifted.lock().unwrap() = Some("table inet cpha deleted".into());
