@@ -6,13 +6,15 @@
 //!  HAProxy worker ─Health, Applied──────────────┤        ├─► HAProxy worker (apply, read)
 //!  probes ─Liveness, Probed, EndpointChecked────┼► driver ┼─► Probes (readyz, endpoint, sockets)
 //!  signals ─Reload, Resync, Stop────────────────┤   │    └─► Reporter (sd-notify, metrics, /status, Events)
+//!  forward watcher ─ForwardDrift, Outranked─────┤   │
 //!  clock ─Tick──────────────────────────────────┘   ▼
 //!                                           controller (pure: inputs → effects)
 //! ```
 //! - [`controller`]: every decision, pure, with its state machine.
 //! - [`driver`]: the loop that feeds the controller and carries out its effects.
 //! - [`actuator`]: the traits the driver uses, with the real HAProxy and probe actuators.
-//! - [`endpoint`]: the forward and the handover in both topologies (the endpoint actuator).
+//! - [`endpoint`]: the forward and the handover in both topologies (the endpoint actuator),
+//!   and the repair of a kernel forward someone else changed (its watcher: `forward::watch`).
 //! - [`probe`], [`server`], [`status`], [`events`]: `/readyz` probes, the status port, the
 //!   `/status` snapshot, Kubernetes Events.
 //! - this file: wiring (tasks, supervision, SIGHUP's reload, the real reporter).
