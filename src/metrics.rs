@@ -177,6 +177,8 @@ pub struct Metrics {
     pub vrrp_state: Family<StateLabel, Gauge>,
     /// 1 for the health advertised to keepalived.
     pub vip_advertised: Family<HealthLabel, Gauge>,
+    /// Repairs of what cpha owns after someone else changed it, by object (`forward`).
+    pub repairs: Family<ObjectLabel, Counter>,
     /// Servers `backend_server_up` has a series for.
     servers_seen: Mutex<BTreeSet<String>>,
 }
@@ -185,6 +187,12 @@ pub struct Metrics {
 pub struct ChangeLabel {
     /// `taken` or `lost`.
     pub change: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabel {
+    /// What cpha owns: `forward` (the kernel forward).
+    pub object: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -224,6 +232,12 @@ impl Metrics {
         for carrier in ["forward", "haproxy"] {
             self.endpoint_carried.get_or_create(&CarrierLabel { carrier: carrier.into() }).set(0);
         }
+        self.repairs.get_or_create(&ObjectLabel { object: "forward".into() }).inc_by(0);
+    }
+
+    /// `object` was put back after someone else changed it.
+    pub fn repaired(&self, object: &str) {
+        self.repairs.get_or_create(&ObjectLabel { object: object.into() }).inc();
     }
 
     /// The virtual IP's series, at 0, on a host that runs one.
@@ -352,6 +366,11 @@ impl Metrics {
             self.vip_advertised.clone(),
         );
         r.register(
+            "repairs",
+            "Repairs of what cpha owns (object: forward) after someone else changed it",
+            self.repairs.clone(),
+        );
+        r.register(
             "apply_duration_seconds",
             "Time an apply to HAProxy took (changes and failures)",
             self.apply_duration.0.clone(),
@@ -393,6 +412,7 @@ mod tests {
             "cpha_apply_duration_seconds_count 0",
             "cpha_state{state=\"balanced\"} 0",
             "cpha_transitions_total{from=\"forwarding\",to=\"handing-over\"} 0",
+            "cpha_repairs_total{object=\"forward\"} 0",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
         }

@@ -36,6 +36,11 @@ pub fn sysctl(key: &str) -> Option<String> {
     std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
+/// Writes a sysctl under /proc/sys (`net.ipv4.ip_forward` style key).
+pub fn set_sysctl(key: &str, value: &str) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/sys/{}", key.replace('.', "/")), value)
+}
+
 /// IPv4 169.254.0.0/16 or IPv6 fe80::/10.
 pub fn is_link_local(ip: &IpAddr) -> bool {
     match ip {

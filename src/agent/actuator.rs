@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::controller::{Adopted, Desired, Drift, EndpointCheck, Note, View};
+use super::controller::{Adopted, Desired, Drift, EndpointCheck, Note, Repair, View};
 use crate::haproxy::{Haproxy, HaproxySettings, Health, RenderInput, Server};
 use crate::vip::Advertised;
 
@@ -35,6 +35,9 @@ pub trait EndpointActuator {
     async fn hand_to_haproxy(&mut self) -> anyhow::Result<()>;
     /// Puts back what the current carrier needs, if it was removed by hand.
     async fn reassert(&mut self) -> anyhow::Result<()>;
+    /// Compares the kernel forward with what was installed and puts back what differs, with
+    /// the install's own transaction; what differed (`None`: nothing did).
+    async fn repair(&mut self) -> anyhow::Result<Option<String>>;
     /// Periodic housekeeping (drained rules removed, stopped proxies reaped).
     async fn housekeeping(&mut self) -> anyhow::Result<()>;
     /// Ends the hold on the endpoint; `keep` leaves a kernel forward in place.
@@ -119,6 +122,8 @@ pub trait Reporter {
     fn stopping(&mut self, sentence: &str);
     /// This host took (true) or lost the virtual IP.
     fn vip_changed(&mut self, held: bool);
+    /// Something cpha owns was put back after someone else changed it.
+    fn repaired(&mut self, repair: &Repair);
 }
 
 /// The real HAProxy actuator: [`Haproxy`] and the frontend address it binds.

@@ -260,6 +260,42 @@ pub enum Input {
     /// The addresses the apiservers registered themselves under (the `default/kubernetes`
     /// EndpointSlice), compared with the member list for the drift report only.
     Registered(Vec<SocketAddr>),
+    /// The endpoint actuator's watcher saw the kernel forward differ from what cpha installed.
+    ForwardDrift(ForwardDrift),
+    /// The last `Effect::RepairForward` finished: what it found and put back (`None`: the
+    /// forward was in place by then).
+    ForwardRepaired(Result<Option<String>, String>),
+    /// Another table translates the endpoint before the forward can (`Some`, in words), or no
+    /// longer does. cpha cannot out-rank it, and does not fight it: it reports it.
+    ForwardOutranked(Option<String>),
+}
+
+/// The kernel forward differs from what cpha last installed: its table or chains deleted,
+/// flushed or changed, its jumps removed, or a sysctl it needs turned off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardDrift {
+    pub why: String,
+}
+
+/// A repair of something cpha owns that someone else changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// What was repaired (`forward`), the `object` label of `cpha_repairs_total`.
+    pub object: &'static str,
+    /// What had changed.
+    pub why: String,
+    /// When it was put back.
+    pub at: Instant,
+    /// From the drift first seen to the repair done.
+    pub took: Duration,
+}
+
+/// A drift being repaired: since when, and whether a failed repair was reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Repairing {
+    why: String,
+    seen: Instant,
+    failure_reported: bool,
 }
 
 /// Something to do.
@@ -271,6 +307,11 @@ pub enum Effect {
     HandToHaproxy,
     /// Put back what the carrier needs in the kernel, if something removed it.
     Reassert,
+    /// Compare the kernel forward with what was installed and put back what differs, with the
+    /// install's own transaction.
+    RepairForward,
+    /// Something cpha owns was put back, for `cpha_repairs_total`.
+    Repaired(Repair),
     /// Bring HAProxy (file and runtime) to these servers.
     Apply(Vec<Server>),
     /// Read HAProxy's backend.
@@ -379,6 +420,7 @@ enum Pending {
     FallBack(Vec<SocketAddr>),
     Retarget(Vec<SocketAddr>),
     Reassert,
+    Repair,
 }
 
 /// The controller's view, for `/status`, metrics and `cpha status`.
@@ -405,6 +447,10 @@ pub struct View {
     /// two disagree.
     pub drift: Option<(String, Instant)>,
     pub vip: Option<VipView>,
+    /// The last repair of something cpha owns.
+    pub last_repair: Option<Repair>,
+    /// Another table's rule that translates the endpoint before the forward.
+    pub outranked: Option<String>,
 }
 
 /// The virtual IP as this host sees it.
@@ -489,6 +535,9 @@ pub struct Controller {
     drifting: Option<Drifting>,
     vip: Option<VipState>,
     next_check: Instant,
+    repairing: Option<Repairing>,
+    last_repair: Option<Repair>,
+    outranked: Option<String>,
 }
 
 impl VipState {
@@ -608,6 +657,9 @@ impl Controller {
             drifting: None,
             vip,
             next_check: now,
+            repairing: None,
+            last_repair: None,
+            outranked: None,
         }
     }
 
@@ -672,6 +724,8 @@ impl Controller {
                 since: v.holds_since,
                 last_config: v.last_config.clone(),
             }),
+            last_repair: self.last_repair.clone(),
+            outranked: self.outranked.clone(),
         }
     }
 
@@ -732,6 +786,26 @@ impl Controller {
                 self.last_apply_started = None;
             }
             Input::Registered(addresses) => self.registered = Some(addresses),
+            Input::ForwardDrift(drift) => self.forward_drift(now, drift, &mut out),
+            Input::ForwardRepaired(result) => self.forward_repaired(now, result, &mut out),
+            Input::ForwardOutranked(by) if by != self.outranked => {
+                out.push(Effect::Event(match &by {
+                    Some(by) => Note {
+                        warning: true,
+                        reason: "ForwardOutranked",
+                        action: "Compare",
+                        message: format!("{by}: new connections to the endpoint go where that rule sends them, not where cpha does; cpha leaves it alone"),
+                    },
+                    None => Note {
+                        warning: false,
+                        reason: "ForwardNotOutranked",
+                        action: "Compare",
+                        message: "no other table translates the endpoint before cpha's forward any more".into(),
+                    },
+                }));
+                self.outranked = by;
+            }
+            Input::ForwardOutranked(_) => {}
         }
         self.compare(now, &mut out);
         self.schedule(now, &mut out);
@@ -1044,8 +1118,70 @@ impl Controller {
                 }
             }
             (Pending::Retarget(_), Err(err)) => self.last_error = Some(format!("retargeting the forward: {err}")),
+            // The repair's result comes as `ForwardRepaired`.
+            (Pending::Repair, _) => {}
             (Pending::Reassert, Ok(())) => {}
             (Pending::Reassert, Err(err)) => self.last_error = Some(format!("resync of the forward: {err}")),
+        }
+    }
+
+    /// The forward is not as installed: put it back, unless nothing is meant to be installed
+    /// yet or an endpoint effect is in flight (it installs the forward's whole state itself;
+    /// the watcher compares again after it).
+    fn forward_drift(&mut self, now: Instant, drift: ForwardDrift, out: &mut Vec<Effect>) {
+        if self.phase.carrier().is_none() || self.pending.is_some() {
+            return;
+        }
+        self.repairing.get_or_insert(Repairing { why: drift.why, seen: now, failure_reported: false });
+        self.pending = Some(Pending::Repair);
+        out.push(Effect::RepairForward);
+    }
+
+    fn forward_repaired(&mut self, now: Instant, result: Result<Option<String>, String>, out: &mut Vec<Effect>) {
+        if self.pending == Some(Pending::Repair) {
+            self.pending = None;
+        }
+        match result {
+            Ok(Some(why)) => {
+                let seen = self.repairing.take().map_or(now, |r| r.seen);
+                let repair = Repair { object: "forward", why, at: now, took: now.saturating_duration_since(seen) };
+                out.push(Effect::Event(Note {
+                    warning: true,
+                    reason: "ForwardRepaired",
+                    action: "Repair",
+                    message: format!(
+                        "the kernel forward was changed by someone else ({}): put back as cpha installed it, {} ms after the change was seen",
+                        repair.why,
+                        repair.took.as_millis()
+                    ),
+                }));
+                out.push(Effect::Repaired(repair.clone()));
+                self.last_repair = Some(repair);
+            }
+            // Seen before cpha's own change was read back: nothing to put back.
+            Ok(None) => self.repairing = None,
+            Err(err) => {
+                self.last_error = Some(format!("repairing the forward: {err}"));
+                let episode = self.repairing.get_or_insert(Repairing {
+                    why: "unknown".into(),
+                    seen: now,
+                    failure_reported: false,
+                });
+                // Once per episode: the watcher reports the drift again at its next look, and
+                // each report is another attempt.
+                if !episode.failure_reported {
+                    episode.failure_reported = true;
+                    out.push(Effect::Event(Note {
+                        warning: true,
+                        reason: "ForwardRepairFailed",
+                        action: "Repair",
+                        message: format!(
+                            "the kernel forward was changed by someone else ({}) and cannot be put back: {err}",
+                            episode.why
+                        ),
+                    }));
+                }
+            }
         }
     }
 

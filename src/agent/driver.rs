@@ -191,6 +191,23 @@ impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R
                 }
                 Effect::HandToHaproxy => Some(bounded(self.endpoint.hand_to_haproxy()).await),
                 Effect::Reassert => Some(bounded(self.endpoint.reassert()).await),
+                Effect::RepairForward => {
+                    let result = match tokio::time::timeout(ENDPOINT_BOUND, self.endpoint.repair()).await {
+                        Ok(Ok(found)) => Ok(found),
+                        Ok(Err(err)) => Err(format!("{err:#}")),
+                        Err(_) => Err(format!("no result within {ENDPOINT_BOUND:?}")),
+                    };
+                    if let Err(err) = &result {
+                        tracing::debug!("repairing the forward: {err}");
+                    }
+                    let now = Instant::now().into_std();
+                    queue.extend(self.controller.handle(now, Input::ForwardRepaired(result)));
+                    None
+                }
+                Effect::Repaired(repair) => {
+                    self.reporter.repaired(&repair);
+                    None
+                }
                 Effect::Apply(servers) => {
                     self.haproxy.send(HaproxyCommand::Apply(servers)).await?;
                     None

@@ -10,17 +10,25 @@
 //!   forward shares the port with HAProxy through SO_REUSEPORT; handing over closes its listener
 //!   (with `net.ipv4.tcp_migrate_req=1` so queued connections move to HAProxy's socket) and its
 //!   open connections drain within the bound.
+//!
+//! A kernel forward is watched while it carries anything (`forward::watch`): after each of its
+//! own transactions the actuator reads the forward back as what is expected, its watcher task
+//! reports every difference, and [`Endpoint::repair`] puts it back with the install's
+//! transaction when the controller says so.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::actuator::EndpointActuator;
 use super::controller::{Adopted, Carrier};
 pub use crate::config::Topology;
+use crate::forward::watch::Expected;
 use crate::forward::{self, conntrack, userspace, ForwardSpec, InstalledState, KernelBackend};
 
 pub struct Endpoint {
@@ -33,6 +41,9 @@ pub struct Endpoint {
     carrier: Option<Carrier>,
     /// Release topology, kernel forward: when the forwarding rules were withdrawn.
     draining_since: Option<Instant>,
+    /// What the kernel forward should be now, as read back after cpha's last transaction
+    /// (`None`: nothing to watch); the watcher compares the kernel with it.
+    expected: watch::Sender<Option<Arc<Expected>>>,
 }
 
 enum Kind {
@@ -84,7 +95,62 @@ impl Endpoint {
             drain_bound: cfg.drain_bound,
             carrier: None,
             draining_since: None,
+            expected: watch::Sender::new(None),
         })
+    }
+
+    /// Starts watching a kernel forward for changes made by others (none for the userspace
+    /// proxy); each drift seen, and each change of a rule that outranks the forward, comes out
+    /// of the returned channel.
+    pub fn watch(
+        &self,
+        poll: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<(JoinHandle<()>, mpsc::Receiver<forward::watch::Report>)> {
+        let Kind::Kernel(_) = self.kind else { return None };
+        let (tx, rx) = mpsc::channel(4);
+        let task = tokio::spawn(forward::watch::run(self.expected.subscribe(), tx, poll, stop));
+        Some((task, rx))
+    }
+
+    /// The targets the kernel forward has for the current carrier, if it needs rules at all
+    /// (the release topology's handed-over state needs none).
+    fn rules_for_carrier(&self) -> Option<Vec<SocketAddr>> {
+        match (&self.carrier, self.topology) {
+            (Some(Carrier::Forward(t)), _) => Some(t.clone()),
+            (Some(Carrier::Haproxy), Topology::Retarget) => Some(vec![self.haproxy]),
+            _ => None,
+        }
+    }
+
+    /// Reads the forward just installed back, as what the watcher compares the kernel with.
+    async fn expect(&self, backend: &'static dyn KernelBackend, spec: ForwardSpec) -> anyhow::Result<()> {
+        let expected = blocking(move || Expected::read(backend, spec)).await?;
+        self.expected.send_replace(Some(Arc::new(expected)));
+        Ok(())
+    }
+
+    /// Compares the kernel forward with what cpha installed and, when it differs, puts it back
+    /// with the install's transaction (and turns the sysctls it relies on back on). Returns
+    /// what differed; `None` when nothing did.
+    pub async fn repair(&mut self) -> anyhow::Result<Option<String>> {
+        let Kind::Kernel(backend) = self.kind else { return Ok(None) };
+        let Some(expected) = self.expected.borrow().clone() else { return Ok(None) };
+        let repaired = blocking(move || {
+            let (rules, sysctls) = expected.compare()?;
+            let Some(why) = forward::watch::describe(rules.clone(), sysctls) else { return Ok(None) };
+            for (key, _) in expected.sysctls_off() {
+                crate::sysinfo::set_sysctl(key, "1").with_context(|| format!("setting {key}=1"))?;
+            }
+            if rules.is_some() {
+                backend.repair(&expected.spec, &expected.rules)?;
+            }
+            Ok(Some((why, Expected::read(backend, expected.spec.clone())?)))
+        })
+        .await?;
+        let Some((why, fresh)) = repaired else { return Ok(None) };
+        self.expected.send_replace(Some(Arc::new(fresh)));
+        Ok(Some(why))
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -125,6 +191,15 @@ impl Endpoint {
             tracing::info!(carrier = ?c, backend = backend.name(), "adopted the forward an earlier run installed");
         }
         self.carrier = found.clone();
+        if let Some(targets) = self.rules_for_carrier() {
+            // NOTE: installed once more with the install's transaction (rules replaced, chains
+            // kept: flows keep their mapping), so what is watched from now on is cpha's whole
+            // forward and not whatever part of it survived until this start.
+            let spec = ForwardSpec::new(self.listen, targets)?;
+            let again = spec.clone();
+            blocking(move || backend.repair(&again, &backend.snapshot(again.listen)?)).await?;
+            self.expect(backend, spec).await?;
+        }
         Ok(found)
     }
 
@@ -138,7 +213,11 @@ impl Endpoint {
         match &mut self.kind {
             Kind::Kernel(backend) => {
                 let backend = *backend;
-                blocking(move || forward::install_kernel(backend, &spec)).await?;
+                // Not compared while cpha's own transaction runs.
+                self.expected.send_replace(None);
+                let installed = spec.clone();
+                blocking(move || forward::install_kernel(backend, &installed)).await?;
+                self.expect(backend, spec).await?;
                 self.draining_since = None;
                 if leaving_haproxy {
                     // HAProxy is being left (a fallback): its flows' entries would keep
@@ -171,11 +250,7 @@ impl Endpoint {
     /// Puts back what the current carrier needs in the kernel (a forward deleted or changed by
     /// hand); a no-op when it is in place. The release topology's handed-over state needs no rule.
     pub async fn reassert(&mut self) -> anyhow::Result<()> {
-        let targets = match (&self.carrier, self.topology) {
-            (Some(Carrier::Forward(t)), _) => t.clone(),
-            (Some(Carrier::Haproxy), Topology::Retarget) => vec![self.haproxy],
-            _ => return Ok(()),
-        };
+        let Some(targets) = self.rules_for_carrier() else { return Ok(()) };
         self.forward_to(targets).await
     }
 
@@ -188,6 +263,9 @@ impl Endpoint {
             }
             (Topology::Release, Kind::Kernel(backend)) => {
                 let backend = *backend;
+                // HAProxy's own socket carries the endpoint: the rule-less table left to drain
+                // is not watched.
+                self.expected.send_replace(None);
                 blocking(move || backend.withdraw()).await?;
                 self.draining_since = Some(Instant::now());
             }
@@ -226,6 +304,7 @@ impl Endpoint {
     /// endpoint keeps answering while the agent restarts); otherwise it is withdrawn, drained
     /// within the bound, and removed. A userspace proxy drains within the bound either way.
     pub async fn shutdown(&mut self, keep: bool) -> anyhow::Result<()> {
+        self.expected.send_replace(None);
         match &mut self.kind {
             Kind::Kernel(backend) if !keep => {
                 let backend = *backend;
@@ -323,6 +402,10 @@ impl EndpointActuator for Endpoint {
 
     async fn reassert(&mut self) -> anyhow::Result<()> {
         Endpoint::reassert(self).await
+    }
+
+    async fn repair(&mut self) -> anyhow::Result<Option<String>> {
+        Endpoint::repair(self).await
     }
 
     async fn housekeeping(&mut self) -> anyhow::Result<()> {

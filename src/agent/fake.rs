@@ -31,8 +31,10 @@ impl Log {
 pub struct FakeEndpoint {
     pub log: Log,
     pub adopted: Adopted,
-    /// Forward and handover actions fail while set.
+    /// Forward and handover actions (and repairs) fail while set.
     pub fail: Arc<AtomicBool>,
+    /// What a repair finds changed in the kernel (taken by the repair); `None`: nothing.
+    pub drifted: Arc<Mutex<Option<String>>>,
 }
 
 impl EndpointActuator for FakeEndpoint {
@@ -59,6 +61,12 @@ impl EndpointActuator for FakeEndpoint {
     async fn reassert(&mut self) -> anyhow::Result<()> {
         self.log.push("reassert");
         Ok(())
+    }
+
+    async fn repair(&mut self) -> anyhow::Result<Option<String>> {
+        self.log.push("repair");
+        anyhow::ensure!(!self.fail.load(Ordering::SeqCst), "nft: injected failure");
+        Ok(self.drifted.lock().unwrap().take())
     }
 
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
@@ -171,6 +179,10 @@ impl Reporter for FakeReporter {
 
     fn vip_changed(&mut self, held: bool) {
         self.log.push(format!("vip held={held}"));
+    }
+
+    fn repaired(&mut self, repair: &super::controller::Repair) {
+        self.log.push(format!("repaired {}: {}", repair.object, repair.why));
     }
 }
 

@@ -6,13 +6,15 @@
 //!  HAProxy worker ─Health, Applied──────────────┤        ├─► HAProxy worker (apply, read)
 //!  probes ─Liveness, Probed, EndpointChecked────┼► driver ┼─► Probes (readyz, endpoint, sockets)
 //!  signals ─Reload, Resync, Stop────────────────┤   │    └─► Reporter (sd-notify, metrics, /status, Events)
+//!  forward watcher ─ForwardDrift, Outranked─────┤   │
 //!  clock ─Tick──────────────────────────────────┘   ▼
 //!                                           controller (pure: inputs → effects)
 //! ```
 //! - [`controller`]: every decision, pure, with its state machine.
 //! - [`driver`]: the loop that feeds the controller and carries out its effects.
 //! - [`actuator`]: the traits the driver uses, with the real HAProxy and probe actuators.
-//! - [`endpoint`]: the forward and the handover in both topologies (the endpoint actuator).
+//! - [`endpoint`]: the forward and the handover in both topologies (the endpoint actuator),
+//!   and the repair of a kernel forward someone else changed (its watcher: `forward::watch`).
 //! - [`probe`], [`server`], [`status`], [`events`]: `/readyz` probes, the status port, the
 //!   `/status` snapshot, Kubernetes Events.
 //! - this file: wiring (tasks, supervision, SIGHUP's reload, the real reporter).
@@ -135,6 +137,10 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
     let haproxy = Haproxy::new(config.haproxy.clone(), metrics.clone())
         .map_err(|e| crate::exit::Coded::config(format!("haproxy: {e}")))?;
     let (inputs_tx, inputs) = mpsc::channel(64);
+    if let Some((watcher, drifts)) = endpoint.watch(config.handover.liveness_interval, root.child_token()) {
+        supervise("the forward watcher", watcher, root.clone(), ended_tx.clone());
+        tokio::spawn(drift_bridge(drifts, inputs_tx.clone()));
+    }
     let (haproxy_handle, worker) =
         HaproxyHandle::spawn(HaproxyBackend { haproxy, bind: config.haproxy_bind() }, inputs_tx.clone());
     supervise("the HAProxy worker", worker, root.clone(), ended_tx.clone());
@@ -435,6 +441,20 @@ async fn registered(mut updates: mpsc::Receiver<Update>, inputs: mpsc::Sender<In
     }
 }
 
+/// The forward watcher's reports to controller inputs.
+async fn drift_bridge(mut reports: mpsc::Receiver<crate::forward::watch::Report>, inputs: mpsc::Sender<Input>) {
+    use crate::forward::watch::Report;
+    while let Some(report) = reports.recv().await {
+        let input = match report {
+            Report::Drift(why) => Input::ForwardDrift(controller::ForwardDrift { why }),
+            Report::Outranked(by) => Input::ForwardOutranked(by),
+        };
+        if inputs.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The VIP actuator's reports to controller inputs.
 async fn vip_bridge(mut events: mpsc::Receiver<crate::vip::keepalived::VipEvent>, inputs: mpsc::Sender<Input>) {
     use crate::vip::keepalived::VipEvent;
@@ -597,6 +617,13 @@ impl Reporter for AgentReporter {
                 }
                 _ => None,
             },
+            outranked_by: view.outranked.clone(),
+            last_repair: view.last_repair.as_ref().map(|r| status::RepairStatus {
+                object: r.object.to_string(),
+                why: r.why.clone(),
+                at: self.unix(r.at),
+                took_ms: u64::try_from(r.took.as_millis()).unwrap_or(u64::MAX),
+            }),
             ..self.base.clone()
         };
         *self.shared.status.write().expect("status lock") = status;
@@ -613,6 +640,10 @@ impl Reporter for AgentReporter {
 
     fn vip_changed(&mut self, held: bool) {
         self.metrics.vip_change(held);
+    }
+
+    fn repaired(&mut self, repair: &controller::Repair) {
+        self.metrics.repaired(repair.object);
     }
 }
 

@@ -49,6 +49,25 @@ pub struct AgentStatus {
     /// The virtual IP, on a host that runs one.
     #[serde(default)]
     pub vip: Option<VipStatus>,
+    /// Another table's rule that translates the endpoint before cpha's forward can (reported,
+    /// not fought).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outranked_by: Option<String>,
+    /// The last repair of something cpha owns that someone else changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair: Option<RepairStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepairStatus {
+    /// What was put back: `forward`.
+    pub object: String,
+    /// What had changed.
+    pub why: String,
+    /// Unix seconds of the repair.
+    pub at: u64,
+    /// Milliseconds from the change seen to the repair done.
+    pub took_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -100,11 +119,16 @@ impl AgentStatus {
                 vip.advertised,
             ));
         }
+        if let Some(r) = &self.last_repair {
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(r.at));
+            s.push_str(&format!("repaired    {} at {at} in {} ms: {}\n", r.object, r.took_ms, r.why));
+        }
         for (label, value) in [
             ("last apply", &self.last_apply),
             ("rejected", &self.last_rejected_update),
             ("source", &self.source_problem),
             ("drift", &self.drift),
+            ("outranked", &self.outranked_by),
             ("last error", &self.last_error),
         ] {
             if let Some(v) = value {
@@ -150,4 +174,30 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> anyhow::Result<AgentStatus>
         crate::haproxy::runtime::printable(head.lines().next().unwrap_or(""), 200)
     );
     serde_json::from_str(body).context("the agent's /status is not the expected JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_repair_is_one_line_of_the_text() {
+        let status = AgentStatus {
+            last_repair: Some(RepairStatus {
+                object: "forward".into(),
+                why: "table inet cpha deleted".into(),
+                at: 1_796_590_800,
+                took_ms: 31,
+            }),
+            ..AgentStatus::default()
+        };
+        let text = status.render_text();
+        assert!(
+            text.lines().any(|l| l == "repaired    forward at 2026-12-06T21:00:00Z in 31 ms: table inet cpha deleted"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["last_repair"]["why"], "table inet cpha deleted");
+        assert!(serde_json::to_value(AgentStatus::default()).unwrap().get("last_repair").is_none());
+    }
 }

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::controller::{Adopted, Controller, Drift, Effect, EndpointCheck, Input, Phase, Settings, VipPolicy};
+use super::controller::{
+    Adopted, Controller, Drift, Effect, EndpointCheck, ForwardDrift, Input, Phase, Settings, VipPolicy,
+};
 use crate::haproxy::resolve::{Resolved, Unresolved};
 use crate::haproxy::{Health, Server};
 use crate::members::{parse, MemberSet, ParseOptions};
@@ -704,6 +706,10 @@ mod driver {
 
     struct Rig {
         endpoint: Log,
+        /// What the fake endpoint's next repair finds changed.
+        drifted: Arc<Mutex<Option<String>>>,
+        /// The fake endpoint's actions (repairs too) fail while set.
+        endpoint_fails: Arc<AtomicBool>,
         haproxy: FakeHaproxy,
         probes: FakeProbes,
         reporter: FakeReporter,
@@ -731,12 +737,19 @@ mod driver {
             endpoint_ok: Arc::new(AtomicBool::new(true)),
         };
         let reporter = FakeReporter::default();
+        let drifted = Arc::new(Mutex::new(None));
+        let endpoint_fails = Arc::new(AtomicBool::new(false));
         let (inputs_tx, inputs) = mpsc::channel(64);
         let (signals_tx, signals) = mpsc::channel(8);
         let (handle, _worker) = HaproxyHandle::spawn(haproxy.clone(), inputs_tx.clone());
         let mut driver = Driver {
             controller: Controller::new(start, tokio::time::Instant::now().into_std()),
-            endpoint: FakeEndpoint { log: endpoint.clone(), adopted, fail: Arc::new(AtomicBool::new(false)) },
+            endpoint: FakeEndpoint {
+                log: endpoint.clone(),
+                adopted,
+                fail: endpoint_fails.clone(),
+                drifted: drifted.clone(),
+            },
             haproxy: handle,
             probes: probes.clone(),
             reporter: reporter.clone(),
@@ -757,7 +770,17 @@ mod driver {
             driver.shutdown(keep).await;
             Ok(ended)
         });
-        Rig { endpoint, haproxy, probes, reporter, inputs: inputs_tx, signals: signals_tx, task }
+        Rig {
+            endpoint,
+            drifted,
+            endpoint_fails,
+            haproxy,
+            probes,
+            reporter,
+            inputs: inputs_tx,
+            signals: signals_tx,
+            task,
+        }
     }
 
     async fn wait(what: &str, f: impl Fn() -> bool) {
@@ -794,6 +817,51 @@ mod driver {
             r.signals.send(Signal::Stop).await.unwrap();
             assert_eq!(r.task.await.unwrap().unwrap(), Ended::Stopped);
             assert_eq!(r.endpoint.lines().last().unwrap(), "shutdown keep=true");
+        });
+    }
+
+    #[test]
+    fn a_drifted_forward_is_repaired_at_once_and_reported_once_per_episode() {
+        local(async {
+            let r = rig(Adopted::Haproxy, Err("unused".into()));
+            r.probes.alive.store(true, Ordering::SeqCst);
+            *r.haproxy.health.lock().unwrap() = HEALTHY;
+            r.inputs.send(accepted("10.0.0.1, 10.0.0.2")).await.unwrap();
+            wait("the first apply", || r.haproxy.log.count("apply") == 1).await;
+            // The watcher saw the table deleted: repaired with no wait for any periodic check.
+            *r.drifted.lock().unwrap() = Some("table inet cpha deleted".into());
+            let seen = tokio::time::Instant::now();
+            r.inputs.send(Input::ForwardDrift(ForwardDrift { why: "table inet cpha deleted".into() })).await.unwrap();
+            wait("the repair", || r.reporter.log.count("repaired forward: table inet cpha deleted") == 1).await;
+            // At the first look of `wait`: no periodic check (`interval` is 1 s) is waited for.
+            assert!(seen.elapsed() <= Duration::from_millis(10), "{:?}", seen.elapsed());
+            assert_eq!(r.reporter.log.count("event ForwardRepaired"), 1);
+            let repair = r.reporter.view.lock().unwrap().as_ref().and_then(|v| v.last_repair.clone()).unwrap();
+            assert_eq!((repair.object, repair.why.as_str()), ("forward", "table inet cpha deleted"));
+            // A report from before cpha's own transaction was read back: nothing to put back,
+            // nothing said.
+            r.inputs.send(Input::ForwardDrift(ForwardDrift { why: "chain output changed".into() })).await.unwrap();
+            wait("the second look", || r.endpoint.count("repair") == 2).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(r.reporter.log.count("event ForwardRepaired"), 1);
+            // A repair that fails is reported once, retried at each report, and the success
+            // after it ends the episode.
+            r.endpoint_fails.store(true, Ordering::SeqCst);
+            *r.drifted.lock().unwrap() = Some("chain prerouting flushed".into());
+            for n in 3..=5 {
+                r.inputs
+                    .send(Input::ForwardDrift(ForwardDrift { why: "chain prerouting flushed".into() }))
+                    .await
+                    .unwrap();
+                wait("an attempt", || r.endpoint.count("repair") == n).await;
+            }
+            assert_eq!(r.reporter.log.count("event ForwardRepairFailed"), 1, "{:?}", r.reporter.log.lines());
+            r.endpoint_fails.store(false, Ordering::SeqCst);
+            r.inputs.send(Input::ForwardDrift(ForwardDrift { why: "chain prerouting flushed".into() })).await.unwrap();
+            wait("the repair", || r.reporter.log.count("repaired forward: chain prerouting flushed") == 1).await;
+            assert_eq!(r.reporter.log.count("event ForwardRepaired"), 2);
+            r.signals.send(Signal::Stop).await.unwrap();
+            r.task.await.unwrap().unwrap();
         });
     }
 
@@ -945,4 +1013,68 @@ fn a_short_disagreement_is_not_reported_and_a_changed_one_is_reported_again() {
     off.input(accepted("cp1=10.0.0.11:6443"));
     off.at(1_000).input(Input::Registered(vec![addr("10.0.0.19:6443")]));
     assert!(drifts(&off.at(10_000_000).input(Input::Tick)).is_empty());
+}
+
+fn drift(why: &str) -> Input {
+    Input::ForwardDrift(ForwardDrift { why: why.into() })
+}
+
+#[test]
+fn a_drifted_forward_is_put_back_and_the_repair_is_recorded_with_its_time() {
+    let mut r = balanced();
+    let e = r.at(3_000).acts(drift("table inet cpha deleted"));
+    assert_eq!(e, [Effect::RepairForward]);
+    let e = r.at(3_040).acts(Input::ForwardRepaired(Ok(Some("table inet cpha deleted".into()))));
+    assert_eq!(events(&e), ["ForwardRepaired"]);
+    let repaired: Vec<_> =
+        e.iter().filter_map(|x| if let Effect::Repaired(r) = x { Some(r.clone()) } else { None }).collect();
+    assert_eq!(repaired.len(), 1, "{e:?}");
+    assert_eq!((repaired[0].object, repaired[0].took), ("forward", Duration::from_millis(40)));
+    assert_eq!(r.c.view().last_repair, Some(repaired[0].clone()));
+    assert_eq!(r.phase(), "balanced", "a repair is no phase change");
+    // The watcher's look from before cpha's own change: nothing found, nothing recorded.
+    r.at(4_000).acts(drift("chain output changed"));
+    assert!(r.at(4_010).acts(Input::ForwardRepaired(Ok(None))).is_empty());
+    assert_eq!(r.c.view().last_repair, Some(repaired[0].clone()));
+}
+
+#[test]
+fn a_failing_repair_is_said_once_and_retried_at_each_report() {
+    let mut r = balanced();
+    r.at(3_000).acts(drift("net.ipv4.ip_forward is 0"));
+    let e = r.at(3_010).acts(Input::ForwardRepaired(Err("setting net.ipv4.ip_forward=1: read-only".into())));
+    assert_eq!(events(&e), ["ForwardRepairFailed"]);
+    assert!(r.c.view().last_error.unwrap().contains("read-only"));
+    assert_eq!(r.at(3_200).acts(drift("net.ipv4.ip_forward is 0")), [Effect::RepairForward]);
+    assert!(events(&r.at(3_210).acts(Input::ForwardRepaired(Err("read-only".into())))).is_empty());
+    r.at(3_400).acts(drift("net.ipv4.ip_forward is 0"));
+    let e = r.at(3_410).acts(Input::ForwardRepaired(Ok(Some("net.ipv4.ip_forward is 0".into()))));
+    assert_eq!(events(&e), ["ForwardRepaired"]);
+    assert_eq!(r.c.view().last_repair.unwrap().took, Duration::from_millis(410), "from the first sighting");
+}
+
+#[test]
+fn nothing_is_repaired_before_a_forward_is_installed_or_while_one_is_being_moved() {
+    let mut r = Run::new(settings());
+    r.acts(Input::Started { adopted: Adopted::Nothing });
+    assert!(r.acts(drift("table inet cpha deleted")).is_empty(), "starting: nothing installed yet");
+    r.acts(accepted("10.0.0.1"));
+    // The bootstrap forward's install is in flight: it puts the whole forward in place itself.
+    assert!(r.acts(drift("table inet cpha deleted")).is_empty());
+    r.done();
+    assert_eq!(r.acts(drift("table inet cpha deleted")), [Effect::RepairForward]);
+}
+
+#[test]
+fn a_rule_that_outranks_the_forward_is_reported_once_and_never_fought() {
+    let mut r = balanced();
+    let by = "table ip other (chain pre; its prerouting hook at priority -150, cpha's at -100) translates 10.0.0.10:6443 first";
+    let e = r.at(3_000).acts(Input::ForwardOutranked(Some(by.into())));
+    assert_eq!(events(&e), ["ForwardOutranked"], "{e:?}");
+    assert!(!e.iter().any(|x| matches!(x, Effect::RepairForward | Effect::Forward(_) | Effect::Reassert)), "{e:?}");
+    assert_eq!(r.c.view().outranked.as_deref(), Some(by));
+    assert!(r.at(4_000).acts(Input::ForwardOutranked(Some(by.into()))).is_empty(), "said once");
+    let e = r.at(5_000).acts(Input::ForwardOutranked(None));
+    assert_eq!(events(&e), ["ForwardNotOutranked"]);
+    assert_eq!(r.c.view().outranked, None);
 }

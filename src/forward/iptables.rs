@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
 
-use super::kernel::{Change, Installed, InstalledState, KernelBackend};
+use super::kernel::{Change, Installed, InstalledState, KernelBackend, Snapshot};
 use super::spec::ForwardSpec;
 use crate::exec;
 
@@ -105,6 +105,29 @@ impl NatTable {
         })
     }
 
+    /// cpha's chains (declaration, then rules) and the jumps to them, counters left out.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for (hook, chain) in HOOKS {
+            if self.has_chain(chain) {
+                let mut lines = vec![format!(":{chain} -")];
+                let prefix = format!("-A {chain} ");
+                lines.extend(self.lines.iter().filter(|l| l.starts_with(&prefix)).cloned());
+                snapshot.parts.insert(format!("chain {chain}"), lines);
+            }
+            let jumps: Vec<String> = self
+                .lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("-A {hook} ")) && l.ends_with(&format!("-j {chain}")))
+                .cloned()
+                .collect();
+            if !jumps.is_empty() {
+                snapshot.parts.insert(format!("jump {hook} -> {chain}"), jumps);
+            }
+        }
+        snapshot
+    }
+
     fn anchor(&self) -> Option<(SocketAddr, bool)> {
         self.lines.iter().filter(|l| l.starts_with("-A CPHA-PREROUTING ")).find_map(|l| {
             let rest = comment_of(l)?.strip_prefix(ANCHOR)?;
@@ -186,8 +209,13 @@ fn anchor(listen: SocketAddr, created: bool) -> String {
 /// The `iptables-restore --noflush` input that installs `spec`. Declaring cpha's chains
 /// flushes them, so the same input also retargets. `table` is the current nat table.
 pub fn render_install(spec: &ForwardSpec, table: &NatTable) -> String {
-    let family = Family::of(spec.listen.ip());
     let created = !table.exists || table.anchor().is_some_and(|(_, c)| c);
+    render_install_marked(spec, table, created)
+}
+
+/// As [`render_install`], with the anchor recording whether cpha created the nat table.
+fn render_install_marked(spec: &ForwardSpec, table: &NatTable, created: bool) -> String {
+    let family = Family::of(spec.listen.ip());
     let mut s = String::from("*nat\n");
     chain_declarations(&mut s);
     s.push_str(&anchor(spec.listen, created));
@@ -339,6 +367,29 @@ impl KernelBackend for Iptables {
         Ok(if before.is_some() || other_before.is_some() { Change::Retargeted } else { Change::Installed })
     }
 
+    fn repair(&self, spec: &ForwardSpec, installed: &Snapshot) -> anyhow::Result<()> {
+        // The install's input declares (so flushes) cpha's chains, refills them and adds the
+        // jumps that are missing, in one iptables-restore transaction. Whether cpha created the
+        // nat table is what the install recorded, not what a table without its anchor says.
+        let family = Family::of(spec.listen.ip());
+        let table = Self::table(family)?;
+        let marker = format!("{ANCHOR}{}{CREATED}", spec.listen);
+        let created = !table.exists || installed.parts.values().flatten().any(|l| l.contains(&marker));
+        Self::restore(family, &render_install_marked(spec, &table, created))
+    }
+
+    fn snapshot(&self, listen: SocketAddr) -> anyhow::Result<Snapshot> {
+        Ok(Self::table(Family::of(listen.ip()))?.snapshot())
+    }
+
+    fn nf_table(&self, listen: SocketAddr) -> (u8, &'static str) {
+        // With iptables-nft the nat table is an nf_tables table of family ip or ip6.
+        match Family::of(listen.ip()) {
+            Family::V4 => (2, "nat"),
+            Family::V6 => (10, "nat"),
+        }
+    }
+
     fn withdraw(&self) -> anyhow::Result<()> {
         for family in [Family::V4, Family::V6] {
             let table = Self::table(family)?;
@@ -394,6 +445,18 @@ mod tests {
         assert_eq!(installed.targets, vec!["10.0.0.11:6443".parse().unwrap(), "10.0.0.12:6443".parse().unwrap()]);
         assert_eq!(table.anchor(), Some(("10.0.0.10:6443".parse().unwrap(), true)));
         golden("iptables-remove.rules", &render_remove(&table));
+        let snapshot = table.snapshot();
+        assert_eq!(snapshot.parts.len(), 6, "three chains and three jumps: {snapshot:?}");
+        let without_jump = NatTable::from_save(
+            &save.replace("-A OUTPUT -m comment --comment \"cpha bootstrap forward\" -j CPHA-OUTPUT\n", ""),
+        );
+        assert_eq!(snapshot.drift(&without_jump.snapshot(), "x").unwrap(), "jump OUTPUT -> CPHA-OUTPUT deleted");
+        let flushed: String =
+            save.lines().filter(|l| !l.starts_with("-A CPHA-OUTPUT ")).map(|l| format!("{l}\n")).collect();
+        assert_eq!(
+            snapshot.drift(&NatTable::from_save(&flushed).snapshot(), "x").unwrap(),
+            "chain CPHA-OUTPUT flushed"
+        );
         // A second install sees the jumps and does not add them again.
         let again = render_install(&spec("10.0.0.10:6443", &["10.0.0.13:6443"]), &table);
         assert!(!again.contains("-A PREROUTING"), "{again}");

@@ -1,6 +1,8 @@
 //! What the two kernel backends (nftables, iptables) share: the installed forward as read
-//! back from the kernel, the result of an install, and the drain-then-remove sequence.
+//! back from the kernel, a [`Snapshot`] of everything cpha owns there (compared to notice
+//! drift), the result of an install, and the drain-then-remove sequence.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,15 @@ pub trait KernelBackend: Send + Sync {
     fn read(&self) -> anyhow::Result<Option<Installed>>;
     /// Installs or retargets the forward in one transaction.
     fn install(&self, spec: &ForwardSpec) -> anyhow::Result<Change>;
+    /// Installs `spec` again with the install's transaction, whatever is there now (a table
+    /// flushed or deleted, a chain emptied, a jump removed); `installed` is what the install
+    /// left, for what it recorded about the host before it.
+    fn repair(&self, spec: &ForwardSpec, installed: &Snapshot) -> anyhow::Result<()>;
+    /// Everything this backend owns for a forward on `listen`'s family, as it is now.
+    fn snapshot(&self, listen: SocketAddr) -> anyhow::Result<Snapshot>;
+    /// The nf_tables table this backend's objects live in, `(family, name)` as netlink names
+    /// them (`NFPROTO_*`), so a change notification can be matched to it.
+    fn nf_table(&self, listen: SocketAddr) -> (u8, &'static str);
     /// Removes the forwarding rules in one transaction, keeping what established flows need.
     fn withdraw(&self) -> anyhow::Result<()>;
     /// Removes everything this backend installed.
@@ -45,6 +56,41 @@ pub struct Installed {
 impl Installed {
     pub fn matches(&self, spec: &ForwardSpec) -> bool {
         self.state == InstalledState::Forwarding && self.listen == spec.listen && self.targets == spec.targets
+    }
+}
+
+/// cpha's part of the kernel as read back, with what changes by itself (counters, handles)
+/// left out. What cpha installed is compared with what is there now, part by part; nothing is
+/// interpreted, so any change to a rule, a chain or a jump shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Each object (a chain with its rules, a jump) by name: its definition, then its rules.
+    pub parts: BTreeMap<String, Vec<String>>,
+}
+
+impl Snapshot {
+    /// What changed from `self` (what cpha installed) to `now`, in words; `None` when equal.
+    /// `whole` names everything together ("table inet cpha"), for when all of it is gone.
+    pub fn drift(&self, now: &Snapshot, whole: &str) -> Option<String> {
+        if self == now {
+            return None;
+        }
+        if now.parts.is_empty() {
+            return Some(format!("{whole} deleted"));
+        }
+        let mut said = Vec::new();
+        for (name, lines) in &self.parts {
+            match now.parts.get(name) {
+                None => said.push(format!("{name} deleted")),
+                Some(l) if l.len() == 1 && lines.len() > 1 => said.push(format!("{name} flushed")),
+                Some(l) if l != lines => said.push(format!("{name} changed")),
+                Some(_) => {}
+            }
+        }
+        for name in now.parts.keys().filter(|n| !self.parts.contains_key(*n)) {
+            said.push(format!("{name} added"));
+        }
+        Some(said.join("; "))
     }
 }
 
@@ -100,5 +146,31 @@ fn wait_for_flows(listen: SocketAddr, drain: Drain) -> usize {
             _ => {}
         }
         std::thread::sleep(drain.poll);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(parts: &[(&str, &[&str])]) -> Snapshot {
+        Snapshot {
+            parts: parts.iter().map(|(n, l)| (n.to_string(), l.iter().map(ToString::to_string).collect())).collect(),
+        }
+    }
+
+    #[test]
+    fn drift_names_what_changed() {
+        let installed =
+            snap(&[("chain output", &["nat", "dnat a"]), ("chain prerouting", &["nat", "anchor", "dnat a"])]);
+        assert_eq!(installed.drift(&installed.clone(), "table inet cpha"), None);
+        assert_eq!(installed.drift(&Snapshot::default(), "table inet cpha").unwrap(), "table inet cpha deleted");
+        let flushed = snap(&[("chain output", &["nat"]), ("chain prerouting", &["nat", "anchor", "dnat a"])]);
+        assert_eq!(installed.drift(&flushed, "t").unwrap(), "chain output flushed");
+        let changed = snap(&[("chain output", &["nat", "dnat b"]), ("chain other", &["filter"])]);
+        assert_eq!(
+            installed.drift(&changed, "t").unwrap(),
+            "chain output changed; chain prerouting deleted; chain other added"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! - [`userspace`]: a splice(2) TCP proxy, for hosts without usable netfilter tools and for
 //!   forwards the kernel cannot do (IPv4 to IPv6, loopback to another host).
 //! - [`conntrack`]: counting the connections a kernel forward still carries, for draining.
+//! - [`watch`]: noticing when what a kernel forward owns is changed by someone else.
 
 pub mod conntrack;
 pub mod iptables;
@@ -14,6 +15,7 @@ pub mod kernel;
 pub mod nft;
 pub mod spec;
 pub mod userspace;
+pub mod watch;
 
 use anyhow::Context;
 
@@ -142,6 +144,24 @@ pub fn check_host(spec: &ForwardSpec) -> anyhow::Result<()> {
         tracing::info!(listen = %spec.listen, "the listen address is not on this host (yet): connections routed to it are forwarded all the same");
     }
     Ok(())
+}
+
+/// The IP forwarding sysctls `spec` needs (remote traffic to a target on another host) that
+/// are on now: a forward relies on them from its install on. One that is off at install is
+/// the operator's choice, warned about by [`check_host`] and left alone.
+pub fn relied_on_sysctls(spec: &ForwardSpec) -> Vec<&'static str> {
+    if !spec.takes_remote_traffic() {
+        return Vec::new();
+    }
+    let local = sysinfo::local_addresses().unwrap_or_default();
+    let mut keys = Vec::new();
+    for t in spec.targets.iter().filter(|t| !local.contains(&t.ip()) && !t.ip().is_loopback()) {
+        let key = if t.is_ipv4() { "net.ipv4.ip_forward" } else { "net.ipv6.conf.all.forwarding" };
+        if !keys.contains(&key) && sysinfo::sysctl(key).as_deref() == Some("1") {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 /// Installs `spec` with `backend` and removes whatever forward the other kernel backend holds.

@@ -15,11 +15,13 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::Context;
 use serde_json::Value;
 
-use super::kernel::{Change, Installed, InstalledState, KernelBackend};
+use super::kernel::{Change, Installed, InstalledState, KernelBackend, Snapshot};
 use super::spec::ForwardSpec;
 use crate::exec::{self, ExecError};
 
 pub const TABLE: &str = "cpha";
+/// netlink's family number of `inet` tables.
+const NFPROTO_INET: u8 = 1;
 const ANCHOR: &str = "cpha-anchor listen=";
 const CHAINS: &str = "\tchain prerouting {\n\t\ttype nat hook prerouting priority -100; policy accept;\n\t}\n\tchain output {\n\t\ttype nat hook output priority -100; policy accept;\n\t}\n\tchain postrouting {\n\t\ttype nat hook postrouting priority 100; policy accept;\n\t}\n";
 
@@ -170,6 +172,47 @@ fn parse_forward_rule(exprs: &[Value]) -> anyhow::Result<Option<(SocketAddr, Vec
     Ok(Some((SocketAddr::new(ip, port), targets)))
 }
 
+/// Everything in `table inet cpha` from `nft -j list table inet cpha` output: the table, and
+/// each chain's definition followed by its rules, handles and counter values left out.
+pub fn parse_snapshot(json: &str) -> anyhow::Result<Snapshot> {
+    let doc: Value = serde_json::from_str(json).context("nft printed JSON cpha cannot read")?;
+    let items = doc["nftables"].as_array().context("nft JSON has no \"nftables\" array")?;
+    let mut snapshot = Snapshot::default();
+    for item in items {
+        if let Some(table) = item.get("table") {
+            let mut table = table.clone();
+            strip(&mut table);
+            snapshot.parts.insert(format!("table inet {TABLE}"), vec![table.to_string()]);
+        } else if let Some(chain) = item.get("chain") {
+            let name = chain["name"].as_str().unwrap_or_default();
+            let mut chain = chain.clone();
+            strip(&mut chain);
+            snapshot.parts.entry(format!("chain {name}")).or_default().insert(0, chain.to_string());
+        } else if let Some(rule) = item.get("rule") {
+            let name = rule["chain"].as_str().unwrap_or_default();
+            let mut rule = rule.clone();
+            strip(&mut rule);
+            snapshot.parts.entry(format!("chain {name}")).or_default().push(rule.to_string());
+        }
+    }
+    Ok(snapshot)
+}
+
+/// Leaves out what the kernel changes by itself: handles and counter values.
+fn strip(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            map.remove("handle");
+            if let Some(counter) = map.get_mut("counter") {
+                *counter = Value::Null;
+            }
+            map.values_mut().for_each(strip);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip),
+        _ => {}
+    }
+}
+
 /// The nftables backend, driving the `nft` binary.
 pub struct Nftables;
 
@@ -206,6 +249,25 @@ impl KernelBackend for Nftables {
         }
         Self::apply(&render_install(spec))?;
         Ok(if before.is_some() { Change::Retargeted } else { Change::Installed })
+    }
+
+    fn repair(&self, spec: &ForwardSpec, _installed: &Snapshot) -> anyhow::Result<()> {
+        // The install's transaction creates what is missing and replaces the rules.
+        Self::apply(&render_install(spec))
+    }
+
+    fn snapshot(&self, _listen: SocketAddr) -> anyhow::Result<Snapshot> {
+        match exec::run("nft", &["-j", "list", "table", "inet", TABLE], None) {
+            Ok(json) => parse_snapshot(&json),
+            Err(ExecError::Failed { stderr, .. }) if stderr.contains("No such file or directory") => {
+                Ok(Snapshot::default())
+            }
+            Err(err) => Err(err).context("reading cpha's nftables table"),
+        }
+    }
+
+    fn nf_table(&self, _listen: SocketAddr) -> (u8, &'static str) {
+        (NFPROTO_INET, TABLE)
     }
 
     fn withdraw(&self) -> anyhow::Result<()> {
@@ -260,7 +322,33 @@ mod tests {
         assert_eq!(installed.listen, "[fd00::10]:6443".parse().unwrap());
         let json = include_str!("../../tests/golden/nft-list-wildcard.json");
         let installed = parse_installed(json).unwrap().unwrap();
+        let snapshot = parse_snapshot(json).unwrap();
+        assert_eq!(
+            snapshot.parts.keys().collect::<Vec<_>>(),
+            ["chain output", "chain postrouting", "chain prerouting", "table inet cpha"]
+        );
         assert_eq!(installed.listen, "0.0.0.0:8443".parse().unwrap());
         assert_eq!(installed.targets, vec!["10.0.0.11:6443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn a_snapshot_ignores_counters_and_handles_and_sees_every_rule() {
+        let json = include_str!("../../tests/golden/nft-list-two-targets.json");
+        let installed = parse_snapshot(json).unwrap();
+        let busy = json.replace("\"packets\": 0", "\"packets\": 42").replace("\"handle\": 4", "\"handle\": 40");
+        assert_ne!(busy, json);
+        assert_eq!(installed.drift(&parse_snapshot(&busy).unwrap(), "table inet cpha"), None);
+        // Without the output chain's rule (a `flush chain`): the chain stays, its rule is gone.
+        let doc: Value = serde_json::from_str(json).unwrap();
+        let kept: Vec<Value> =
+            doc["nftables"].as_array().unwrap().iter().filter(|i| i["rule"]["chain"] != "output").cloned().collect();
+        let flushed = serde_json::json!({ "nftables": kept }).to_string();
+        assert_eq!(
+            installed.drift(&parse_snapshot(&flushed).unwrap(), "table inet cpha").unwrap(),
+            "chain output flushed"
+        );
+        let retargeted = json.replace("10.0.0.12", "10.0.0.13");
+        let drift = installed.drift(&parse_snapshot(&retargeted).unwrap(), "table inet cpha").unwrap();
+        assert!(drift.contains("chain prerouting changed"), "{drift}");
     }
 }
