@@ -130,17 +130,35 @@ pub struct Candidate {
     dest: PathBuf,
     path: PathBuf,
     committed: bool,
+    /// The content and mode, kept for [`crate::owned`] when `dest` is a file cpha watches.
+    record: Option<(Vec<u8>, u32)>,
 }
 
 impl Candidate {
     /// Writes `contents` to a new temporary file beside `dest` with exactly `mode`, and fsyncs it.
     pub fn write(dest: &Path, contents: &[u8], mode: u32) -> anyhow::Result<Candidate> {
+        let record = crate::owned::is_owned(dest).then(|| (contents.to_vec(), mode));
+        Candidate::write_recording(dest, contents, mode, record)
+    }
+
+    /// [`Candidate::write`] of a candidate whose commit records nothing ([`crate::owned`] puts
+    /// back the content it recorded, holding its lock).
+    pub(crate) fn write_unrecorded(dest: &Path, contents: &[u8], mode: u32) -> anyhow::Result<Candidate> {
+        Candidate::write_recording(dest, contents, mode, None)
+    }
+
+    fn write_recording(
+        dest: &Path,
+        contents: &[u8],
+        mode: u32,
+        record: Option<(Vec<u8>, u32)>,
+    ) -> anyhow::Result<Candidate> {
         let dest_name = dest.file_name().context("destination has no file name")?.to_os_string();
         let dir = Dir::open(parent(dest)).with_context(|| format!("refusing to write {}", dest.display()))?;
         remove_stale(&dir, &dest_name);
         let (file, name) = create_exclusive(&dir, &dest_name, mode)?;
         let path = dir.path.join(&name);
-        let candidate = Candidate { dir, name, dest_name, dest: dest.to_path_buf(), path, committed: false };
+        let candidate = Candidate { dir, name, dest_name, dest: dest.to_path_buf(), path, committed: false, record };
         let mut file = file;
         file.write_all(contents).with_context(|| format!("writing {}", candidate.path.display()))?;
         // The mode given to open() is masked by the umask (so never wider than `mode`); set it
@@ -156,8 +174,19 @@ impl Candidate {
         &self.path
     }
 
-    /// Renames the candidate over the destination and syncs the directory.
+    /// Renames the candidate over the destination and syncs the directory. For a file cpha
+    /// watches, its content becomes what is expected there ([`crate::owned`]).
     pub fn commit(mut self) -> anyhow::Result<()> {
+        match self.record.take() {
+            Some((contents, mode)) => {
+                let dest = self.dest.clone();
+                crate::owned::committed(&dest, &contents, mode, || self.commit_unrecorded())
+            }
+            None => self.commit_unrecorded(),
+        }
+    }
+
+    fn commit_unrecorded(mut self) -> anyhow::Result<()> {
         let fd = self.dir.raw();
         nix::fcntl::renameat(Some(fd), self.name.as_os_str(), Some(fd), self.dest_name.as_os_str())
             .with_context(|| format!("renaming {} to {}", self.path.display(), self.dest.display()))?;

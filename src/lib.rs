@@ -27,6 +27,7 @@ pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod notify;
+pub mod owned;
 pub mod secret;
 pub mod signals;
 pub mod sysinfo;
