@@ -232,7 +232,9 @@ impl Metrics {
         for carrier in ["forward", "haproxy"] {
             self.endpoint_carried.get_or_create(&CarrierLabel { carrier: carrier.into() }).set(0);
         }
-        self.repairs.get_or_create(&ObjectLabel { object: "forward".into() }).inc_by(0);
+        for object in ["forward", "haproxy.cfg", "haproxy"] {
+            self.repairs.get_or_create(&ObjectLabel { object: object.into() }).inc_by(0);
+        }
     }
 
     /// `object` was put back after someone else changed it.
@@ -242,6 +244,9 @@ impl Metrics {
 
     /// The virtual IP's series, at 0, on a host that runs one.
     pub fn zero_vip(&self) {
+        for object in ["keepalived.conf", "vip-health"] {
+            self.repairs.get_or_create(&ObjectLabel { object: object.into() }).inc_by(0);
+        }
         for change in ["taken", "lost"] {
             self.vip_changes.get_or_create(&ChangeLabel { change: change.into() }).inc_by(0);
         }

@@ -53,6 +53,26 @@ pub trait HaproxyActuator: Send + 'static {
     fn health(&mut self) -> impl Future<Output = Health> + Send;
     /// New settings (already validated by the configuration loader).
     fn set_settings(&mut self, settings: HaproxySettings, bind: SocketAddr) -> Result<(), String>;
+    /// Whether HAProxy's process changed since the last call (in words): the first call, and
+    /// one with HAProxy not running, only take note.
+    fn restarted(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// The files cpha owns (real: [`OwnedFiles`], `crate::owned`).
+pub trait FileKeeper {
+    /// Puts `object` back as cpha last wrote it if it still differs; what differed.
+    fn repair(&mut self, object: &'static str) -> Result<Option<String>, String>;
+}
+
+/// The real file keeper.
+pub struct OwnedFiles;
+
+impl FileKeeper for OwnedFiles {
+    fn repair(&mut self, object: &'static str) -> Result<Option<String>, String> {
+        crate::owned::repair(object)
+    }
 }
 
 pub trait Probes: Clone + Send + Sync + 'static {
@@ -130,6 +150,20 @@ pub trait Reporter {
 pub struct HaproxyBackend {
     pub haproxy: Haproxy,
     pub bind: SocketAddr,
+    /// The identity of HAProxy's sockets when last seen (see [`sockets`]).
+    pub sockets: Option<Sockets>,
+}
+
+/// Which inodes HAProxy's admin and master sockets are. A HAProxy started anew (by systemd, a
+/// package upgrade) binds new socket files; the same process keeps its own. Reading it is two
+/// `stat` calls, no connection.
+pub type Sockets = [(u64, u64); 2];
+
+/// The identity of both sockets, `None` when either is missing (HAProxy not running).
+pub fn sockets(settings: &HaproxySettings) -> Option<Sockets> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    Some([id(&settings.admin_socket)?, id(&settings.master_socket)?])
 }
 
 impl HaproxyActuator for HaproxyBackend {
@@ -154,7 +188,23 @@ impl HaproxyActuator for HaproxyBackend {
     fn set_settings(&mut self, settings: HaproxySettings, bind: SocketAddr) -> Result<(), String> {
         self.haproxy.set_settings(settings).map_err(|e| e.to_string())?;
         self.bind = bind;
+        self.sockets = None;
         Ok(())
+    }
+
+    fn restarted(&mut self) -> Option<String> {
+        let now = sockets(self.haproxy.settings())?;
+        let before = self.sockets.replace(now)?;
+        (before != now).then(|| {
+            let s = self.haproxy.settings();
+            let which: Vec<String> = [&s.admin_socket, &s.master_socket]
+                .iter()
+                .zip(before.iter().zip(now.iter()))
+                .filter(|(_, (b, n))| b != n)
+                .map(|(p, _)| p.display().to_string())
+                .collect();
+            format!("new sockets {}: a new HAProxy process", which.join(" and "))
+        })
     }
 }
 

@@ -268,6 +268,13 @@ pub enum Input {
     /// Another table translates the endpoint before the forward can (`Some`, in words), or no
     /// longer does. cpha cannot out-rank it, and does not fight it: it reports it.
     ForwardOutranked(Option<String>),
+    /// The files watcher (`owned::watch`) saw a file cpha owns differ from what it last wrote.
+    FileDrift(crate::owned::FileDrift),
+    /// The last `Effect::RepairFile` finished: what it found and put back (`None`: in step).
+    FileRepaired { object: &'static str, result: Result<Option<String>, String> },
+    /// HAProxy's process is not the one cpha last talked to (its sockets were created anew:
+    /// `systemctl restart`, a package upgrade), in words. Runtime-only state is gone.
+    HaproxyRestarted(String),
 }
 
 /// The kernel forward differs from what cpha last installed: its table or chains deleted,
@@ -280,7 +287,8 @@ pub struct ForwardDrift {
 /// A repair of something cpha owns that someone else changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repair {
-    /// What was repaired (`forward`), the `object` label of `cpha_repairs_total`.
+    /// What was repaired (`forward`, `haproxy.cfg`, `keepalived.conf`, `vip-health`,
+    /// `haproxy` for a restarted HAProxy brought back in step), the `object` label of `cpha_repairs_total`.
     pub object: &'static str,
     /// What had changed.
     pub why: String,
@@ -312,6 +320,9 @@ pub enum Effect {
     RepairForward,
     /// Something cpha owns was put back, for `cpha_repairs_total`.
     Repaired(Repair),
+    /// Put the owned file `object` (haproxy.cfg, keepalived.conf, vip-health) back as cpha
+    /// last wrote it, if it still differs.
+    RepairFile(&'static str),
     /// Bring HAProxy (file and runtime) to these servers.
     Apply(Vec<Server>),
     /// Read HAProxy's backend.
@@ -538,6 +549,10 @@ pub struct Controller {
     repairing: Option<Repairing>,
     last_repair: Option<Repair>,
     outranked: Option<String>,
+    /// Owned files being repaired, by object.
+    files_repairing: BTreeMap<&'static str, Repairing>,
+    /// A restart of HAProxy by someone else, until the apply after it is done.
+    restarted: Option<Repairing>,
 }
 
 impl VipState {
@@ -660,6 +675,8 @@ impl Controller {
             repairing: None,
             last_repair: None,
             outranked: None,
+            files_repairing: BTreeMap::new(),
+            restarted: None,
         }
     }
 
@@ -761,7 +778,7 @@ impl Controller {
                     Err(err) => self.last_error = Some(format!("removing the virtual IP keepalived left: {err}")),
                 }
             }
-            Input::Applied(result) => self.applied(result),
+            Input::Applied(result) => self.applied(now, result, &mut out),
             Input::EndpointDone(result) => self.endpoint_done(now, result, &mut out),
             Input::Tick => {}
             Input::Reconfigure(settings) => {
@@ -806,6 +823,15 @@ impl Controller {
                 self.outranked = by;
             }
             Input::ForwardOutranked(_) => {}
+            Input::FileDrift(drift) => self.file_drift(now, drift, &mut out),
+            Input::FileRepaired { object, result } => self.file_repaired(now, object, result, &mut out),
+            Input::HaproxyRestarted(why) => {
+                // Its runtime state is new: apply at once, whatever the interval (the apply
+                // reads what runs and changes only what differs).
+                self.restarted.get_or_insert(Repairing { why, seen: now, failure_reported: false });
+                self.mark_due();
+                self.last_apply_started = None;
+            }
         }
         self.compare(now, &mut out);
         self.schedule(now, &mut out);
@@ -1066,11 +1092,32 @@ impl Controller {
         }
     }
 
-    fn applied(&mut self, result: Result<String, String>) {
+    fn applied(&mut self, now: Instant, result: Result<String, String>, out: &mut Vec<Effect>) {
         self.first_apply_known = true;
         let again = matches!(self.apply, Apply::Running { again: true });
         match result {
             Ok(report) => {
+                // Only an apply that began after the restart was seen read the new process.
+                let after_restart = self
+                    .restarted
+                    .as_ref()
+                    .is_some_and(|r| self.last_apply_started.is_some_and(|started| started >= r.seen));
+                if let Some(r) = self.restarted.take_if(|_| after_restart) {
+                    let repair =
+                        Repair { object: "haproxy", why: r.why, at: now, took: now.saturating_duration_since(r.seen) };
+                    out.push(Effect::Event(Note {
+                        warning: true,
+                        reason: "HaproxyResynced",
+                        action: "Repair",
+                        message: format!(
+                            "HAProxy was restarted by someone else ({}): brought back to the desired servers {} ms after it was seen ({report})",
+                            repair.why,
+                            repair.took.as_millis()
+                        ),
+                    }));
+                    out.push(Effect::Repaired(repair.clone()));
+                    self.last_repair = Some(repair);
+                }
                 self.last_apply = Some(report);
                 self.apply = if again { Apply::Due } else { Apply::Idle };
             }
@@ -1179,6 +1226,74 @@ impl Controller {
                             "the kernel forward was changed by someone else ({}) and cannot be put back: {err}",
                             episode.why
                         ),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// An owned file differs from what cpha last wrote: put it back (the actuator compares again).
+    fn file_drift(&mut self, now: Instant, drift: crate::owned::FileDrift, out: &mut Vec<Effect>) {
+        self.files_repairing.entry(drift.object).or_insert(Repairing {
+            why: drift.why,
+            seen: now,
+            failure_reported: false,
+        });
+        out.push(Effect::RepairFile(drift.object));
+    }
+
+    fn file_repaired(
+        &mut self,
+        now: Instant,
+        object: &'static str,
+        result: Result<Option<String>, String>,
+        out: &mut Vec<Effect>,
+    ) {
+        match result {
+            Ok(Some(why)) => {
+                let seen = self.files_repairing.remove(object).map_or(now, |r| r.seen);
+                let repair = Repair { object, why, at: now, took: now.saturating_duration_since(seen) };
+                let follow = if object == "haproxy.cfg" && self.desired.is_some() {
+                    // NOTE: HAProxy reads the file only when it (re)starts or reloads: the
+                    // apply that follows compares the digest the running worker loaded with
+                    // cpha's and reloads only when someone loaded other content meanwhile.
+                    self.mark_due();
+                    self.last_apply_started = None;
+                    "; HAProxy checked against it"
+                } else {
+                    ""
+                };
+                out.push(Effect::Event(Note {
+                    warning: true,
+                    reason: "FileRepaired",
+                    action: "Repair",
+                    message: format!(
+                        "{}: put back as cpha wrote it, {} ms after the change was seen{follow}",
+                        repair.why,
+                        repair.took.as_millis()
+                    ),
+                }));
+                out.push(Effect::Repaired(repair.clone()));
+                self.last_repair = Some(repair);
+            }
+            // Back in step by the time the actuator looked (cpha's own write, or undone).
+            Ok(None) => {
+                self.files_repairing.remove(object);
+            }
+            Err(err) => {
+                self.last_error = Some(format!("repairing {object}: {err}"));
+                let episode = self.files_repairing.entry(object).or_insert(Repairing {
+                    why: "unknown".into(),
+                    seen: now,
+                    failure_reported: false,
+                });
+                if !episode.failure_reported {
+                    episode.failure_reported = true;
+                    out.push(Effect::Event(Note {
+                        warning: true,
+                        reason: "FileRepairFailed",
+                        action: "Repair",
+                        message: format!("{} and cannot be put back: {err}", episode.why),
                     }));
                 }
             }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter, VipActuator};
+use super::actuator::{EndpointActuator, FileKeeper, HaproxyActuator, Probes, Reporter, VipActuator};
 use super::controller::{Controller, Effect, Input, Settings};
 use crate::haproxy::{HaproxySettings, Server};
 
@@ -71,7 +71,13 @@ async fn worker<H: HaproxyActuator>(
             biased;
             command = commands.recv() => match command {
                 None => return Ok(()),
-                Some(HaproxyCommand::Apply(servers)) => Input::Applied(actuator.apply(servers).await),
+                Some(HaproxyCommand::Apply(servers)) => {
+                    let applied = Input::Applied(actuator.apply(servers).await);
+                    // NOTE: a reload cpha made may bind new sockets; the apply read what runs
+                    // anyway, so what is there now is the process cpha is in step with.
+                    let _ = actuator.restarted();
+                    applied
+                }
                 Some(HaproxyCommand::Settings(settings, bind)) => {
                     if let Err(err) = actuator.set_settings(*settings, bind) {
                         tracing::error!("new HAProxy settings not taken: {err}");
@@ -79,7 +85,16 @@ async fn worker<H: HaproxyActuator>(
                     continue;
                 }
             },
-            () = read.notified() => Input::Haproxy(actuator.health().await),
+            () = read.notified() => {
+                let health = Input::Haproxy(actuator.health().await);
+                if let Some(why) = actuator.restarted() {
+                    tracing::warn!("HAProxy was restarted by someone else ({why}): applying the desired servers at once");
+                    if inputs.send(Input::HaproxyRestarted(why)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                health
+            }
         };
         if inputs.send(input).await.is_err() {
             return Ok(());
@@ -96,13 +111,15 @@ pub enum Ended {
     Aborted,
 }
 
-pub struct Driver<E, P, R, V> {
+pub struct Driver<E, P, R, V, F> {
     pub controller: Controller,
     pub endpoint: E,
     pub haproxy: HaproxyHandle,
     pub probes: P,
     pub reporter: R,
     pub vip: V,
+    /// The files cpha owns (haproxy.cfg, keepalived.conf, the health file).
+    pub files: F,
     pub inputs_tx: mpsc::Sender<Input>,
     pub inputs: mpsc::Receiver<Input>,
     pub signals: mpsc::Receiver<Signal>,
@@ -110,7 +127,7 @@ pub struct Driver<E, P, R, V> {
     pub reload: Box<dyn FnMut() -> Result<Reloaded, String>>,
 }
 
-impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R, V> {
+impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator, F: FileKeeper> Driver<E, P, R, V, F> {
     /// Adopts what the kernel holds and runs until a stop signal or a fatal error.
     pub async fn run(&mut self) -> anyhow::Result<Ended> {
         let adopted = self.endpoint.adopt().await?;
@@ -202,6 +219,15 @@ impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R
                     }
                     let now = Instant::now().into_std();
                     queue.extend(self.controller.handle(now, Input::ForwardRepaired(result)));
+                    None
+                }
+                Effect::RepairFile(object) => {
+                    let result = self.files.repair(object);
+                    if let Err(err) = &result {
+                        tracing::debug!("repairing {object}: {err}");
+                    }
+                    let now = Instant::now().into_std();
+                    queue.extend(self.controller.handle(now, Input::FileRepaired { object, result }));
                     None
                 }
                 Effect::Repaired(repair) => {

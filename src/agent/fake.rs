@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::actuator::{EndpointActuator, HaproxyActuator, Probes, Reporter, VipActuator};
+use super::actuator::{EndpointActuator, FileKeeper, HaproxyActuator, Probes, Reporter, VipActuator};
 use super::controller::{Adopted, Desired, EndpointCheck, Note, View};
 use crate::haproxy::{HaproxySettings, Health, Server};
 use crate::vip::Advertised;
@@ -85,6 +85,8 @@ pub struct FakeHaproxy {
     pub health: Arc<Mutex<Health>>,
     /// Applies fail while set.
     pub fail: Arc<AtomicBool>,
+    /// What the next `restarted()` reports (taken).
+    pub restart: Arc<Mutex<Option<String>>>,
 }
 
 impl HaproxyActuator for FakeHaproxy {
@@ -104,6 +106,10 @@ impl HaproxyActuator for FakeHaproxy {
     fn set_settings(&mut self, _settings: HaproxySettings, bind: SocketAddr) -> Result<(), String> {
         self.log.push(format!("settings bind={bind}"));
         Ok(())
+    }
+
+    fn restarted(&mut self) -> Option<String> {
+        self.restart.lock().unwrap().take()
     }
 }
 
@@ -210,5 +216,24 @@ impl VipActuator for FakeVip {
         } else {
             Ok("removed".into())
         }
+    }
+}
+
+/// The owned files: a repair finds what the test put in `drifted` for that object.
+#[derive(Clone, Default)]
+pub struct FakeFiles {
+    pub log: Log,
+    pub drifted: Arc<Mutex<std::collections::BTreeMap<&'static str, String>>>,
+    /// Repairs fail while set.
+    pub fail: Arc<AtomicBool>,
+}
+
+impl FileKeeper for FakeFiles {
+    fn repair(&mut self, object: &'static str) -> Result<Option<String>, String> {
+        self.log.push(format!("repair {object}"));
+        if self.fail.load(Ordering::SeqCst) {
+            return Err("read-only file system".into());
+        }
+        Ok(self.drifted.lock().unwrap().remove(object))
     }
 }

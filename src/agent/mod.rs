@@ -141,8 +141,18 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         supervise("the forward watcher", watcher, root.clone(), ended_tx.clone());
         tokio::spawn(drift_bridge(drifts, inputs_tx.clone()));
     }
+    // The files cpha owns are watched from their first write (keepalived.conf is written in
+    // `Keepalived::start`, haproxy.cfg by the first apply).
+    crate::owned::own(&config.haproxy.config_path, "haproxy.cfg");
+    if let Some(v) = &config.vip {
+        crate::owned::own(&v.keepalived.config_file, "keepalived.conf");
+        crate::owned::own(&v.keepalived.track_file, "vip-health");
+    }
+    let (files_tx, files_rx) = mpsc::channel(16);
+    crate::owned::watch(files_tx, root.child_token()).context("watching the files cpha owns")?;
+    tokio::spawn(files_bridge(files_rx, inputs_tx.clone()));
     let (haproxy_handle, worker) =
-        HaproxyHandle::spawn(HaproxyBackend { haproxy, bind: config.haproxy_bind() }, inputs_tx.clone());
+        HaproxyHandle::spawn(HaproxyBackend { haproxy, bind: config.haproxy_bind(), sockets: None }, inputs_tx.clone());
     supervise("the HAProxy worker", worker, root.clone(), ended_tx.clone());
 
     let vip = match &config.vip {
@@ -227,6 +237,7 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         probes,
         reporter,
         vip,
+        files: actuator::OwnedFiles,
         inputs_tx,
         inputs,
         signals: crate::signals::listen()?,
@@ -450,6 +461,15 @@ async fn drift_bridge(mut reports: mpsc::Receiver<crate::forward::watch::Report>
             Report::Outranked(by) => Input::ForwardOutranked(by),
         };
         if inputs.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The files watcher's reports to controller inputs.
+async fn files_bridge(mut reports: mpsc::Receiver<crate::owned::FileDrift>, inputs: mpsc::Sender<Input>) {
+    while let Some(drift) = reports.recv().await {
+        if inputs.send(Input::FileDrift(drift)).await.is_err() {
             return;
         }
     }

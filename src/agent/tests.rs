@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::controller::{
-    Adopted, Controller, Drift, Effect, EndpointCheck, ForwardDrift, Input, Phase, Settings, VipPolicy,
+    Adopted, Controller, Drift, Effect, EndpointCheck, ForwardDrift, Input, Phase, Repair, Settings, VipPolicy,
 };
 use crate::haproxy::resolve::{Resolved, Unresolved};
 use crate::haproxy::{Health, Server};
@@ -702,7 +702,7 @@ mod driver {
 
     use super::*;
     use crate::agent::driver::{Driver, Ended, HaproxyHandle, Reloaded, Signal};
-    use crate::agent::fake::{FakeEndpoint, FakeHaproxy, FakeProbes, FakeReporter, FakeVip, Log};
+    use crate::agent::fake::{FakeEndpoint, FakeFiles, FakeHaproxy, FakeProbes, FakeReporter, FakeVip, Log};
 
     struct Rig {
         endpoint: Log,
@@ -713,6 +713,7 @@ mod driver {
         haproxy: FakeHaproxy,
         probes: FakeProbes,
         reporter: FakeReporter,
+        files: FakeFiles,
         inputs: mpsc::Sender<Input>,
         signals: mpsc::Sender<Signal>,
         task: tokio::task::JoinHandle<anyhow::Result<Ended>>,
@@ -730,6 +731,7 @@ mod driver {
             log: Log::default(),
             health: Arc::new(Mutex::new(Health::default())),
             fail: Arc::new(AtomicBool::new(false)),
+            restart: Arc::new(Mutex::new(None)),
         };
         let probes = FakeProbes {
             alive: Arc::new(AtomicBool::new(false)),
@@ -737,6 +739,7 @@ mod driver {
             endpoint_ok: Arc::new(AtomicBool::new(true)),
         };
         let reporter = FakeReporter::default();
+        let files = FakeFiles::default();
         let drifted = Arc::new(Mutex::new(None));
         let endpoint_fails = Arc::new(AtomicBool::new(false));
         let (inputs_tx, inputs) = mpsc::channel(64);
@@ -754,6 +757,7 @@ mod driver {
             probes: probes.clone(),
             reporter: reporter.clone(),
             vip: FakeVip { log: endpoint.clone(), fail: Arc::new(AtomicBool::new(false)) },
+            files: files.clone(),
             inputs_tx: inputs_tx.clone(),
             inputs,
             signals,
@@ -777,6 +781,7 @@ mod driver {
             haproxy,
             probes,
             reporter,
+            files,
             inputs: inputs_tx,
             signals: signals_tx,
             task,
@@ -860,6 +865,36 @@ mod driver {
             r.inputs.send(Input::ForwardDrift(ForwardDrift { why: "chain prerouting flushed".into() })).await.unwrap();
             wait("the repair", || r.reporter.log.count("repaired forward: chain prerouting flushed") == 1).await;
             assert_eq!(r.reporter.log.count("event ForwardRepaired"), 2);
+            r.signals.send(Signal::Stop).await.unwrap();
+            r.task.await.unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_rewritten_file_and_a_restarted_haproxy_are_put_back_at_once() {
+        local(async {
+            let r = rig(Adopted::Haproxy, Err("unused".into()));
+            r.probes.alive.store(true, Ordering::SeqCst);
+            *r.haproxy.health.lock().unwrap() = HEALTHY;
+            r.inputs.send(accepted("10.0.0.1, 10.0.0.2")).await.unwrap();
+            wait("the first apply", || r.haproxy.log.count("apply") == 1).await;
+            // haproxy.cfg rewritten: put back, then HAProxy checked against it with no wait
+            // for minApplyInterval.
+            r.files.drifted.lock().unwrap().insert("haproxy.cfg", "haproxy.cfg was rewritten".into());
+            let seen = tokio::time::Instant::now();
+            r.inputs.send(file_drift("haproxy.cfg", "haproxy.cfg was rewritten")).await.unwrap();
+            wait("the repair", || r.reporter.log.count("repaired haproxy.cfg: haproxy.cfg was rewritten") == 1).await;
+            wait("the apply after it", || r.haproxy.log.count("apply") == 2).await;
+            assert!(seen.elapsed() <= Duration::from_millis(20), "{:?}", seen.elapsed());
+            assert_eq!(r.files.log.lines(), ["repair haproxy.cfg"]);
+            assert_eq!(r.reporter.log.count("event FileRepaired"), 1);
+            // HAProxy restarted between two reads: seen at the next read, applied at once.
+            *r.haproxy.restart.lock().unwrap() = Some("new sockets".into());
+            wait("the apply after the restart", || r.haproxy.log.count("apply") == 3).await;
+            wait("the report", || r.reporter.log.count("repaired haproxy: new sockets") == 1).await;
+            assert_eq!(r.reporter.log.count("event HaproxyResynced"), 1);
+            let repair = r.reporter.view.lock().unwrap().as_ref().and_then(|v| v.last_repair.clone()).unwrap();
+            assert_eq!(repair.object, "haproxy");
             r.signals.send(Signal::Stop).await.unwrap();
             r.task.await.unwrap().unwrap();
         });
@@ -1077,4 +1112,76 @@ fn a_rule_that_outranks_the_forward_is_reported_once_and_never_fought() {
     let e = r.at(5_000).acts(Input::ForwardOutranked(None));
     assert_eq!(events(&e), ["ForwardNotOutranked"]);
     assert_eq!(r.c.view().outranked, None);
+}
+
+fn file_drift(object: &'static str, why: &str) -> Input {
+    Input::FileDrift(crate::owned::FileDrift { object, why: why.into() })
+}
+
+fn repaired_of(effects: &[Effect]) -> Vec<Repair> {
+    effects.iter().filter_map(|x| if let Effect::Repaired(r) = x { Some(r.clone()) } else { None }).collect()
+}
+
+#[test]
+fn a_rewritten_haproxy_cfg_is_put_back_and_haproxy_checked_against_it_at_once() {
+    let mut r = balanced();
+    // An apply at 2 s: the next would wait for the interval; a repaired file does not.
+    let e = r.at(2_500).acts(file_drift("haproxy.cfg", "/etc/haproxy/haproxy.cfg was rewritten by someone else"));
+    assert_eq!(e, [Effect::RepairFile("haproxy.cfg")]);
+    let e = r.at(2_510).acts(Input::FileRepaired {
+        object: "haproxy.cfg",
+        result: Ok(Some("/etc/haproxy/haproxy.cfg was rewritten by someone else".into())),
+    });
+    assert_eq!(events(&e), ["FileRepaired"]);
+    assert!(has_apply(&e), "the running worker compared with cpha's file: {e:?}");
+    let repaired = repaired_of(&e);
+    assert_eq!((repaired[0].object, repaired[0].took), ("haproxy.cfg", Duration::from_millis(10)));
+    assert_eq!(r.c.view().last_repair, Some(repaired[0].clone()));
+    assert_eq!(r.phase(), "balanced");
+    // keepalived.conf and the health file: put back, nothing applied to HAProxy.
+    r.acts(Input::Applied(Ok("no change".into())));
+    assert_eq!(r.at(3_000).acts(file_drift("vip-health", "removed")), [Effect::RepairFile("vip-health")]);
+    let e = r.at(3_001).acts(Input::FileRepaired { object: "vip-health", result: Ok(Some("removed".into())) });
+    assert_eq!(events(&e), ["FileRepaired"]);
+    assert!(!has_apply(&e), "{e:?}");
+    // cpha's own write seen late: nothing put back, nothing said.
+    r.at(4_000).acts(file_drift("keepalived.conf", "rewritten"));
+    assert!(r.at(4_001).acts(Input::FileRepaired { object: "keepalived.conf", result: Ok(None) }).is_empty());
+    assert_eq!(r.c.view().last_repair.unwrap().object, "vip-health");
+}
+
+#[test]
+fn a_file_repair_that_fails_is_said_once_per_episode() {
+    let mut r = balanced();
+    for at in [3_000, 3_100, 3_200] {
+        r.at(at).acts(file_drift("keepalived.conf", "/etc/keepalived/keepalived.conf was removed"));
+        let e = r.at(at + 1).acts(Input::FileRepaired { object: "keepalived.conf", result: Err("read-only".into()) });
+        assert_eq!(events(&e), if at == 3_000 { vec!["FileRepairFailed"] } else { vec![] }, "{e:?}");
+    }
+    assert!(r.c.view().last_error.unwrap().contains("keepalived.conf: read-only"));
+    r.at(3_300).acts(file_drift("keepalived.conf", "/etc/keepalived/keepalived.conf was removed"));
+    let e = r.at(3_301).acts(Input::FileRepaired { object: "keepalived.conf", result: Ok(Some("removed".into())) });
+    assert_eq!(repaired_of(&e)[0].took, Duration::from_millis(301), "from the first sighting");
+}
+
+#[test]
+fn a_haproxy_restarted_by_someone_else_is_applied_at_once_and_reported_after_the_apply() {
+    let mut r = balanced();
+    // The last apply began at 2 s; the interval would hold the next until 4 s.
+    let e = r.at(2_300).acts(Input::HaproxyRestarted("new sockets: a new HAProxy process".into()));
+    assert!(has_apply(&e), "at once: {e:?}");
+    assert!(repaired_of(&e).is_empty(), "reported once it is in step");
+    let e = r.at(2_340).acts(Input::Applied(Ok("runtime; added m-10.0.0.3-6443".into())));
+    assert_eq!(events(&e), ["HaproxyResynced"]);
+    let repaired = repaired_of(&e);
+    assert_eq!((repaired[0].object, repaired[0].took), ("haproxy", Duration::from_millis(40)));
+    // An apply that began before the restart was seen does not count as in step with it.
+    let mut r = balanced();
+    r.at(5_000).acts(accepted("10.0.0.1"));
+    r.at(5_010).acts(Input::HaproxyRestarted("new sockets".into()));
+    let e = r.at(5_050).acts(Input::Applied(Ok("runtime".into())));
+    assert!(events(&e).is_empty(), "{e:?}");
+    assert!(has_apply(&e), "again, for the new process: {e:?}");
+    let e = r.at(5_090).acts(Input::Applied(Ok("no change".into())));
+    assert_eq!(events(&e), ["HaproxyResynced"]);
 }

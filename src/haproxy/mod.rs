@@ -333,6 +333,8 @@ impl Haproxy {
             }
         }
         self.desired = servers.iter().map(|s| s.name.to_string()).collect();
+        // The live file says this now (written, or already in step): what is expected there.
+        crate::owned::in_step(&self.settings.config_path, rendered.text.as_bytes(), check::CONFIG_MODE);
         Ok(report)
     }
 
