@@ -153,6 +153,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     /// Servers UP in HAProxy's apiserver backend, as last read back.
     pub backend_servers_up: Gauge,
+    pub backend_servers_maint: Gauge,
     /// 1 while a bootstrap forward carries new connections.
     pub forward_installed: Gauge,
     /// 1 for the carrier while a request through the endpoint itself reaches a ready
@@ -338,6 +339,11 @@ impl Metrics {
             self.member_drift.clone(),
         );
         r.register("backend_servers_up", "Servers UP in HAProxy's apiserver backend", self.backend_servers_up.clone());
+        r.register(
+            "backend_servers_maint",
+            "Desired servers an operator put in maintenance through HAProxy's socket (cpha leaves them so)",
+            self.backend_servers_maint.clone(),
+        );
         r.register(
             "forward_installed",
             "Whether the bootstrap forward carries new connections",

@@ -615,6 +615,7 @@ impl Reporter for AgentReporter {
             haproxy_alive: view.haproxy_alive,
             haproxy_servers_up: view.haproxy.up,
             haproxy_servers_total: view.haproxy.total,
+            haproxy_servers_maint: view.haproxy.maint,
             last_apply: view.last_apply.clone(),
             last_error: view.last_error.clone(),
             drift: view.drift.as_ref().map(|(d, _)| d.clone()),

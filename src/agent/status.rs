@@ -38,6 +38,10 @@ pub struct AgentStatus {
     pub haproxy_alive: bool,
     pub haproxy_servers_up: usize,
     pub haproxy_servers_total: usize,
+    /// Desired servers an operator put in maintenance (`set server ... state maint`), which
+    /// cpha leaves so.
+    #[serde(default)]
+    pub haproxy_servers_maint: usize,
     pub last_apply: Option<String>,
     pub last_error: Option<String>,
     /// The reported drift between the member list and the apiservers' registrations.
@@ -104,7 +108,11 @@ impl AgentStatus {
             if self.members.is_empty() { "none".to_string() } else { self.members.join(", ") },
             self.members_origin,
             if self.haproxy_answers {
-                format!("answers, {}/{} servers UP", self.haproxy_servers_up, self.haproxy_servers_total)
+                let maint = match self.haproxy_servers_maint {
+                    0 => String::new(),
+                    n => format!(", {n} in maintenance by an operator"),
+                };
+                format!("answers, {}/{} servers UP{maint}", self.haproxy_servers_up, self.haproxy_servers_total)
             } else {
                 "not answering".to_string()
             },

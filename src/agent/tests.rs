@@ -42,8 +42,8 @@ fn accepted(text: &str) -> Input {
     Input::MembersAccepted { set, origin: "configmap".into(), resolved: Resolved { servers, unresolved: vec![] } }
 }
 
-const HEALTHY: Health = Health { answers: true, up: 3, total: 3, draining: 0 };
-const NO_UP: Health = Health { answers: true, up: 0, total: 3, draining: 0 };
+const HEALTHY: Health = Health { answers: true, up: 3, total: 3, draining: 0, maint: 0 };
+const NO_UP: Health = Health { answers: true, up: 0, total: 3, draining: 0, maint: 0 };
 
 /// A controller and a clock that only moves when told to.
 struct Run {
@@ -444,7 +444,7 @@ fn a_haproxy_that_runs_on_another_file_is_reconciled_once() {
     // HAProxy restarted on the package's sample configuration: its master socket accepts, the
     // admin socket cpha's file names does not answer. One apply brings it onto cpha's file.
     let mut r = forwarding();
-    let mute = Health { answers: false, up: 0, total: 0, draining: 0 };
+    let mute = Health { answers: false, up: 0, total: 0, draining: 0, maint: 0 };
     assert!(!has_apply(&r.at(1000).acts(Input::Liveness { alive: true })));
     assert!(!has_apply(&r.at(1000).acts(Input::Haproxy(mute))));
     assert!(!has_apply(&r.at(2000).acts(Input::Haproxy(mute))));

@@ -120,6 +120,8 @@ pub struct Health {
     pub total: usize,
     /// Removed servers still finishing their connections.
     pub draining: usize,
+    /// Desired servers an operator put in maintenance (cpha leaves them so).
+    pub maint: usize,
 }
 
 impl Health {
@@ -130,6 +132,7 @@ impl Health {
             up: snapshot.up(),
             total: snapshot.servers.iter().filter(|s| !held(s)).count(),
             draining: snapshot.servers.iter().filter(held).count(),
+            maint: 0,
         }
     }
 }
@@ -368,7 +371,15 @@ impl Haproxy {
         method: &mut ApplyMethod,
     ) -> Result<(), ApplyError> {
         let before = self.snapshot().await?;
-        let plan = plan::plan(servers, &before);
+        let mut plan = plan::plan(servers, &before);
+        // Maintenance cpha set itself (a removal taken back before `del server`) is readied;
+        // an operator's is never reverted.
+        let (ours, operators): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut plan.held).into_iter().partition(|n| self.drains.contains_key(n.as_str()));
+        plan.ready.extend(ours);
+        for server in &operators {
+            tracing::debug!(server = %server, "in maintenance by an operator: left so");
+        }
         if !plan.reload_reasons.is_empty() {
             *method = ApplyMethod::Reload;
             report.reload_reasons = plan.reload_reasons;
@@ -438,7 +449,7 @@ impl Haproxy {
             report.deleted.extend(finished);
             after = self.snapshot().await?;
         }
-        verify(servers, &after)?;
+        verify(servers, &after, &self.drains)?;
         report.method = if changed_runtime || !report.deleted.is_empty() {
             Some(ApplyMethod::Runtime)
         } else if report.file_written {
@@ -522,7 +533,7 @@ impl Haproxy {
         self.drains.clear();
         report.method = Some(ApplyMethod::Reload);
         let after = self.snapshot_after_reload().await?;
-        verify(servers, &after)?;
+        verify(servers, &after, &self.drains)?;
         report.snapshot = Some(after);
         Ok(())
     }
@@ -579,7 +590,17 @@ impl Haproxy {
                 }
                 self.cut_sessions(&snapshot).await;
                 self.metrics.servers(&server_states(&snapshot));
-                Health::of(&snapshot)
+                let mut health = Health::of(&snapshot);
+                health.maint = snapshot
+                    .servers
+                    .iter()
+                    .filter(|s| {
+                        operator_maint(s) && self.desired.contains(&s.name) && !self.drains.contains_key(&s.name)
+                    })
+                    .count();
+                health.draining -= health.maint;
+                self.metrics.backend_servers_maint.set(health.maint as i64);
+                health
             }
             Err(e) => {
                 tracing::debug!("HAProxy health: {e}");
@@ -667,6 +688,11 @@ impl Haproxy {
     }
 }
 
+/// A server in forced maintenance (`set server ... state maint`).
+fn operator_maint(s: &ServerSnapshot) -> bool {
+    s.status == ServerStatus::Maint && s.admin_state & state::admin::FMAINT != 0
+}
+
 /// Each server of the backend and whether it is UP (draining and maintenance are not).
 fn server_states(snapshot: &BackendSnapshot) -> Vec<(String, bool)> {
     snapshot.servers.iter().map(|s| (s.name.clone(), s.status == ServerStatus::Up)).collect()
@@ -679,8 +705,9 @@ fn clis(settings: &HaproxySettings) -> (Cli, Cli) {
     )
 }
 
-/// Every desired server is in the backend at its address and not held in drain or maintenance.
-fn verify(desired: &[Server], snapshot: &BackendSnapshot) -> Result<(), ApplyError> {
+/// Every desired server is in the backend at its address and not held in drain or maintenance,
+/// except in an operator's maintenance (forced, and not a drain of cpha's).
+fn verify(desired: &[Server], snapshot: &BackendSnapshot, ours: &BTreeMap<String, Instant>) -> Result<(), ApplyError> {
     let mut problems = Vec::new();
     for s in desired {
         match snapshot.get(s.name.as_str()) {
@@ -688,6 +715,7 @@ fn verify(desired: &[Server], snapshot: &BackendSnapshot) -> Result<(), ApplyErr
             Some(r) if r.socket_addr() != Some(s.addr) => {
                 problems.push(format!("server {} is at {:?}, not {}", s.name, r.socket_addr(), s.addr))
             }
+            Some(r) if operator_maint(r) && !ours.contains_key(r.name.as_str()) => {}
             Some(r) if matches!(r.status, ServerStatus::Maint | ServerStatus::Drain) => {
                 problems.push(format!("server {} is held in {}", s.name, r.status))
             }
@@ -738,8 +766,8 @@ mod tests {
             ("c", "10.0.0.3:1", ServerStatus::Drain),
             ("d", "10.0.0.4:1", ServerStatus::Up),
         ]);
-        assert_eq!(Health::of(&s), Health { answers: true, up: 2, total: 3, draining: 1 });
-        assert_eq!(Health::default(), Health { answers: false, up: 0, total: 0, draining: 0 });
+        assert_eq!(Health::of(&s), Health { answers: true, up: 2, total: 3, draining: 1, maint: 0 });
+        assert_eq!(Health::default(), Health { answers: false, up: 0, total: 0, draining: 0, maint: 0 });
     }
 
     #[test]
@@ -755,12 +783,12 @@ mod tests {
             ("b", "10.0.0.9:1", ServerStatus::Up),
             ("c", "10.0.0.3:1", ServerStatus::Maint),
         ]);
-        let ApplyError::ReadBack { problems } = verify(&desired, &s).unwrap_err() else { panic!() };
+        let ApplyError::ReadBack { problems } = verify(&desired, &s, &BTreeMap::new()).unwrap_err() else { panic!() };
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("b is at"));
         assert!(problems[1].contains("c is held in MAINT"));
         assert!(problems[2].contains("d is missing"));
-        verify(&desired[..1], &s).unwrap();
+        verify(&desired[..1], &s, &BTreeMap::new()).unwrap();
     }
 
     #[test]

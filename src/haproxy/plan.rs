@@ -21,6 +21,9 @@ pub struct Plan {
     pub ready: Vec<ServerName>,
     /// Desired servers whose configured checks are disabled.
     pub enable_health: Vec<ServerName>,
+    /// Desired servers in forced maintenance (`set server ... state maint`): an operator's
+    /// explicit action, left as it is (the actuator readies those it put there itself).
+    pub held: Vec<ServerName>,
     /// Servers no longer desired that still take new connections: drain them.
     pub drain: Vec<ServerName>,
     /// Servers no longer desired that are already draining (or in maintenance with sessions).
@@ -63,7 +66,12 @@ pub fn plan(desired: &[Server], running: &BackendSnapshot) -> Plan {
             p.readdress.push((s.clone(), r.socket_addr()));
         }
         if matches!(r.status, ServerStatus::Maint | ServerStatus::Drain) {
-            if r.admin_state & !READY_CLEARS == 0 {
+            if r.admin_state & admin::FMAINT != 0 && r.admin_state & !READY_CLEARS == 0 {
+                // NOTE: `state maint` clears the drain flag, so cpha's own maintenance (a
+                // removed server before `del server`) looks the same here; only the actuator
+                // knows which servers it drains.
+                p.held.push(s.name.clone());
+            } else if r.admin_state & !READY_CLEARS == 0 {
                 p.ready.push(s.name.clone());
             } else {
                 p.reload_reasons
@@ -224,7 +232,7 @@ mod tests {
     }
 
     #[test]
-    fn a_removal_taken_back_is_made_ready_again() {
+    fn a_drain_taken_back_is_made_ready_again_and_forced_maintenance_is_held() {
         let desired = [server("e", "10.0.0.5:6443"), server("f", "10.0.0.6:6443")];
         let mut f = running("f", "10.0.0.6:6443", ServerStatus::Maint, admin::FMAINT, 0);
         f.check_state = check::CONFIGURED;
@@ -233,7 +241,10 @@ mod tests {
             servers: vec![running("e", "10.0.0.5:6443", ServerStatus::Drain, admin::FDRAIN, 2), f],
         };
         let p = plan(&desired, &snap);
-        assert_eq!(names(&p.ready), ["e", "f"]);
+        // A drain is cpha's removal taken back; forced maintenance may be an operator's, and
+        // only the actuator knows whether it set it itself.
+        assert_eq!(names(&p.ready), ["e"]);
+        assert_eq!(names(&p.held), ["f"]);
         assert_eq!(names(&p.enable_health), ["f"]);
         assert!(p.add.is_empty() && p.drain.is_empty() && p.delete.is_empty());
     }
