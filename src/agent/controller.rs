@@ -98,7 +98,9 @@ impl EndpointCheck {
     /// another host's may work. When no member answers this host's probes either, it is an
     /// outage of the apiservers (or this host is cut off from them all): every host sees the
     /// same, so each degrades and the holder keeps the address, and the first request after
-    /// the first apiserver is ready again goes through without waiting for VRRP.
+    /// the first apiserver is ready again goes through without waiting for VRRP. Once an
+    /// outage was seen, members that answer again do not make the still-failing endpoint a
+    /// reason to withdraw: HAProxy's checks need their rise before it serves them.
     fn argues(&self, was_healthy: bool, members_answer: bool) -> Advertised {
         match self {
             EndpointCheck::Ready => Advertised::Healthy,
@@ -473,6 +475,10 @@ struct VipState {
     run: Option<(u8, u32)>,
     /// Since when the endpoint has answered nothing, in the current run of such checks.
     unreachable_since: Option<Instant>,
+    /// A probe round in that run found no member ready: an outage of the apiservers, and while
+    /// the run lasts the endpoint is not blamed (after the outage the members answer this
+    /// host's probes before HAProxy's checks have them UP again).
+    outage_seen: bool,
     was_healthy: bool,
     /// When worse health was last advertised.
     lowered_at: Option<Instant>,
@@ -547,6 +553,7 @@ impl VipState {
             advertised: None,
             run: None,
             unreachable_since: None,
+            outage_seen: false,
             was_healthy: false,
             lowered_at: None,
             observed: None,
@@ -570,8 +577,10 @@ impl VipState {
             self.unreachable_since.get_or_insert(now);
         } else {
             self.unreachable_since = None;
+            self.outage_seen = false;
         }
-        let members_answer = matches!((ready_at, self.unreachable_since), (Some(r), Some(u)) if r >= u);
+        let members_answer =
+            !self.outage_seen && matches!((ready_at, self.unreachable_since), (Some(r), Some(u)) if r >= u);
         let argued = check.argues(self.was_healthy, members_answer);
         let count = match self.run {
             Some((last, n)) if last == check.kind() => n.saturating_add(1),
@@ -1046,6 +1055,8 @@ impl Controller {
         if !none_ready {
             // When the round began: an answer it got may predate a failure seen meanwhile.
             self.ready_at = Some(self.probe_started.min(now));
+        } else if let Some(vip) = self.vip.as_mut().filter(|v| v.unreachable_since.is_some()) {
+            vip.outage_seen = true;
         }
         if self.vip.as_ref().and_then(|v| v.unreachable_since).is_some_and(|u| self.probe_started < u) {
             // The endpoint failed while this round ran: ask again, after the failure.

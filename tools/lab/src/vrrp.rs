@@ -170,6 +170,23 @@ impl VipLab {
         Ok(child)
     }
 
+    /// Stops host `i`'s apiserver (its stand-in) with `signal` and waits for it to exit.
+    pub fn stop_apiserver(&mut self, i: usize, signal: i32) -> Result<()> {
+        if let Some(mut child) = self.hosts[i].standin.take() {
+            child.signal(signal)?;
+            child.wait_timeout(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// Starts host `i`'s apiserver again; returns once it listens.
+    pub fn start_apiserver(&mut self, i: usize) -> Result<()> {
+        let ip = self.hosts[i].ip.clone();
+        let child = self.standin(&self.hosts[i].ns, &ip, false)?;
+        self.hosts[i].standin = Some(child);
+        Ok(())
+    }
+
     /// Watches host `i`'s addresses; every change of whether it holds the VIP is recorded.
     fn monitor(&mut self, i: usize) -> Result<()> {
         let host = &self.hosts[i];
@@ -349,12 +366,13 @@ vip:
     }
 
     /// Makes host `i`'s endpoint stop working with VRRP untouched: HAProxy killed, and every
-    /// connection from this host to an apiserver port refused (its own and the forwarded ones),
-    /// as a broken path to the members would.
+    /// connection the forward translates to an apiserver port refused (the host's own through
+    /// the endpoint and the forwarded ones), while the host still reaches the members directly:
+    /// the endpoint is broken here and the apiservers are up, the case cpha withdraws for.
     pub fn break_endpoint(&mut self, i: usize) -> Result<()> {
         let rules = "table inet cphatest {
-\tchain output { type filter hook output priority 0; policy accept; tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
-\tchain forward { type filter hook forward priority 0; policy accept; tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
+\tchain output { type filter hook output priority 0; policy accept; ct status dnat tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
+\tchain forward { type filter hook forward priority 0; policy accept; ct status dnat tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
 }
 ";
         run_stdin(self.hosts[i].ns.command("nft").args(["-f", "-"]), rules)?;
