@@ -115,7 +115,18 @@ pub fn validate(bytes: &[u8]) -> CaState {
     if count == 0 {
         return CaState::Invalid("no certificate in it".into());
     }
-    CaState::Usable
+    CaState::Usable { fingerprint: fingerprint(bytes) }
+}
+
+/// 64-bit FNV-1a of the file, as 16 hex digits: it only tells two contents apart (as the
+/// rendering's digest does), it proves nothing.
+fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 #[cfg(test)]
@@ -139,15 +150,19 @@ mod tests {
         assert_eq!(ca.read(), CaState::Absent);
         let good = generated_ca();
         std::fs::write(&path, &good).unwrap();
-        assert_eq!(ca.read(), CaState::Usable);
-        assert_eq!(ca.read(), CaState::Usable, "unchanged: the cached state");
+        assert!(matches!(ca.read(), CaState::Usable { .. }));
+        let first = ca.read();
+        assert_eq!(ca.read(), first, "unchanged: the cached state");
         // Half written, as kubeadm's plain write can be seen.
         std::fs::write(&path, &good[..good.len() / 2]).unwrap();
         assert!(matches!(ca.read(), CaState::Invalid(_)));
         std::fs::write(&path, "").unwrap();
         assert!(matches!(ca.read(), CaState::Invalid(why) if why.contains("no certificate")), "{:?}", ca.read());
         std::fs::write(&path, &good).unwrap();
-        assert_eq!(ca.read(), CaState::Usable);
+        assert_eq!(ca.read(), first, "the same content again");
+        std::fs::write(&path, generated_ca()).unwrap();
+        let rotated = ca.read();
+        assert!(matches!(rotated, CaState::Usable { .. }) && rotated != first, "{rotated:?}");
         std::fs::remove_file(&path).unwrap();
         assert_eq!(ca.read(), CaState::Absent);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -156,9 +171,9 @@ mod tests {
     #[test]
     fn only_whole_certificates_are_usable() {
         let good = generated_ca();
-        assert_eq!(validate(&good), CaState::Usable);
+        assert!(matches!(validate(&good), CaState::Usable { .. }));
         let two = [good.clone(), generated_ca()].concat();
-        assert_eq!(validate(&two), CaState::Usable);
+        assert!(matches!(validate(&two), CaState::Usable { .. }));
         assert!(matches!(validate(b"hello\n"), CaState::Invalid(_)));
         // A certificate section whose content is not a certificate.
         let bogus = b"-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n";

@@ -306,8 +306,12 @@ impl Haproxy {
         let now = ca.read();
         if last.as_ref() != Some(&now) {
             let path = ca.path().display();
+            let was_usable = matches!(last, Some(settings::CaState::Usable { .. }));
             match (&now, last.is_some()) {
-                (settings::CaState::Usable, _) => {
+                (settings::CaState::Usable { .. }, _) if was_usable => {
+                    tracing::info!(%path, "the cluster CA changed: HAProxy is reloaded to load it")
+                }
+                (settings::CaState::Usable { .. }, _) => {
                     tracing::info!(%path, "cluster CA found: HAProxy's checks verify the apiservers against it")
                 }
                 (settings::CaState::Absent, false) => {
@@ -622,7 +626,7 @@ impl Haproxy {
     /// completes the drains that are due (see the module documentation), and updates
     /// `cpha_backend_servers_up`.
     pub async fn health(&mut self) -> Health {
-        let stale = self.read_cluster_ca().server_params != self.checked.server_params;
+        let stale = self.read_cluster_ca() != self.checked;
         let mut health = match self.snapshot().await {
             Ok(snapshot) => {
                 if !self.drains.is_empty() {

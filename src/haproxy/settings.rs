@@ -466,6 +466,9 @@ pub struct Checked {
     /// The keywords every server line carries, in the file and in `add server` alike: the
     /// ones in use. [`Checked::with_cluster_ca`] makes the variant for a cluster CA's state.
     pub server_params: String,
+    /// The cluster CA's content in use, when `server_params` names it: part of the digest, so
+    /// a CA whose content changes (a rotation) reloads HAProxy, which reads it only then.
+    pub ca_fingerprint: Option<String>,
     /// `server_params` without the cluster CA (`verify none`, or `caFile`'s).
     params_without_ca: String,
     /// `server_params` with the cluster CA (`verify required ca-file ...`).
@@ -481,11 +484,11 @@ impl Checked {
     /// only at init or join (with a plain write, so it can be seen half written): a CA that
     /// is missing or not valid is not named, and the checks work as on the first boot.
     pub fn with_cluster_ca(&self, ca: &CaState) -> Checked {
-        let params = match (ca, &self.params_with_ca) {
-            (CaState::Usable, Some(with)) => with,
-            _ => &self.params_without_ca,
+        let (params, fingerprint) = match (ca, &self.params_with_ca) {
+            (CaState::Usable { fingerprint }, Some(with)) => (with, Some(fingerprint.clone())),
+            _ => (&self.params_without_ca, None),
         };
-        Checked { server_params: params.clone(), ..self.clone() }
+        Checked { server_params: params.clone(), ca_fingerprint: fingerprint, ..self.clone() }
     }
 
     /// Whether the cluster CA's state decides anything.
@@ -499,8 +502,9 @@ impl Checked {
 pub enum CaState {
     /// No such file (the first boot before kubeadm, a DaemonSet pod, an external LB host).
     Absent,
-    /// Readable, and every certificate in it parses as a trust anchor.
-    Usable,
+    /// Readable, and every certificate in it parses as a trust anchor; `fingerprint` tells
+    /// two contents apart.
+    Usable { fingerprint: String },
     /// There but not usable (unreadable, empty, half written, not a certificate): why.
     Invalid(String),
 }
@@ -650,6 +654,7 @@ impl HaproxySettings {
             user,
             group,
             server_params: params_without_ca.clone(),
+            ca_fingerprint: None,
             params_without_ca,
             params_with_ca,
             stats_listen: self.stats.listen,
@@ -722,7 +727,7 @@ mod tests {
         assert!(c.server_params.starts_with(none), "before any read: {}", c.server_params);
         assert!(c.with_cluster_ca(&CaState::Absent).server_params.starts_with(none));
         assert!(c.with_cluster_ca(&CaState::Invalid("half written".into())).server_params.starts_with(none));
-        let verified = c.with_cluster_ca(&CaState::Usable);
+        let verified = c.with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() });
         assert!(verified.server_params.starts_with(required), "{}", verified.server_params);
         assert_eq!(
             verified.server_params.strip_prefix(required),
@@ -731,17 +736,21 @@ mod tests {
         );
         // Idempotent: the variant is made from the settings, not from the params in use.
         assert_eq!(verified.with_cluster_ca(&CaState::Absent).server_params, c.server_params);
-        assert_eq!(verified.with_cluster_ca(&CaState::Usable), verified);
+        assert_eq!(verified.with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() }), verified);
+        assert_eq!(verified.ca_fingerprint.as_deref(), Some("f1"));
+        let rotated = c.with_cluster_ca(&CaState::Usable { fingerprint: "f2".into() });
+        assert_eq!(rotated.server_params, verified.server_params);
+        assert_ne!(rotated, verified, "a new CA content is a different rendering");
 
         // `null`: never verified.
         let s: HaproxySettings = yaml::from_str("healthCheck:\n  clusterCaFile: null\n").unwrap();
         let c = s.check().unwrap();
         assert!(!c.uses_cluster_ca());
-        assert!(c.with_cluster_ca(&CaState::Usable).server_params.starts_with(none));
+        assert!(c.with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() }).server_params.starts_with(none));
 
         // Another path.
         let s: HaproxySettings = yaml::from_str("healthCheck:\n  clusterCaFile: /etc/cpha/kubernetes-ca.crt\n").unwrap();
-        let c = s.check().unwrap().with_cluster_ca(&CaState::Usable);
+        let c = s.check().unwrap().with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() });
         assert!(c.server_params.contains("verify required ca-file /etc/cpha/kubernetes-ca.crt inter"));
         let mut s = HaproxySettings::default();
         s.health_check.cluster_ca_file = Some("/etc/ca.crt\nserver x".into());
@@ -752,7 +761,7 @@ mod tests {
         let c = s.check().unwrap();
         assert!(!c.uses_cluster_ca(), "caFile replaces clusterCaFile");
         let explicit = "check check-ssl verify required ca-file /etc/ssl/apiserver-ca.pem inter 1s";
-        for state in [CaState::Absent, CaState::Usable, CaState::Invalid("x".into())] {
+        for state in [CaState::Absent, CaState::Usable { fingerprint: "f1".into() }, CaState::Invalid("x".into())] {
             assert!(c.with_cluster_ca(&state).server_params.starts_with(explicit), "{state:?}");
         }
         assert!(c.server_params.starts_with(explicit));
