@@ -378,7 +378,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     let mut hp = Haproxy::new(lab.settings(), metrics.clone()).unwrap();
 
     // First boot: HAProxy is not running yet, so only the file is written.
-    let ab = members(&format!("a={} b={}", a.addr, b.addr));
+    let ab = members(&format!("a={}, b={}", a.addr, b.addr));
     assert!(!hp.health().await.answers);
     let report = apply(&mut hp, &ab, frontend).await;
     assert!(!report.running && report.file_written, "{report}");
@@ -397,7 +397,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     .await;
 
     // a leaves, c joins, b stays.
-    let bc = members(&format!("b={} c={}", b.addr, c.addr));
+    let bc = members(&format!("b={}, c={}", b.addr, c.addr));
     let report = apply(&mut hp, &bc, frontend).await;
     assert_eq!(report.method, Some(ApplyMethod::Runtime), "{report}");
     assert_eq!(report.added, ["c"]);
@@ -421,7 +421,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     }
 
     // c keeps its name and moves to d's address.
-    let bd = members(&format!("b={} c={}", b.addr, d.addr));
+    let bd = members(&format!("b={}, c={}", b.addr, d.addr));
     let report = apply(&mut hp, &bd, frontend).await;
     assert_eq!(report.method, Some(ApplyMethod::Runtime), "{report}");
     assert_eq!(report.readdressed, ["c"]);
@@ -482,7 +482,7 @@ async fn a_change_outside_the_server_list_reloads_once_and_is_read_back() {
     let mut settings = lab.settings();
     settings.min_reload_interval = Duration::from_secs(3);
     let mut hp = Haproxy::new(settings.clone(), metrics.clone()).unwrap();
-    let ab = members(&format!("a={} b={}", a.addr, b.addr));
+    let ab = members(&format!("a={}, b={}", a.addr, b.addr));
     apply(&mut hp, &ab, frontend).await;
     lab.start_haproxy().await;
     wait_up(&mut hp, 2).await;
@@ -547,7 +547,7 @@ async fn invalid_templates_and_candidates_leave_the_file_and_haproxy_untouched()
     wait_up(&mut hp, 1).await;
     let live = lab.config();
     let procs = lab.procs().await;
-    let ab = members(&format!("a={} b={}", a.addr, b.addr));
+    let ab = members(&format!("a={}, b={}", a.addr, b.addr));
 
     // A template using an unknown variable: a render error naming it.
     let bad = lab.dir.join("unknown.tera");
@@ -620,7 +620,7 @@ async fn reconcile_at_start_fixes_a_stale_haproxy() {
     lab.start_haproxy().await;
     let before = lab.procs().await;
     let mut hp = Haproxy::new(lab.settings(), Arc::new(Metrics::default())).unwrap();
-    let bc = members(&format!("b={} c={}", b.addr, c.addr));
+    let bc = members(&format!("b={}, c={}", b.addr, c.addr));
     let report = apply(&mut hp, &bc, frontend).await;
     assert_eq!(report.method, Some(ApplyMethod::Runtime), "{report}");
     let mut added = report.added.clone();
@@ -664,7 +664,7 @@ async fn health_reports_up_servers_and_readyz_failures() {
     let metrics = Arc::new(Metrics::default());
     let mut hp = Haproxy::new(lab.settings(), metrics.clone()).unwrap();
     // `localhost` is resolved by cpha; HAProxy gets the address.
-    let set = members(&format!("a={} b={} local=localhost:{}", a.addr, b.addr, a.addr.port()));
+    let set = members(&format!("a={}, b={} local=localhost:{}", a.addr, b.addr, a.addr.port()));
     apply(&mut hp, &set, frontend).await;
     let health = hp.health().await;
     assert_eq!(health, cpha::haproxy::Health::default(), "HAProxy is not running yet");
