@@ -760,6 +760,10 @@ async fn the_cluster_ca_is_used_once_it_is_usable_and_a_refused_ca_keeps_the_liv
     assert!(lab.config().contains(&verified), "{}", lab.config());
     assert!(!hp.health().await.stale);
     assert_eq!(apply(&mut hp, &set, frontend).await.method, None, "in step: nothing to do");
+    // An agent restarted with the CA in place renders it from its first apply: no reload.
+    let mut restarted = Haproxy::new(lab.settings(), Arc::new(Metrics::default())).unwrap();
+    assert_eq!(apply(&mut restarted, &set, frontend).await.method, None, "the running file is the one it renders");
+    drop(restarted);
     // A server added at run time gets the same keywords, and its verified checks pass.
     let b = Apiserver::start("b", &lab.pki.server).await;
     let ab = members(&format!("a={}, b={}", a.addr, b.addr));

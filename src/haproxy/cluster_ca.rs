@@ -5,8 +5,8 @@
 //!
 //! Idle, a read costs one `stat`: the file is read and parsed again only when its inode, size
 //! or modification time changed. "Usable" is decided here rather than by `haproxy -c` alone:
-//! kubeadm writes the file with a plain write (truncate, then write), so it can be seen empty
-//! or half written, and a candidate naming it would be refused; the checks then keep working
+//! kubeadm writes the file with client-go's `cert.WriteCert`, an `os.WriteFile` in place (truncate,
+//! then write), so it can be seen empty or half written, and a candidate naming it would be refused; the checks then keep working
 //! without verification instead of every apply failing.
 
 use std::os::unix::fs::MetadataExt;

@@ -749,7 +749,8 @@ mod tests {
         assert!(c.with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() }).server_params.starts_with(none));
 
         // Another path.
-        let s: HaproxySettings = yaml::from_str("healthCheck:\n  clusterCaFile: /etc/cpha/kubernetes-ca.crt\n").unwrap();
+        let s: HaproxySettings =
+            yaml::from_str("healthCheck:\n  clusterCaFile: /etc/cpha/kubernetes-ca.crt\n").unwrap();
         let c = s.check().unwrap().with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() });
         assert!(c.server_params.contains("verify required ca-file /etc/cpha/kubernetes-ca.crt inter"));
         let mut s = HaproxySettings::default();
