@@ -19,7 +19,7 @@
 //! ```text
 //! let mut haproxy = Haproxy::new(settings, metrics)?;       // settings checked, template compiled
 //! haproxy.apply(&RenderInput { servers: &desired, bind }).await // -> ApplyReport | ApplyError
-//! haproxy.health().await                                    // -> Health { answers, up, total, draining }
+//! haproxy.health().await                                    // -> Health { answers, up, total, draining, stale }
 //! haproxy.snapshot().await                                  // -> BackendSnapshot (servers, states, sessions)
 //! haproxy.set_settings(new_settings)?;                      // SIGHUP; the next apply reloads if needed
 //! ```
