@@ -972,6 +972,12 @@ impl Controller {
             // HAProxy (re)started: whatever it runs is brought to the desired state.
             self.mark_due();
         }
+        if health.stale && !matches!(self.apply, Apply::Running { .. }) {
+            // The file would render differently (the cluster CA appeared): one apply, which
+            // reloads because the digest changed. A running apply may have rendered before the
+            // change; the next read says so again once it is done.
+            self.mark_due();
+        }
         self.haproxy = health;
         if health.answers {
             self.alive = true;

@@ -42,8 +42,8 @@ fn accepted(text: &str) -> Input {
     Input::MembersAccepted { set, origin: "configmap".into(), resolved: Resolved { servers, unresolved: vec![] } }
 }
 
-const HEALTHY: Health = Health { answers: true, up: 3, total: 3, draining: 0 };
-const NO_UP: Health = Health { answers: true, up: 0, total: 3, draining: 0 };
+const HEALTHY: Health = Health { answers: true, up: 3, total: 3, draining: 0, stale: false };
+const NO_UP: Health = Health { answers: true, up: 0, total: 3, draining: 0, stale: false };
 
 /// A controller and a clock that only moves when told to.
 struct Run {
@@ -444,7 +444,7 @@ fn a_haproxy_that_runs_on_another_file_is_reconciled_once() {
     // HAProxy restarted on the package's sample configuration: its master socket accepts, the
     // admin socket cpha's file names does not answer. One apply brings it onto cpha's file.
     let mut r = forwarding();
-    let mute = Health { answers: false, up: 0, total: 0, draining: 0 };
+    let mute = Health { answers: false, up: 0, total: 0, draining: 0, stale: false };
     assert!(!has_apply(&r.at(1000).acts(Input::Liveness { alive: true })));
     assert!(!has_apply(&r.at(1000).acts(Input::Haproxy(mute))));
     assert!(!has_apply(&r.at(2000).acts(Input::Haproxy(mute))));
@@ -461,6 +461,21 @@ fn a_haproxy_that_runs_on_another_file_is_reconciled_once() {
         assert!(!has_apply(&r.at(1000 * t).acts(Input::Haproxy(mute))), "{t}");
     }
     assert!(has_apply(&r.at(24_000).acts(Input::Haproxy(mute))), "a new episode is reconciled again");
+}
+
+#[test]
+fn a_file_that_would_render_differently_is_applied_once() {
+    // The cluster CA appeared: the HAProxy actuator reads that the file would now render with
+    // verified checks. One apply (which reloads), not one per read.
+    let mut r = balanced();
+    let stale = Health { stale: true, ..HEALTHY };
+    let e = r.at(10_000).acts(Input::Haproxy(stale));
+    assert!(matches!(&e[..], [Effect::Apply(s)] if s.len() == 3), "{e:?}");
+    assert!(!has_apply(&r.at(11_000).acts(Input::Haproxy(stale))), "one apply at a time");
+    assert!(r.acts(Input::Applied(Ok("reload".into()))).is_empty(), "nothing queued behind it");
+    assert!(!has_apply(&r.at(12_000).acts(Input::Haproxy(HEALTHY))));
+    assert!(!has_apply(&r.at(20_000).acts(Input::Tick)));
+    assert_eq!(r.phase(), "balanced");
 }
 
 // ----------------------------------------------------------------------------------------------

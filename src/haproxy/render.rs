@@ -117,7 +117,13 @@ impl Template {
         let full = self.render_text(settings, checked, bind, servers)?;
         let skeleton = self.render_text(settings, checked, bind, &[])?;
         self.check_server_lines(&skeleton, &full, checked, servers)?;
-        let digest = digest(&skeleton, &checked.server_params);
+        // The cluster CA's content is read by HAProxy only when it loads the file: a new
+        // content must reload it, as a change of the file would.
+        let keywords = match &checked.ca_fingerprint {
+            Some(f) => format!("{} # ca {f}", checked.server_params),
+            None => checked.server_params.clone(),
+        };
+        let digest = digest(&skeleton, &keywords);
         let mut text = String::with_capacity(full.len() + 256);
         text.push_str(HEADER);
         text.push_str(&full);
