@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tera::Tera;
 
+use crate::template::chain;
+
 use super::settings::{time, Checked, HaproxySettings, SettingsError};
 use crate::members::ServerName;
 
@@ -211,18 +213,6 @@ fn digest(skeleton: &str, server_params: &str) -> String {
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{hash:016x}")
-}
-
-/// The error and its sources on one line (tera's parse errors span several).
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[derive(Serialize)]
