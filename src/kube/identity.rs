@@ -1,8 +1,9 @@
 //! The agent's own least-privilege identity: a ServiceAccount whose Role may only read the one
 //! member ConfigMap (by `resourceNames`, which the watch's `metadata.name` field selector
 //! satisfies), read the `default/kubernetes` EndpointSlice the same way (for the drift report),
-//! and record Events; and a bound token for it from the TokenRequest API, written to a file the
-//! agent reads again whenever it changes.
+//! record Events, and request tokens for itself only (`serviceaccounts/token` by the name
+//! `cpha`, which `crate::kube::renew` uses to renew its token); and a token for it from the
+//! TokenRequest API, written to a file the agent reads again whenever it changes.
 //!
 //! NOTE: a ServiceAccount token rather than a client certificate for a `system:cpha` user,
 //! because it is the sounder one to rotate: issuing one is an audited API call with admin
@@ -13,7 +14,8 @@
 //!
 //! [`desired`] builds the objects (pure); [`ensure`] creates or updates them and [`issue`]
 //! requests a token. Both need credentials that may manage RBAC (kubeadm's admin.conf): they are
-//! one-time steps of provisioning, never of the running agent.
+//! one-time steps of provisioning, never of the running agent, which renews its token with the
+//! token itself.
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -77,8 +79,18 @@ pub fn desired(grants: &Grants) -> Objects {
         },
         subjects: Some(vec![subject.clone()]),
     };
+    // NOTE: `create` on its own `serviceaccounts/token` lets a token outlive any one lifetime,
+    // but only as this ServiceAccount with these rules; deleting the ServiceAccount or the
+    // RoleBinding still ends it, and it cannot mint a token for any other account.
+    let renew = PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["serviceaccounts/token".into()]),
+        resource_names: Some(vec![NAME.into()]),
+        verbs: vec!["create".into()],
+        ..PolicyRule::default()
+    };
     let mut rules: Vec<(String, Vec<PolicyRule>)> =
-        vec![(sa_ns.clone(), vec![read_by_name("", "configmaps", cm_name)])];
+        vec![(sa_ns.clone(), vec![read_by_name("", "configmaps", cm_name), renew])];
     if grants.events {
         rules[0].1.push(PolicyRule {
             api_groups: Some(vec!["events.k8s.io".into()]),
@@ -207,6 +219,7 @@ mod tests {
                  "metadata": {"name": "cpha", "namespace": "kube-system", "labels": {"app.kubernetes.io/name": "cpha"}},
                  "rules": [
                     {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["cpha-members"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["cpha"], "verbs": ["create"]},
                     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}]},
                 {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                  "metadata": {"name": "cpha", "namespace": "default", "labels": {"app.kubernetes.io/name": "cpha"}},
@@ -217,13 +230,13 @@ mod tests {
         let (_, binding) = &objects.roles[1];
         let subject = &binding.subjects.as_ref().unwrap()[0];
         assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), ("cpha", Some("kube-system")));
-        // Without events and in one namespace: one Role with one rule.
+        // Without events and in one namespace: one Role with three rules.
         let one = desired(&Grants {
             config_map: ("team".into(), "m".into()),
             endpoint_slice: Some(("team".into(), "apis".into())),
             events: false,
         });
         assert_eq!(one.roles.len(), 1);
-        assert_eq!(one.roles[0].0.rules.as_ref().unwrap().len(), 2);
+        assert_eq!(one.roles[0].0.rules.as_ref().unwrap().len(), 3);
     }
 }
