@@ -1,8 +1,9 @@
 //! `cpha identity` against the real API stand-in (`kube-standin`, with real RBAC from Role and
 //! RoleBinding objects): admin credentials create the agent's ServiceAccount and Roles and
 //! write a token for it; with that token the agent reads its member ConfigMap (the same watch
-//! `cpha run` makes) and is refused everything else: a LIST of all ConfigMaps, a GET of a
-//! Secret, a write of its own ConfigMap.
+//! `cpha run` makes) and may renew its own token, and is refused everything else: a LIST of all
+//! ConfigMaps, a GET of a Secret, a write of its own ConfigMap, a token for another
+//! ServiceAccount.
 //!
 //! Build the stand-in first: `cargo build -p kube-standin`.
 
@@ -12,9 +13,10 @@ mod standin;
 use std::os::unix::fs::PermissionsExt as _;
 
 use anyhow::{ensure, Context as _, Result};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 
 use standin::{cpha_command, Scratch, Standin, ADMIN_TOKEN, NAME, NS};
 
@@ -94,6 +96,39 @@ fn the_agents_identity_watches_its_configmap_and_nothing_else() -> Result<()> {
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
         slices.get("kubernetes").await.context("GET of default/kubernetes")?;
         let e = slices.list(&ListParams::default()).await.expect_err("LIST of every EndpointSlice");
+        assert_eq!(status_code(&e), Some(403), "{e}");
+        // Renewal: a token for its own ServiceAccount, and for no other.
+        let admin = {
+            let kc = kube::config::Kubeconfig::read_from(dir.join("admin.kube"))?;
+            kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?
+        };
+        Api::<ServiceAccount>::namespaced(admin, NS)
+            .create(
+                &PostParams::default(),
+                &ServiceAccount {
+                    metadata: ObjectMeta { name: Some("other".into()), ..Default::default() },
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("creating ServiceAccount other")?;
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
+            ..Default::default()
+        };
+        let own = sas.create_token_request("cpha", &PostParams::default(), &request).await.context("its own token")?;
+        ensure!(own.status.and_then(|s| s.token).is_some_and(|t| !t.is_empty()), "no token in the answer");
+        let e = sas
+            .create_token_request("other", &PostParams::default(), &request)
+            .await
+            .expect_err("a token for another ServiceAccount");
+        assert_eq!(status_code(&e), Some(403), "{e}");
+        ensure!(e.to_string().contains("cannot create resource \"serviceaccounts/token\""), "{e}");
+        let e = Api::<ServiceAccount>::namespaced(client.clone(), "default")
+            .create_token_request("cpha", &PostParams::default(), &request)
+            .await
+            .expect_err("a token for a cpha ServiceAccount of another namespace");
         assert_eq!(status_code(&e), Some(403), "{e}");
         anyhow::Ok(())
     })?;
