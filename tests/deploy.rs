@@ -1172,6 +1172,14 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
     let seeds: Vec<String> =
         strings(&config, "members.static").iter().map(|m| m.trim_end_matches(":6443").to_string()).collect();
     assert_eq!(seeds, pool_addresses);
+    // The long-running agent holds its own token (cpha identity after kubeadm), never kubeadm's
+    // admin credentials.
+    assert_eq!(s(&config, "kubernetes.tokenFile"), "/etc/cpha/token");
+    assert_eq!(s(&config, "kubernetes.caFile"), "/etc/kubernetes/pki/ca.crt");
+    assert!(at(&config, "kubernetes").get("kubeconfig").is_none(), "the metal3 agent names admin.conf");
+    assert!(!config_text.contains("admin.conf"), "the metal3 agent's configuration names admin.conf");
+    let post = strings(spec, "postKubeadmCommands");
+    assert!(post.iter().any(|c| c == "cpha-bootstrap identity"), "no cpha-bootstrap identity after kubeadm: {post:?}");
     // A rollout (maxSurge) creates the new machine before deleting an old one: the pool must
     // hold an address for it, or every rollout stalls.
     let replicas: usize = at(kcp, "spec.replicas")
