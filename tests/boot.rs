@@ -552,11 +552,11 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     // Each agent runs on its own ServiceAccount token, not on kubeadm's admin credentials.
     net.kubectl(&["-n", "kube-system", "get", "serviceaccount", "cpha"])?;
     for m in &machines {
-        let mode = m.ok("stat -c %a /etc/cpha/token")?;
-        ensure!(mode.trim() == "600", "{}: /etc/cpha/token has mode {mode}", m.name);
+        let mode = m.ok("stat -c %a /var/lib/cpha/token")?;
+        ensure!(mode.trim() == "600", "{}: /var/lib/cpha/token has mode {mode}", m.name);
         let (_, log) = m.sh("journalctl -b -u cpha.service --no-pager -o cat")?;
         ensure!(
-            log.lines().any(|l| l.contains("credentials found") && l.contains("token file /etc/cpha/token")),
+            log.lines().any(|l| l.contains("credentials found") && l.contains("token file /var/lib/cpha/token")),
             "{}: the agent did not use its own token:\n{}",
             m.name,
             log.lines().filter(|l| l.contains("credential")).collect::<Vec<_>>().join("\n")

@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -256,7 +257,13 @@ async fn renew(
     };
     let (token, _) = identity::issue(&connected.client, namespace, seconds).await?;
     let new = claims(&token).map_err(|e| anyhow::anyhow!("the new token: {e}"))?;
-    crate::fsutil::write_atomic(path, format!("{token}\n").as_bytes(), 0o600)?;
+    crate::fsutil::write_atomic(path, format!("{token}\n").as_bytes(), 0o600).with_context(|| {
+        format!(
+            "writing the new token to {} (its directory must be writable by cpha: systemd/cpha.service makes \
+             only /var/lib/cpha so, not /etc/cpha)",
+            path.display()
+        )
+    })?;
     Ok(Some(new))
 }
 
