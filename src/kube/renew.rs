@@ -213,13 +213,18 @@ pub async fn run(
         match renew(&settings, &known, &shutdown, &path, &current.namespace, life).await {
             Ok(None) => return Ok(()),
             Ok(Some(new)) => {
+                let at = renew_at(&new, jitter());
                 tracing::info!(
-                    "renewed the token of ServiceAccount {}/{NAME} in {}: expires at {}",
+                    "renewed the token of ServiceAccount {}/{NAME} in {}: expires at {}, next renewal at {}",
                     new.namespace,
                     path.display(),
-                    unix_text(new.expires)
+                    unix_text(new.expires),
+                    unix_text(at)
                 );
                 expiry.set(new.expires);
+                // The file now holds `new`: its plan is made, so the next turn logs nothing.
+                plan = Some((new, at));
+                backoff = FIRST_BACKOFF;
             }
             Err(e) => {
                 let expired = if now >= current.expires {
