@@ -866,7 +866,9 @@ fn booted_external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
     for (name, ip, seed) in [("lb1", "192.0.2.21", &lb1_seed), ("lb2", "192.0.2.22", &lb2_seed)] {
         let m = Machine::new(Some(&net), name, ip)?;
         // What lb.yaml leaves to the operator ("copy in later"): the account's token and the CA.
-        write(&m.root().join("etc/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
+        // (A static token of the stand-in, not a JWT: the agent leaves it alone, renews nothing.)
+        write(&m.root().join("var/lib/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
+        std::fs::create_dir_all(m.root().join("etc/cpha"))?;
         std::fs::copy(net.ca(), m.root().join("etc/cpha/kubernetes-ca.crt"))?;
         m.seed(seed)?;
         machines.push(m);
