@@ -561,6 +561,23 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
             m.name,
             log.lines().filter(|l| l.contains("credential")).collect::<Vec<_>>().join("\n")
         );
+        // The renewal task runs under the unit's sandbox and read the token's expiry (it looks
+        // for the file every kubernetes.pollInterval, 2 s).
+        let planned = "token for ServiceAccount kube-system/cpha expires at";
+        let mut log = log;
+        for _ in 0..10 {
+            if log.contains(planned) {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            log = m.sh("journalctl -b -u cpha.service --no-pager -o cat")?.1;
+        }
+        ensure!(
+            log.contains(planned),
+            "{}: the agent does not plan the renewal of its token:\n{}",
+            m.name,
+            log.lines().filter(|l| l.contains("token")).collect::<Vec<_>>().join("\n")
+        );
     }
     // From a client outside the control plane, through the virtual IP: exactly one machine
     // holds it, and the hub's connection went to that machine (its MAC answered for the VIP).

@@ -168,6 +168,16 @@ pub async fn run(
     let mut plan: Option<(Claims, i64)> = None;
     let mut backoff = FIRST_BACKOFF;
     loop {
+        if !path.exists() {
+            // Not written yet (first boot, before `cpha identity`): the credential wait of the
+            // member source says so already.
+            expiry.set(0);
+            plan = None;
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(settings.poll_interval) => continue,
+            }
+        }
         let current = match read(&path) {
             Ok(c) => c,
             Err(why) => {
