@@ -170,6 +170,9 @@ pub struct Metrics {
     /// 1 while the member list and the apiservers' own registrations have disagreed for
     /// longer than `members.drift.after`.
     pub member_drift: Gauge,
+    /// Unix time at which the agent's token (`kubernetes.tokenFile`, renewed by the agent)
+    /// expires; 0 while there is none the agent renews.
+    pub token_expiry: Gauge,
     /// 1 while this host holds the virtual IP.
     pub vip_held: Gauge,
     /// This host taking (`taken`) and losing (`lost`) the virtual IP.
@@ -332,6 +335,11 @@ impl Metrics {
             "member_drift",
             "1 while the member list and the apiservers' registrations (EndpointSlice) have disagreed longer than members.drift.after",
             self.member_drift.clone(),
+        );
+        r.register(
+            "token_expiry_seconds",
+            "Unix time at which the agent's own token expires (0: no token the agent renews)",
+            self.token_expiry.clone(),
         );
         r.register("backend_servers_up", "Servers UP in HAProxy's apiserver backend", self.backend_servers_up.clone());
         r.register(

@@ -10,6 +10,7 @@
 //!   never needs the load balancer it manages to reach the API.
 //! - `identity`: the agent's least-privilege ServiceAccount, its Roles and a token for it
 //!   (`cpha identity`).
+//! - `renew`: the running agent renewing that token itself before it expires.
 //!
 //! cpha starts before the cluster exists: [`connect`] waits for the credentials to appear
 //! (polling, with a log line that names what it waits for) instead of failing.
@@ -17,6 +18,7 @@
 pub mod client;
 pub mod credentials;
 pub mod identity;
+pub mod renew;
 pub mod settings;
 
 use std::time::{Duration, Instant};
