@@ -193,7 +193,7 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         // NOTE: restart-only, like the credentials themselves.
         let renewal = crate::kube::renew::run(
             config.kubernetes.clone(),
-            known_rx.clone(),
+            Box::new(known_rx.clone()),
             metrics.token_expiry.clone(),
             root.child_token(),
         );

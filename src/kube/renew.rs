@@ -18,12 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::identity::{self, NAME};
 use super::{CredentialSource, Credentials, KubeSettings};
-use crate::members::MemberSet;
 
 /// Renewal starts when this share of the token's life has passed, less up to [`JITTER`], so
 /// that hosts given their tokens together do not renew together.
@@ -155,7 +153,7 @@ pub fn applies(settings: &KubeSettings) -> Option<PathBuf> {
 #[tracing::instrument(name = "token renewal", skip_all)]
 pub async fn run(
     settings: KubeSettings,
-    known: watch::Receiver<MemberSet>,
+    known: Box<dyn super::KnownServers>,
     expiry: Gauge,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -220,7 +218,7 @@ pub async fn run(
             }
         }
         let life = current.expires - current.issued;
-        match renew(&settings, &known, &shutdown, &path, &current.namespace, life).await {
+        match renew(&settings, known.as_ref(), &shutdown, &path, &current.namespace, life).await {
             Ok(None) => return Ok(()),
             Ok(Some(new)) => {
                 let at = renew_at(&new, jitter());
@@ -260,7 +258,7 @@ pub async fn run(
 /// One renewal with the agent's own credentials: `Ok(None)` at shutdown.
 async fn renew(
     settings: &KubeSettings,
-    known: &watch::Receiver<MemberSet>,
+    known: &dyn super::KnownServers,
     shutdown: &CancellationToken,
     path: &Path,
     namespace: &str,
