@@ -771,9 +771,8 @@ impl Controller {
                         message: report,
                     })),
                     Err(err) => {
-                        self.last_error = Some(format!(
-                            "removing the virtual IP keepalived left (again in {RELEASE_RETRY:?}): {err}"
-                        ))
+                        self.last_error =
+                            Some(format!("removing the virtual IP keepalived left (again in {RELEASE_RETRY:?}): {err}"))
                     }
                 }
             }
