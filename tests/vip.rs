@@ -496,8 +496,8 @@ fn a_keepalived_conf_that_keepalived_refuses_never_replaces_the_good_one_and_rel
     })
     .with_context(|| lab.logs())
     .unwrap();
-    for i in 0..3 {
-        assert_eq!(conf(i), good[i], "h{}'s keepalived.conf changed", i + 1);
+    for (i, good) in good.iter().enumerate() {
+        assert_eq!(&conf(i), good, "h{}'s keepalived.conf changed", i + 1);
         let log = lab.log(i, "cpha.log");
         assert!(log.contains("VipConfigRefused") && log.contains("outside range"), "h{}: {log}", i + 1);
         assert!(
@@ -545,8 +545,8 @@ fn a_keepalived_conf_that_keepalived_refuses_never_replaces_the_good_one_and_rel
     // Leading edge, then one per interval at most, over the burst and the last coalesced one.
     let bound = (settled.as_secs_f64() / 2.0).floor() as usize + 1;
     let mut counts = Vec::new();
-    for i in 0..3 {
-        let times = reloads(&lab, i)[after[i].len()..].to_vec();
+    for (i, earlier) in after.iter().enumerate() {
+        let times = reloads(&lab, i)[earlier.len()..].to_vec();
         counts.push(times.len());
         assert!(
             !times.is_empty() && times.len() <= bound,
