@@ -339,7 +339,7 @@ impl<E: EndpointActuator, P: Probes, R: Reporter, V: VipActuator> Driver<E, P, R
 /// planes forward IPv4: kubeadm requires it), which keeps a connection working when the clients'
 /// ARP entry changes under it. A forward still translating here would own those connections
 /// and lose them at that change (waiting for the backup failed 1-3 of 800 connections in each of
-/// 3 lab runs; not waiting, none in 6 of 10). Bounded by the master-down interval.
+/// 3 lab runs; not waiting, none in 9 of 13). Bounded by the master-down interval.
 async fn hand_over_vip<V: VipActuator>(vip: &mut V) {
     let bound = vip.takeover();
     let started = Instant::now();
