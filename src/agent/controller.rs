@@ -485,6 +485,9 @@ struct VipState {
     observed: Option<VrrpObserved>,
     holds_since: Instant,
     releasing: bool,
+    /// A removal failed: when to try it again, while keepalived is still gone and the address
+    /// still here (nothing else would remove it, and no new observation may come).
+    release_retry_at: Option<Instant>,
     members: Option<Vec<IpAddr>>,
     last_config: Option<String>,
 }
@@ -559,6 +562,7 @@ impl VipState {
             observed: None,
             holds_since: now,
             releasing: false,
+            release_retry_at: None,
             members: None,
             last_config: None,
         }
@@ -619,6 +623,9 @@ impl VipState {
         Some(next)
     }
 }
+
+/// After a failed removal of the address a killed keepalived left, the next attempt.
+const RELEASE_RETRY: Duration = Duration::from_secs(1);
 
 /// Consecutive "gone" liveness checks before the fast fallback: one refused connect may be a
 /// socket being replaced.
@@ -687,6 +694,9 @@ impl Controller {
     /// When the driver should next send [`Input::Tick`].
     pub fn next_wake(&self) -> Instant {
         let mut wake = self.next_liveness.min(self.next_read).min(self.next_check);
+        if let Some(at) = self.vip.as_ref().and_then(|v| v.release_retry_at) {
+            wake = wake.min(at);
+        }
         if !self.probing && self.desired.is_some() {
             wake = wake.min(self.next_probe);
         }
@@ -757,8 +767,10 @@ impl Controller {
             Input::Vrrp(observed) => self.vrrp(now, observed, &mut out),
             Input::VipConfigured(result) => self.vip_configured(result, &mut out),
             Input::VipReleased(result) => {
+                let failed = result.is_err();
                 if let Some(vip) = &mut self.vip {
                     vip.releasing = false;
+                    vip.release_retry_at = failed.then(|| now + RELEASE_RETRY);
                 }
                 match result {
                     Ok(report) => out.push(Effect::Event(Note {
@@ -767,7 +779,10 @@ impl Controller {
                         action: "ReleaseVip",
                         message: report,
                     })),
-                    Err(err) => self.last_error = Some(format!("removing the virtual IP keepalived left: {err}")),
+                    Err(err) => {
+                        self.last_error =
+                            Some(format!("removing the virtual IP keepalived left (again in {RELEASE_RETRY:?}): {err}"))
+                    }
                 }
             }
             Input::Applied(result) => self.applied(result),
@@ -1232,6 +1247,15 @@ impl Controller {
             self.next_check = now + self.check_interval();
             if self.phase.carrier().is_some() {
                 out.push(Effect::CheckEndpoint);
+            }
+        }
+        if let Some(vip) = &mut self.vip {
+            if vip.release_retry_at.is_some_and(|at| now >= at) {
+                vip.release_retry_at = None;
+                if !vip.releasing && vip.observed.is_some_and(|o| o.vrrp == Vrrp::Gone && o.holds) {
+                    vip.releasing = true;
+                    out.push(Effect::ReleaseVip);
+                }
             }
         }
         if !self.probing && now >= self.next_probe {

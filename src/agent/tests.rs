@@ -692,6 +692,33 @@ fn a_killed_keepalived_leaves_the_address_and_it_is_removed_once() {
 }
 
 #[test]
+fn a_failed_removal_of_the_address_is_retried_until_it_is_gone() {
+    let mut r = vip_healthy();
+    let observed = |vrrp, holds| Input::Vrrp(VrrpObserved { vrrp, holds });
+    r.at(1000).acts(observed(Vrrp::Master, true));
+    assert_eq!(r.at(2000).acts(observed(Vrrp::Gone, true)).last(), Some(&Effect::ReleaseVip));
+    // `ip address del` failed: nothing new is observed (keepalived is still gone, the address
+    // still here), so the controller itself tries again a second later, and reports meanwhile.
+    let e = r.at(2010).acts(Input::VipReleased(Err("ip address del: RTNETLINK answers: busy".into())));
+    assert!(!e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipReleased")), "{e:?}");
+    let error = r.c.view().last_error.unwrap();
+    assert!(error.contains("removing the virtual IP keepalived left") && error.contains("busy"), "{error}");
+    assert!(r.c.next_wake() <= r.t0 + Duration::from_millis(3010));
+    assert!(!r.at(2500).input(Input::Tick).contains(&Effect::ReleaseVip), "not before the retry is due");
+    assert_eq!(r.at(3010).input(Input::Tick).iter().filter(|e| **e == Effect::ReleaseVip).count(), 1);
+    assert!(!r.at(3020).input(Input::Tick).contains(&Effect::ReleaseVip), "one removal at a time");
+    let e = r.at(3030).acts(Input::VipReleased(Ok("removed 10.0.0.10/32 from eth0".into())));
+    assert!(e.iter().any(|e| matches!(e, Effect::Event(n) if n.reason == "VipReleased")), "{e:?}");
+    assert!(!r.at(9000).input(Input::Tick).contains(&Effect::ReleaseVip), "no retry after a success");
+    // A failure after which keepalived came back (it owns the address again): no retry.
+    r.at(10_000).acts(observed(Vrrp::Gone, false));
+    r.at(10_100).acts(observed(Vrrp::Gone, true));
+    r.at(10_110).acts(Input::VipReleased(Err("failed".into())));
+    r.at(10_500).acts(observed(Vrrp::Backup, true));
+    assert!(!r.at(11_200).input(Input::Tick).contains(&Effect::ReleaseVip));
+}
+
+#[test]
 fn the_same_members_do_not_reconfigure_keepalived() {
     let mut r = vip_healthy();
     let e = r.acts(accepted("10.0.0.1, 10.0.0.2, 10.0.0.3"));

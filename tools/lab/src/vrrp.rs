@@ -84,6 +84,8 @@ pub struct VipLab {
     /// Every change of who holds the VIP, from `ip monitor` in each host.
     pub changes: Arc<Mutex<Vec<Change>>>,
     monitors: Vec<Child>,
+    /// Environment of every `cpha run` started from now on.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl VipLab {
@@ -109,6 +111,7 @@ impl VipLab {
             api_standin: None,
             changes: Arc::new(Mutex::new(Vec::new())),
             monitors: Vec::new(),
+            agent_env: Vec::new(),
         };
         lab.api_standin = Some(lab.standin(&lab.api, API, true)?);
         for n in 1..=lab.opts.hosts {
@@ -286,6 +289,7 @@ vip:
         let h = &mut self.hosts[i];
         let mut cmd = h.ns.command(&self.programs.cpha);
         cmd.args(["run", "--config"]).arg(&path).stderr(log(&h.dir, "cpha.log")?);
+        cmd.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         h.agent = Some(Child::spawn(cmd, format!("cpha run h{}", h.n))?);
         wait_for(&format!("cpha on h{} to carry the endpoint", i + 1), Duration::from_secs(30), || {
             Ok(self
@@ -378,6 +382,40 @@ vip:
         run_stdin(self.hosts[i].ns.command("nft").args(["-f", "-"]), rules)?;
         self.kill_haproxy(i)?;
         Ok(())
+    }
+
+    /// Refuses every connection from host `i` to the apiserver port of `addresses` (its own
+    /// connections and the ones it forwards), as a path broken to those members only would.
+    /// [`VipLab::repair_endpoint`] undoes it.
+    pub fn cut_from(&self, i: usize, addresses: &[&str]) -> Result<()> {
+        let set = addresses.join(", ");
+        let rules = format!(
+            "table inet cphatest {{
+\tchain output {{ type filter hook output priority 0; policy accept; tcp dport 6443 ip daddr {{ {set} }} reject with tcp reset; }}
+\tchain forward {{ type filter hook forward priority 0; policy accept; tcp dport 6443 ip daddr {{ {set} }} reject with tcp reset; }}
+}}
+"
+        );
+        run_stdin(self.hosts[i].ns.command("nft").args(["-f", "-"]), &rules)?;
+        Ok(())
+    }
+
+    /// A fault on host `i`'s apiserver (JSON as the stand-in's `/_standin/faults` takes it,
+    /// e.g. `{"readyzFail": true}`).
+    pub fn fault(&self, i: usize, json: &str) -> Result<()> {
+        let out = self.hosts[i]
+            .ns
+            .command(&self.programs.lab)
+            .args(["http", "--method", "POST", "--url", "http://127.0.0.1:7000/_standin/faults", "--data", json])
+            .output()?;
+        ensure!(out.status.success(), "fault {json} on h{}: {}", i + 1, String::from_utf8_lossy(&out.stdout));
+        Ok(())
+    }
+
+    /// Whether host `i`'s kernel forward still translates new connections (its nftables table
+    /// has a DNAT rule: a withdrawn forward keeps only the rule that lets flows drain).
+    pub fn forwarding(&self, i: usize) -> bool {
+        self.hosts[i].ns.run("nft", &["list", "table", "inet", "cpha"]).is_ok_and(|t| t.contains("dnat"))
     }
 
     /// Undoes [`VipLab::break_endpoint`]'s rules (HAProxy is not restarted).
