@@ -15,6 +15,7 @@
 //!   plumbing, atomic files, metrics and host facts shared by everything else.
 
 pub mod agent;
+pub mod build_info;
 pub mod cli;
 pub mod config;
 pub mod exec;
@@ -26,11 +27,13 @@ pub mod kube;
 pub mod logging;
 pub mod members;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod owned;
 pub mod secret;
 pub mod signals;
 pub mod sysinfo;
+pub mod template;
 #[cfg(test)]
 mod testutil;
 pub mod units;

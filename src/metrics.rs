@@ -102,7 +102,8 @@ pub struct BuildInfo(pub Family<BuildLabels, Gauge>);
 impl Default for BuildInfo {
     fn default() -> Self {
         let family: Family<BuildLabels, Gauge> = Family::default();
-        let labels = BuildLabels { version: env!("CARGO_PKG_VERSION").into(), commit: crate::cli::COMMIT.into() };
+        let labels =
+            BuildLabels { version: env!("CARGO_PKG_VERSION").into(), commit: crate::build_info::COMMIT.into() };
         family.get_or_create(&labels).set(1);
         BuildInfo(family)
     }
@@ -170,6 +171,9 @@ pub struct Metrics {
     /// 1 while the member list and the apiservers' own registrations have disagreed for
     /// longer than `members.drift.after`.
     pub member_drift: Gauge,
+    /// Unix time at which the agent's token (`kubernetes.tokenFile`, renewed by the agent)
+    /// expires; 0 while there is none the agent renews.
+    pub token_expiry: Gauge,
     /// 1 while this host holds the virtual IP.
     pub vip_held: Gauge,
     /// This host taking (`taken`) and losing (`lost`) the virtual IP.
@@ -255,13 +259,13 @@ impl Metrics {
     }
 
     /// The virtual IP as this host sees it.
-    pub fn vip(&self, held: bool, vrrp: Option<crate::vip::Vrrp>, advertised: Option<crate::vip::Advertised>) {
+    pub fn vip(&self, held: bool, vrrp: Option<crate::model::Vrrp>, advertised: Option<crate::model::Advertised>) {
         self.vip_held.set(i64::from(held));
-        for state in crate::vip::Vrrp::NAMES {
+        for state in crate::model::Vrrp::NAMES {
             let on = vrrp.is_some_and(|v| v.name() == state);
             self.vrrp_state.get_or_create(&StateLabel { state: state.into() }).set(i64::from(on));
         }
-        for health in crate::vip::Advertised::NAMES {
+        for health in crate::model::Advertised::NAMES {
             let on = advertised.is_some_and(|a| a.name() == health);
             self.vip_advertised.get_or_create(&HealthLabel { health: health.into() }).set(i64::from(on));
         }
@@ -337,6 +341,11 @@ impl Metrics {
             "member_drift",
             "1 while the member list and the apiservers' registrations (EndpointSlice) have disagreed longer than members.drift.after",
             self.member_drift.clone(),
+        );
+        r.register(
+            "token_expiry_seconds",
+            "Unix time at which the agent's own token expires (0: no token the agent renews)",
+            self.token_expiry.clone(),
         );
         r.register("backend_servers_up", "Servers UP in HAProxy's apiserver backend", self.backend_servers_up.clone());
         r.register(
@@ -469,7 +478,7 @@ mod tests {
         let line = format!(
             "cpha_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
             env!("CARGO_PKG_VERSION"),
-            crate::cli::COMMIT
+            crate::build_info::COMMIT
         );
         assert!(out.contains(&line), "{line} not in {out}");
         assert!(out.contains("# TYPE cpha_build_info gauge"), "{out}");

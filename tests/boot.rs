@@ -552,14 +552,31 @@ fn booted_host_shape_three_machines_form_the_endpoint() -> Result<()> {
     // Each agent runs on its own ServiceAccount token, not on kubeadm's admin credentials.
     net.kubectl(&["-n", "kube-system", "get", "serviceaccount", "cpha"])?;
     for m in &machines {
-        let mode = m.ok("stat -c %a /etc/cpha/token")?;
-        ensure!(mode.trim() == "600", "{}: /etc/cpha/token has mode {mode}", m.name);
+        let mode = m.ok("stat -c %a /var/lib/cpha/token")?;
+        ensure!(mode.trim() == "600", "{}: /var/lib/cpha/token has mode {mode}", m.name);
         let (_, log) = m.sh("journalctl -b -u cpha.service --no-pager -o cat")?;
         ensure!(
-            log.lines().any(|l| l.contains("credentials found") && l.contains("token file /etc/cpha/token")),
+            log.lines().any(|l| l.contains("credentials found") && l.contains("token file /var/lib/cpha/token")),
             "{}: the agent did not use its own token:\n{}",
             m.name,
             log.lines().filter(|l| l.contains("credential")).collect::<Vec<_>>().join("\n")
+        );
+        // The renewal task runs under the unit's sandbox and read the token's expiry (it looks
+        // for the file every kubernetes.pollInterval, 2 s).
+        let planned = "token for ServiceAccount kube-system/cpha expires at";
+        let mut log = log;
+        for _ in 0..10 {
+            if log.contains(planned) {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            log = m.sh("journalctl -b -u cpha.service --no-pager -o cat")?.1;
+        }
+        ensure!(
+            log.contains(planned),
+            "{}: the agent does not plan the renewal of its token:\n{}",
+            m.name,
+            log.lines().filter(|l| l.contains("token")).collect::<Vec<_>>().join("\n")
         );
     }
     // From a client outside the control plane, through the virtual IP: exactly one machine
@@ -866,7 +883,9 @@ fn booted_external_lb_shape_serves_the_endpoint_with_haproxy() -> Result<()> {
     for (name, ip, seed) in [("lb1", "192.0.2.21", &lb1_seed), ("lb2", "192.0.2.22", &lb2_seed)] {
         let m = Machine::new(Some(&net), name, ip)?;
         // What lb.yaml leaves to the operator ("copy in later"): the account's token and the CA.
-        write(&m.root().join("etc/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
+        // (A static token of the stand-in, not a JWT: the agent leaves it alone, renews nothing.)
+        write(&m.root().join("var/lib/cpha/kubernetes-token"), "boot-test-lb\n", 0o600)?;
+        std::fs::create_dir_all(m.root().join("etc/cpha"))?;
         std::fs::copy(net.ca(), m.root().join("etc/cpha/kubernetes-ca.crt"))?;
         m.seed(seed)?;
         machines.push(m);

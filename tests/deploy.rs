@@ -860,7 +860,7 @@ fn manifests_pass_the_kubernetes_schemas() {
     let ran = validate_manifests(&files);
     assert!(ran.ok(), "kubernetes-validate --strict:\n{}", ran.both());
     let passed = ran.stdout.matches(" passed for resource ").count();
-    assert_eq!(passed, 12, "every object is checked against a schema:\n{}", ran.both());
+    assert_eq!(passed, 13, "every object is checked against a schema:\n{}", ran.both());
 
     // A field the DaemonSet schema does not have is refused.
     let dir = TempDir::new("manifests");
@@ -871,6 +871,28 @@ fn manifests_pass_the_kubernetes_schemas() {
     );
     let ran = validate_manifests(&[broken]);
     assert!(!ran.ok(), "kubernetes-validate accepted an unknown field:\n{}", ran.both());
+}
+
+#[test]
+fn the_external_lb_identity_is_what_cpha_identity_creates() {
+    use cpha::kube::identity::{desired, Grants};
+    let wanted = desired(&Grants {
+        namespace: "kube-system".into(),
+        config_map: None,
+        endpoint_slice: Some(("default".into(), "kubernetes".into())),
+        events: Some("default".into()),
+    });
+    let as_json = |v: &Value| serde_json::to_value(v).unwrap();
+    let file = docs(&read("deploy/external-lb-rbac.yaml"));
+    let of_kind =
+        |kind: &str| -> Vec<serde_json::Value> { file.iter().filter(|d| s(d, "kind") == kind).map(as_json).collect() };
+    assert!(of_kind("Secret").is_empty(), "no legacy ServiceAccount token Secret");
+    let sa = &of_kind("ServiceAccount")[0];
+    assert_eq!(sa["metadata"], serde_json::to_value(&wanted.service_account.metadata).unwrap());
+    let roles: Vec<serde_json::Value> = wanted.roles.iter().map(|(r, _)| serde_json::to_value(r).unwrap()).collect();
+    let bindings: Vec<serde_json::Value> = wanted.roles.iter().map(|(_, b)| serde_json::to_value(b).unwrap()).collect();
+    assert_eq!(of_kind("Role"), roles, "deploy/external-lb-rbac.yaml's Roles are not cpha identity's");
+    assert_eq!(of_kind("RoleBinding"), bindings, "deploy/external-lb-rbac.yaml's RoleBindings are not cpha identity's");
 }
 
 #[test]
@@ -1172,6 +1194,14 @@ fn metal3_template_is_coherent_and_its_cloud_config_is_valid() {
     let seeds: Vec<String> =
         strings(&config, "members.static").iter().map(|m| m.trim_end_matches(":6443").to_string()).collect();
     assert_eq!(seeds, pool_addresses);
+    // The long-running agent holds its own token (cpha identity after kubeadm), never kubeadm's
+    // admin credentials.
+    assert_eq!(s(&config, "kubernetes.tokenFile"), "/var/lib/cpha/token");
+    assert_eq!(s(&config, "kubernetes.caFile"), "/etc/kubernetes/pki/ca.crt");
+    assert!(at(&config, "kubernetes").get("kubeconfig").is_none(), "the metal3 agent names admin.conf");
+    assert!(!config_text.contains("admin.conf"), "the metal3 agent's configuration names admin.conf");
+    let post = strings(spec, "postKubeadmCommands");
+    assert!(post.iter().any(|c| c == "cpha-bootstrap identity"), "no cpha-bootstrap identity after kubeadm: {post:?}");
     // A rollout (maxSurge) creates the new machine before deleting an old one: the pool must
     // hold an address for it, or every rollout stalls.
     let replicas: usize = at(kcp, "spec.replicas")
@@ -1349,7 +1379,7 @@ fn example_configs_pass_check_config() {
     let host = doc(&read("examples/config-host.yaml"));
     assert_eq!(s(&host, "endpoint.topology"), "retarget");
     // The long-running agent holds its own read-only token, never kubeadm's admin credentials.
-    assert_eq!(s(&host, "kubernetes.tokenFile"), "/etc/cpha/token");
+    assert_eq!(s(&host, "kubernetes.tokenFile"), "/var/lib/cpha/token");
     assert_eq!(s(&host, "kubernetes.caFile"), "/etc/kubernetes/pki/ca.crt");
     assert!(at(&host, "kubernetes").get("kubeconfig").is_none(), "the host shape names admin.conf");
     assert_eq!(s(&host, "members.source"), "configMap");

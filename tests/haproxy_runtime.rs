@@ -227,7 +227,7 @@ impl Lab {
     }
 
     fn settings(&self) -> HaproxySettings {
-        HaproxySettings {
+        let mut s = HaproxySettings {
             config_path: self.dir.join("haproxy.cfg"),
             admin_socket: self.dir.join("admin.sock"),
             master_socket: self.dir.join("master.sock"),
@@ -237,7 +237,14 @@ impl Lab {
             runtime_timeout: Duration::from_secs(3),
             stats: cpha::haproxy::settings::StatsSettings { listen: Some(self.stats), credentials_file: None },
             ..HaproxySettings::default()
-        }
+        };
+        // Not the host's /etc/kubernetes/pki/ca.crt: absent unless a test writes it.
+        s.health_check.cluster_ca_file = Some(self.cluster_ca());
+        s
+    }
+
+    fn cluster_ca(&self) -> PathBuf {
+        self.dir.join("cluster-ca.crt")
     }
 
     fn config(&self) -> String {
@@ -378,7 +385,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     let mut hp = Haproxy::new(lab.settings(), metrics.clone()).unwrap();
 
     // First boot: HAProxy is not running yet, so only the file is written.
-    let ab = members(&format!("a={} b={}", a.addr, b.addr));
+    let ab = members(&format!("a={}, b={}", a.addr, b.addr));
     assert!(!hp.health().await.answers);
     let report = apply(&mut hp, &ab, frontend).await;
     assert!(!report.running && report.file_written, "{report}");
@@ -397,7 +404,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     .await;
 
     // a leaves, c joins, b stays.
-    let bc = members(&format!("b={} c={}", b.addr, c.addr));
+    let bc = members(&format!("b={}, c={}", b.addr, c.addr));
     let report = apply(&mut hp, &bc, frontend).await;
     assert_eq!(report.method, Some(ApplyMethod::Runtime), "{report}");
     assert_eq!(report.added, ["c"]);
@@ -421,7 +428,7 @@ async fn member_changes_go_through_the_runtime_api_without_a_reload() {
     }
 
     // c keeps its name and moves to d's address.
-    let bd = members(&format!("b={} c={}", b.addr, d.addr));
+    let bd = members(&format!("b={}, c={}", b.addr, d.addr));
     let report = apply(&mut hp, &bd, frontend).await;
     assert_eq!(report.method, Some(ApplyMethod::Runtime), "{report}");
     assert_eq!(report.readdressed, ["c"]);
@@ -482,7 +489,7 @@ async fn a_change_outside_the_server_list_reloads_once_and_is_read_back() {
     let mut settings = lab.settings();
     settings.min_reload_interval = Duration::from_secs(3);
     let mut hp = Haproxy::new(settings.clone(), metrics.clone()).unwrap();
-    let ab = members(&format!("a={} b={}", a.addr, b.addr));
+    let ab = members(&format!("a={}, b={}", a.addr, b.addr));
     apply(&mut hp, &ab, frontend).await;
     lab.start_haproxy().await;
     wait_up(&mut hp, 2).await;
@@ -547,7 +554,7 @@ async fn invalid_templates_and_candidates_leave_the_file_and_haproxy_untouched()
     wait_up(&mut hp, 1).await;
     let live = lab.config();
     let procs = lab.procs().await;
-    let ab = members(&format!("a={} b={}", a.addr, b.addr));
+    let ab = members(&format!("a={}, b={}", a.addr, b.addr));
 
     // A template using an unknown variable: a render error naming it.
     let bad = lab.dir.join("unknown.tera");
@@ -620,7 +627,7 @@ async fn reconcile_at_start_fixes_a_stale_haproxy() {
     lab.start_haproxy().await;
     let before = lab.procs().await;
     let mut hp = Haproxy::new(lab.settings(), Arc::new(Metrics::default())).unwrap();
-    let bc = members(&format!("b={} c={}", b.addr, c.addr));
+    let bc = members(&format!("b={}, c={}", b.addr, c.addr));
     let report = apply(&mut hp, &bc, frontend).await;
     assert_eq!(report.method, Some(ApplyMethod::Runtime), "{report}");
     let mut added = report.added.clone();
@@ -664,7 +671,7 @@ async fn health_reports_up_servers_and_readyz_failures() {
     let metrics = Arc::new(Metrics::default());
     let mut hp = Haproxy::new(lab.settings(), metrics.clone()).unwrap();
     // `localhost` is resolved by cpha; HAProxy gets the address.
-    let set = members(&format!("a={} b={} local=localhost:{}", a.addr, b.addr, a.addr.port()));
+    let set = members(&format!("a={}, b={}, local=localhost:{}", a.addr, b.addr, a.addr.port()));
     apply(&mut hp, &set, frontend).await;
     let health = hp.health().await;
     assert_eq!(health, cpha::haproxy::Health::default(), "HAProxy is not running yet");
@@ -728,6 +735,69 @@ async fn health_checks_can_verify_the_apiserver_certificate() {
         async move { (hp.snapshot().await.ok()?.get("a")?.status == ServerStatus::Down).then_some(()) }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_ca_is_used_once_it_is_usable_and_a_refused_ca_keeps_the_live_file() {
+    let mut lab = Lab::new("cluster-ca");
+    let a = Apiserver::start("a", &lab.pki.server).await;
+    let frontend = free_port();
+    let metrics = Arc::new(Metrics::default());
+    let mut hp = Haproxy::new(lab.settings(), metrics.clone()).unwrap();
+    let set = members(&format!("a={}", a.addr));
+    apply(&mut hp, &set, frontend).await;
+    assert!(lab.config().contains("check check-ssl verify none "), "{}", lab.config());
+    lab.start_haproxy().await;
+    wait_up(&mut hp, 1).await;
+    assert!(!hp.health().await.stale);
+
+    // The CA appears: the read says the file is stale; one apply reloads onto verified checks.
+    std::fs::write(lab.cluster_ca(), &lab.pki.ca_pem).unwrap();
+    assert!(hp.health().await.stale);
+    let report = apply(&mut hp, &set, frontend).await;
+    assert_eq!(report.method, Some(ApplyMethod::Reload), "{report}");
+    let verified = format!("check check-ssl verify required ca-file {} ", lab.cluster_ca().display());
+    assert!(lab.config().contains(&verified), "{}", lab.config());
+    assert!(!hp.health().await.stale);
+    assert_eq!(apply(&mut hp, &set, frontend).await.method, None, "in step: nothing to do");
+    // An agent restarted with the CA in place renders it from its first apply: no reload.
+    let mut restarted = Haproxy::new(lab.settings(), Arc::new(Metrics::default())).unwrap();
+    assert_eq!(apply(&mut restarted, &set, frontend).await.method, None, "the running file is the one it renders");
+    drop(restarted);
+    // A server added at run time gets the same keywords, and its verified checks pass.
+    let b = Apiserver::start("b", &lab.pki.server).await;
+    let ab = members(&format!("a={}, b={}", a.addr, b.addr));
+    assert_eq!(apply(&mut hp, &ab, frontend).await.method, Some(ApplyMethod::Runtime));
+    wait_up(&mut hp, 2).await;
+
+    // Half written (kubeadm writes it in place): not named, so `haproxy -c` never sees it.
+    std::fs::write(lab.cluster_ca(), &lab.pki.ca_pem[..lab.pki.ca_pem.len() / 2]).unwrap();
+    assert!(hp.health().await.stale);
+    let report = apply(&mut hp, &ab, frontend).await;
+    assert_eq!(report.method, Some(ApplyMethod::Reload), "{report}");
+    assert!(lab.config().contains("check check-ssl verify none ") && !lab.config().contains("ca-file"));
+    wait_up(&mut hp, 2).await;
+
+    // A CA file HAProxy cannot load, named by `caFile` (always used): `haproxy -c` refuses the
+    // candidate, the live file and HAProxy stay as they were, and the error says why.
+    let live = lab.config();
+    let procs = lab.procs().await;
+    let mut settings = lab.settings();
+    settings.health_check.ca_file = Some(lab.cluster_ca());
+    hp.set_settings(settings).unwrap();
+    let err = hp.apply(&RenderInput { servers: &servers(&ab).await, bind: frontend }).await.unwrap_err();
+    assert!(matches!(err, ApplyError::Check(cpha::haproxy::CheckError::Refused { .. })), "{err:?}");
+    assert_eq!(lab.config(), live, "the live file is untouched");
+    let now = lab.procs().await;
+    assert_eq!((now.master.reloads, now.worker_pids()), (procs.master.reloads, procs.worker_pids()));
+    wait_up(&mut hp, 2).await;
+    // Back to the cluster CA, whole again: verified once more.
+    hp.set_settings(lab.settings()).unwrap();
+    std::fs::write(lab.cluster_ca(), &lab.pki.ca_pem).unwrap();
+    let report = apply(&mut hp, &ab, frontend).await;
+    assert_eq!(report.method, Some(ApplyMethod::Reload), "{report}");
+    assert!(lab.config().contains(&verified));
+    assert_eq!(applies(&metrics, ApplyMethod::File, Outcome::Error), 1, "only the refused caFile failed");
 }
 
 /// `GET path` on HAProxy's stats listener; the status code and the body.

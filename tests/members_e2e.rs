@@ -3,7 +3,8 @@
 //! removed with `cpha members add/remove` (admin credentials) and reach HAProxy's runtime state
 //! without a reload, a rebuilt host and a reused address replace their entries there too, and
 //! the drift report appears when the `default/kubernetes` EndpointSlice
-//! lists an apiserver the ConfigMap lacks, without changing HAProxy. Needs root.
+//! lists an apiserver the ConfigMap lacks, without changing HAProxy, and the agent renews its
+//! own short-lived token again and again with no gap in its watch. Needs root.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -51,9 +52,12 @@ fn admin_cpha(c: &Cluster, config: &Path, args: &[&str]) -> Result<String> {
 
 /// The agent's identity, its first member registered, the agent and HAProxy started.
 fn started(extra_members: &str) -> Result<(Cluster, std::path::PathBuf)> {
-    let mut c = Cluster::new(3)?;
+    started_with(Cluster::new(3)?, extra_members, "1h")
+}
+
+fn started_with(mut c: Cluster, extra_members: &str, lifetime: &str) -> Result<(Cluster, std::path::PathBuf)> {
     let cfg = config(&c, extra_members)?;
-    admin_cpha(&c, &cfg, &["identity", "--duration", "1h"])?;
+    admin_cpha(&c, &cfg, &["identity", "--duration", lifetime])?;
     // Registered exactly as the cloud-init files do it: the ConfigMap is created by the first.
     admin_cpha(&c, &cfg, &["members", "add", "m1=10.21.0.2:6443"])?;
     admin_cpha(&c, &cfg, &["members", "add", "m2=10.22.0.2:6443"])?;
@@ -136,6 +140,63 @@ fn a_rebuilt_host_and_a_reused_address_replace_their_entries_in_haproxy() -> Res
     // The same registration again after a reboot: nothing written, nothing moves.
     ensure!(admin_cpha(&c, &cfg, &["members", "add", "m4=10.23.0.2:6443"])?.contains("already listed"));
     assert_eq!(c.workers()?, workers, "a replacement reloaded HAProxy");
+    Ok(())
+}
+
+#[test]
+fn the_agent_renews_its_own_token_and_its_watch_goes_on() -> Result<()> {
+    // Tokens of 10 s (the stand-in allows it; kube-apiserver's minimum is 10 minutes): the
+    // agent renews each one when 70-80 % of it has passed.
+    const LIFE: Duration = Duration::from_secs(10);
+    let c = Cluster::with_standin_args(3, vec!["--min-token-duration".into(), "5s".into()])?;
+    let issued = std::time::Instant::now();
+    let (mut c, cfg) = started_with(c, "", "10s")?;
+    let token_path = c.dir.join("agent.token");
+    let first = std::fs::read_to_string(&token_path)?;
+    let agent_pid = c.agent.as_ref().context("the agent")?.pid();
+
+    // Three lifetimes and a half: every token seen is replaced before it expires.
+    let mut tokens = vec![first.clone()];
+    let mut changed_at = issued;
+    while issued.elapsed() < LIFE * 7 / 2 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = std::fs::read_to_string(&token_path)?;
+        if tokens.last() != Some(&now) {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&token_path)?.permissions().mode() & 0o777;
+            ensure!(mode == 0o600, "the renewed token file has mode {mode:o}");
+            tokens.push(now);
+            changed_at = std::time::Instant::now();
+        }
+        ensure!(changed_at.elapsed() < LIFE, "the token was not renewed within its lifetime:\n{}", c.agent_log());
+    }
+    let renewals = tokens.len() - 1;
+    eprintln!("{renewals} renewals in {:?} with tokens of {LIFE:?}", issued.elapsed());
+    ensure!(renewals >= 3, "{renewals} renewals:\n{}", c.agent_log());
+    let log = c.agent_log();
+    ensure!(
+        log.matches("renewed the token of ServiceAccount kube-system/cpha").count() == renewals,
+        "one log line per renewal:\n{log}"
+    );
+    ensure!(!log.contains("Unauthorized") && !log.contains("Forbidden"), "a request was refused:\n{log}");
+
+    // The first token expired long ago; an edit of the list still reaches the agent's watch.
+    admin_cpha(&c, &cfg, &["members", "add", "m3=10.23.0.2:6443"])?;
+    wait_for("m3 in HAProxy's runtime state and UP", Duration::from_secs(15), || {
+        Ok(c.servers()?.iter().any(|(name, _, state)| name == "m3" && *state == 2).then_some(()))
+    })
+    .with_context(|| c.agent_log())?;
+    // The same process all along, and the metric says when the current token ends.
+    ensure!(c.agent.as_mut().context("the agent")?.try_wait()?.is_none(), "the agent exited");
+    ensure!(c.agent.as_ref().context("the agent")?.pid() == agent_pid);
+    let expiry: i64 = grep(&c.metrics()?, "cpha_token_expiry_seconds ")
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .context("cpha_token_expiry_seconds")?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    ensure!(expiry > now && expiry <= now + 11, "cpha_token_expiry_seconds {expiry}, now {now}");
     Ok(())
 }
 

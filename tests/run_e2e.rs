@@ -7,7 +7,7 @@ mod cluster;
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cluster::{load_report, stream_report, Cluster, ENDPOINT};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -544,4 +544,115 @@ with `cpha run` at the shipped defaults (tests/run_e2e.rs, `apply_latency_benchm
         let old = std::fs::read_to_string(&out).unwrap_or_default();
         std::fs::write(&out, replace_between(&old, APPLY_BEGIN, APPLY_END, &section)).unwrap();
     }
+}
+
+/// `check_status` of each server of the apiserver backend (`show stat`), by address.
+fn check_statuses(c: &Cluster) -> Result<Vec<(String, String)>> {
+    let out = c.admin("show stat")?;
+    let mut header: Vec<String> = Vec::new();
+    let mut rows = Vec::new();
+    for line in out.lines() {
+        if let Some(h) = line.strip_prefix("# ") {
+            header = h.split(',').map(str::to_string).collect();
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').collect();
+        if f.first() == Some(&cluster::BACKEND) && f.get(1).is_some_and(|s| *s != "BACKEND" && *s != "FRONTEND") {
+            let col = |name: &str| header.iter().position(|h| h == name).map(|i| f[i].to_string());
+            let addr = col("addr").unwrap_or_default();
+            rows.push((addr.split(':').next().unwrap_or("").to_string(), col("check_status").unwrap_or_default()));
+        }
+    }
+    rows.sort();
+    Ok(rows)
+}
+
+/// Waits until every server of the backend is in `state` (`show servers state`) with a check
+/// status starting with `status` (`show stat`), `n` servers.
+fn wait_checks(c: &Cluster, n: usize, state: u32, status: &str, timeout: Duration) -> Result<()> {
+    cpha_lab::netns::wait_for(&format!("{n} servers in state {state} with check {status}"), timeout, || {
+        let servers = c.servers()?;
+        let checks = check_statuses(c)?;
+        Ok((servers.len() == n
+            && servers.iter().all(|(_, _, s)| *s == state)
+            && checks.len() == n
+            && checks.iter().all(|(_, st)| st.starts_with(status)))
+        .then_some(()))
+    })
+    .with_context(|| format!("servers {:?}, checks {:?}", c.servers(), check_statuses(c)))
+}
+
+fn wait_reloads(c: &Cluster, count: u32) -> Result<()> {
+    cpha_lab::netns::wait_for(&format!("{count} reloads"), Duration::from_secs(15), || {
+        Ok((c.workers()?.1.parse::<u32>()? == count).then_some(()))
+    })
+    .with_context(|| c.agent_log())
+}
+
+/// A CA certificate of its own, signing nothing the members serve.
+fn unrelated_ca() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "not this cluster's CA");
+    params.self_signed(&key).unwrap().pem()
+}
+
+/// The host shape's first boot: the agent and HAProxy start before kubeadm wrote the cluster
+/// CA, so the checks do not verify; kubeadm writes it, and the agent reloads HAProxy exactly
+/// once onto verified checks. A CA that does not sign the members' certificates makes them
+/// DOWN (the verification is real); one that is not usable any more falls back to unverified
+/// checks, and later applies still succeed.
+#[test]
+fn checks_verify_the_apiservers_once_the_cluster_ca_exists() {
+    let mut c = Cluster::new(3).unwrap();
+    c.set_members(&c.member_list(&[1, 2, 3])).unwrap();
+    let config = c.write_config("retarget", "nftables", &c.members[0].addr.clone()).unwrap();
+    let ca = c.dir.join("kubernetes-ca.crt");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("  healthCheck:\n    clusterCaFile: {}\n", ca.display()));
+    std::fs::write(&config, text).unwrap();
+    c.start_agent(&config).unwrap();
+    c.start_haproxy().unwrap();
+    c.wait_phase(&["balanced"], LONG).unwrap();
+    let cfg = || std::fs::read_to_string(c.dir.join("haproxy.cfg")).unwrap();
+    assert!(cfg().contains(" check check-ssl verify none ") && !cfg().contains("ca-file"), "{}", cfg());
+    wait_checks(&c, 3, 2, "L7OK", LONG).unwrap();
+    let reloads: u32 = c.workers().unwrap().1.parse().unwrap();
+
+    // kubeadm writes the CA (a plain write, as kubeadm does): exactly one reload.
+    std::fs::copy(c.dir.join("pki/ca.crt"), &ca).unwrap();
+    wait_reloads(&c, reloads + 1).unwrap();
+    let verified = format!(" check check-ssl verify required ca-file {} ", ca.display());
+    assert!(cfg().contains(&verified), "{}", cfg());
+    // Checks completed after the reload, over verified TLS.
+    std::thread::sleep(Duration::from_secs(3));
+    wait_checks(&c, 3, 2, "L7OK", LONG).unwrap();
+    assert_eq!(c.workers().unwrap().1.parse::<u32>().unwrap(), reloads + 1, "one reload, not one per read");
+    assert_eq!(c.phase().unwrap(), "balanced");
+
+    // A CA that signed none of the members' certificates: one reload to load it, then every
+    // check fails in the TLS handshake and the servers go DOWN.
+    std::fs::write(&ca, unrelated_ca()).unwrap();
+    wait_reloads(&c, reloads + 2).unwrap();
+    wait_checks(&c, 3, 0, "L6", LONG).unwrap();
+
+    // The right CA again, then a CA file that is no longer usable: unverified checks as on the
+    // first boot, the file `haproxy -c` accepts, and applies go on succeeding.
+    std::fs::copy(c.dir.join("pki/ca.crt"), &ca).unwrap();
+    wait_reloads(&c, reloads + 3).unwrap();
+    wait_checks(&c, 3, 2, "L7OK", LONG).unwrap();
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\ntruncat").unwrap();
+    wait_reloads(&c, reloads + 4).unwrap();
+    assert!(cfg().contains(" check check-ssl verify none ") && !cfg().contains("ca-file"), "{}", cfg());
+    wait_checks(&c, 3, 2, "L7OK", LONG).unwrap();
+    c.set_members(&c.member_list(&[1, 2])).unwrap();
+    c.serving_after(LONG, 2).unwrap();
+    let metrics = c.metrics().unwrap();
+    let failed =
+        metrics.lines().filter(|l| l.starts_with("cpha_applies_total{") || l.starts_with("cpha_reloads_total{"));
+    let failed: Vec<&str> = failed.filter(|l| l.contains("result=\"error\"") && !l.ends_with(" 0")).collect();
+    assert!(failed.is_empty(), "{failed:?}\n{}", c.agent_log());
+    assert!(c.agent_log().contains("the cluster CA is not usable"), "{}", c.agent_log());
+    assert_eq!(c.workers().unwrap().1.parse::<u32>().unwrap(), reloads + 4, "the member change is a runtime one");
 }

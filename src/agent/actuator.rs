@@ -93,6 +93,11 @@ pub trait VipActuator {
     fn members(&mut self, members: Vec<IpAddr>);
     /// Removes the address from this host; a one-line report.
     fn release(&mut self) -> Result<String, String>;
+    /// Whether this host holds the address now.
+    fn holds(&mut self) -> bool;
+    /// How long a backup may take to hold the address after this host gave it up (VRRP's
+    /// master-down interval); zero without a virtual IP.
+    fn takeover(&self) -> Duration;
 }
 
 impl<T: VipActuator> VipActuator for Option<T> {
@@ -109,6 +114,14 @@ impl<T: VipActuator> VipActuator for Option<T> {
     fn release(&mut self) -> Result<String, String> {
         self.as_mut().map_or(Ok(String::new()), VipActuator::release)
     }
+
+    fn holds(&mut self) -> bool {
+        self.as_mut().is_some_and(VipActuator::holds)
+    }
+
+    fn takeover(&self) -> Duration {
+        self.as_ref().map_or(Duration::ZERO, VipActuator::takeover)
+    }
 }
 
 impl VipActuator for crate::vip::keepalived::Keepalived {
@@ -122,6 +135,14 @@ impl VipActuator for crate::vip::keepalived::Keepalived {
 
     fn release(&mut self) -> Result<String, String> {
         crate::vip::keepalived::Keepalived::release(self).map_err(|e| format!("{e:#}"))
+    }
+
+    fn holds(&mut self) -> bool {
+        crate::vip::keepalived::Keepalived::holds(self)
+    }
+
+    fn takeover(&self) -> Duration {
+        crate::vip::keepalived::Keepalived::takeover(self)
     }
 }
 

@@ -98,7 +98,9 @@ impl EndpointCheck {
     /// another host's may work. When no member answers this host's probes either, it is an
     /// outage of the apiservers (or this host is cut off from them all): every host sees the
     /// same, so each degrades and the holder keeps the address, and the first request after
-    /// the first apiserver is ready again goes through without waiting for VRRP.
+    /// the first apiserver is ready again goes through without waiting for VRRP. Once an
+    /// outage was seen, members that answer again do not make the still-failing endpoint a
+    /// reason to withdraw: HAProxy's checks need their rise before it serves them.
     fn argues(&self, was_healthy: bool, members_answer: bool) -> Advertised {
         match self {
             EndpointCheck::Ready => Advertised::Healthy,
@@ -484,12 +486,19 @@ struct VipState {
     run: Option<(u8, u32)>,
     /// Since when the endpoint has answered nothing, in the current run of such checks.
     unreachable_since: Option<Instant>,
+    /// A probe round in that run found no member ready: an outage of the apiservers, and while
+    /// the run lasts the endpoint is not blamed (after the outage the members answer this
+    /// host's probes before HAProxy's checks have them UP again).
+    outage_seen: bool,
     was_healthy: bool,
     /// When worse health was last advertised.
     lowered_at: Option<Instant>,
     observed: Option<VrrpObserved>,
     holds_since: Instant,
     releasing: bool,
+    /// A removal failed: when to try it again, while keepalived is still gone and the address
+    /// still here (nothing else would remove it, and no new observation may come).
+    release_retry_at: Option<Instant>,
     members: Option<Vec<IpAddr>>,
     last_config: Option<String>,
 }
@@ -562,11 +571,13 @@ impl VipState {
             advertised: None,
             run: None,
             unreachable_since: None,
+            outage_seen: false,
             was_healthy: false,
             lowered_at: None,
             observed: None,
             holds_since: now,
             releasing: false,
+            release_retry_at: None,
             members: None,
             last_config: None,
         }
@@ -585,8 +596,10 @@ impl VipState {
             self.unreachable_since.get_or_insert(now);
         } else {
             self.unreachable_since = None;
+            self.outage_seen = false;
         }
-        let members_answer = matches!((ready_at, self.unreachable_since), (Some(r), Some(u)) if r >= u);
+        let members_answer =
+            !self.outage_seen && matches!((ready_at, self.unreachable_since), (Some(r), Some(u)) if r >= u);
         let argued = check.argues(self.was_healthy, members_answer);
         let count = match self.run {
             Some((last, n)) if last == check.kind() => n.saturating_add(1),
@@ -625,6 +638,9 @@ impl VipState {
         Some(next)
     }
 }
+
+/// After a failed removal of the address a killed keepalived left, the next attempt.
+const RELEASE_RETRY: Duration = Duration::from_secs(1);
 
 /// Consecutive "gone" liveness checks before the fast fallback: one refused connect may be a
 /// socket being replaced.
@@ -695,6 +711,9 @@ impl Controller {
     /// When the driver should next send [`Input::Tick`].
     pub fn next_wake(&self) -> Instant {
         let mut wake = self.next_liveness.min(self.next_read).min(self.next_check);
+        if let Some(at) = self.vip.as_ref().and_then(|v| v.release_retry_at) {
+            wake = wake.min(at);
+        }
         if !self.probing && self.desired.is_some() {
             wake = wake.min(self.next_probe);
         }
@@ -765,8 +784,10 @@ impl Controller {
             Input::Vrrp(observed) => self.vrrp(now, observed, &mut out),
             Input::VipConfigured(result) => self.vip_configured(result, &mut out),
             Input::VipReleased(result) => {
+                let failed = result.is_err();
                 if let Some(vip) = &mut self.vip {
                     vip.releasing = false;
+                    vip.release_retry_at = failed.then(|| now + RELEASE_RETRY);
                 }
                 match result {
                     Ok(report) => out.push(Effect::Event(Note {
@@ -775,7 +796,10 @@ impl Controller {
                         action: "ReleaseVip",
                         message: report,
                     })),
-                    Err(err) => self.last_error = Some(format!("removing the virtual IP keepalived left: {err}")),
+                    Err(err) => {
+                        self.last_error =
+                            Some(format!("removing the virtual IP keepalived left (again in {RELEASE_RETRY:?}): {err}"))
+                    }
                 }
             }
             Input::Applied(result) => self.applied(now, result, &mut out),
@@ -989,6 +1013,12 @@ impl Controller {
             // HAProxy (re)started: whatever it runs is brought to the desired state.
             self.mark_due();
         }
+        if health.stale && !matches!(self.apply, Apply::Running { .. }) {
+            // The file would render differently (the cluster CA appeared): one apply, which
+            // reloads because the digest changed. A running apply may have rendered before the
+            // change; the next read says so again once it is done.
+            self.mark_due();
+        }
         self.haproxy = health;
         if health.answers {
             self.alive = true;
@@ -1072,6 +1102,8 @@ impl Controller {
         if !none_ready {
             // When the round began: an answer it got may predate a failure seen meanwhile.
             self.ready_at = Some(self.probe_started.min(now));
+        } else if let Some(vip) = self.vip.as_mut().filter(|v| v.unreachable_since.is_some()) {
+            vip.outage_seen = true;
         }
         if self.vip.as_ref().and_then(|v| v.unreachable_since).is_some_and(|u| self.probe_started < u) {
             // The endpoint failed while this round ran: ask again, after the failure.
@@ -1330,6 +1362,15 @@ impl Controller {
             self.next_check = now + self.check_interval();
             if self.phase.carrier().is_some() {
                 out.push(Effect::CheckEndpoint);
+            }
+        }
+        if let Some(vip) = &mut self.vip {
+            if vip.release_retry_at.is_some_and(|at| now >= at) {
+                vip.release_retry_at = None;
+                if !vip.releasing && vip.observed.is_some_and(|o| o.vrrp == Vrrp::Gone && o.holds) {
+                    vip.releasing = true;
+                    out.push(Effect::ReleaseVip);
+                }
             }
         }
         if !self.probing && now >= self.next_probe {

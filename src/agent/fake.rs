@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::actuator::{EndpointActuator, FileKeeper, HaproxyActuator, Probes, Reporter, VipActuator};
 use super::controller::{Adopted, Desired, EndpointCheck, Note, View};
@@ -207,6 +208,14 @@ impl VipActuator for FakeVip {
 
     fn members(&mut self, members: Vec<IpAddr>) {
         self.log.push(format!("members {members:?}"));
+    }
+
+    fn holds(&mut self) -> bool {
+        false
+    }
+
+    fn takeover(&self) -> Duration {
+        Duration::ZERO
     }
 
     fn release(&mut self) -> Result<String, String> {

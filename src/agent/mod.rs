@@ -199,6 +199,16 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
         resolve_timeout: config.haproxy.runtime_timeout,
     };
     sources.start(&config.members, &config.kubernetes);
+    if crate::kube::renew::applies(&config.kubernetes).is_some() {
+        // NOTE: restart-only, like the credentials themselves.
+        let renewal = crate::kube::renew::run(
+            config.kubernetes.clone(),
+            Box::new(known_rx.clone()),
+            metrics.token_expiry.clone(),
+            root.child_token(),
+        );
+        supervise("the token renewal", tokio::spawn(renewal), root.clone(), ended_tx.clone());
+    }
     let events = match (config.agent.events, events::regarding(&config.members.source)) {
         (true, Some(reference)) => events::spawn(config.kubernetes.clone(), reference, known_rx, root.child_token()),
         _ => events::Events::disabled(),

@@ -11,13 +11,10 @@ pub mod render;
 pub mod run;
 pub mod status;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
-/// The release and the commit it was built from (build.rs; `unknown` without git).
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CPHA_COMMIT"), ")");
-
-/// The commit alone, for `cpha_build_info`.
-pub const COMMIT: &str = env!("CPHA_COMMIT");
+pub use crate::build_info::{COMMIT, VERSION};
+pub use crate::logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,12 +37,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 //! - [`mod@render`]: haproxy.cfg from a tera template (the built-in `haproxy.cfg.tera`, or the
 //!   operator's), with a digest of everything outside the server list.
 //! - [`check`]: `haproxy -c` on a candidate file before it replaces the live one.
+//! - [`cluster_ca`]: the cluster CA file the checks verify against once it is usable.
 //! - [`resolve`]: members to servers (DNS names resolved to IP addresses). The agent resolves
 //!   once per member update and drives both the forward and HAProxy from the result.
 //! - [`runtime`]: the Runtime API and master CLI client; commands built from parsed values.
@@ -18,7 +19,7 @@
 //! ```text
 //! let mut haproxy = Haproxy::new(settings, metrics)?;       // settings checked, template compiled
 //! haproxy.apply(&RenderInput { servers: &desired, bind }).await // -> ApplyReport | ApplyError
-//! haproxy.health().await                                    // -> Health { answers, up, total, draining }
+//! haproxy.health().await                                    // -> Health { answers, up, total, draining, stale, maint }
 //! haproxy.snapshot().await                                  // -> BackendSnapshot (servers, states, sessions)
 //! haproxy.set_settings(new_settings)?;                      // SIGHUP; the next apply reloads if needed
 //! ```
@@ -67,11 +68,20 @@
 //! read-back.
 //!
 //! Decisions, with their reasons where they are made: DNS members are resolved by cpha
-//! ([`resolve`]); checks do not verify the apiserver certificate unless `healthCheck.caFile` is
-//! set ([`settings::HealthCheckSettings::ca_file`], docs/haproxy.md); a reload is needed exactly
-//! when the digest of the rendering without servers changes ([`mod@render`]).
+//! ([`resolve`]); checks verify the apiserver certificates against `healthCheck.caFile`, or
+//! against the cluster CA once it exists and is valid, and not at all before
+//! ([`settings::Checked::with_cluster_ca`], [`cluster_ca`], docs/haproxy.md); a reload is
+//! needed exactly when the digest of the rendering without servers changes ([`mod@render`]).
+//!
+//! NOTE: which keywords the checks get from the cluster CA is decided here, in the actuator,
+//! not in the agent's controller: it is a fact about a file, read when the file is rendered,
+//! like a DNS name resolved at each apply, and the controller never sees server keywords. What
+//! the controller does decide is when to apply: [`Health::stale`] tells it that the file would
+//! now render differently (the CA appeared, or stopped being usable), and it schedules one
+//! apply, which reloads once because the digest changed.
 
 pub mod check;
+pub mod cluster_ca;
 pub mod plan;
 pub mod reload;
 pub mod render;
@@ -120,6 +130,9 @@ pub struct Health {
     pub total: usize,
     /// Removed servers still finishing their connections.
     pub draining: usize,
+    /// The file would render differently now than at the last apply, for a reason outside the
+    /// member set (the cluster CA appeared, or is no longer usable): an apply is due.
+    pub stale: bool,
     /// Desired servers an operator put in maintenance (cpha leaves them so).
     pub maint: usize,
 }
@@ -132,6 +145,7 @@ impl Health {
             up: snapshot.up(),
             total: snapshot.servers.iter().filter(|s| !held(s)).count(),
             draining: snapshot.servers.iter().filter(held).count(),
+            stale: false,
             maint: 0,
         }
     }
@@ -235,6 +249,8 @@ pub struct Haproxy {
     /// Names of the last desired servers.
     desired: BTreeSet<String>,
     last_reload: Option<Instant>,
+    /// `healthCheck.clusterCaFile`, when it decides anything, and its last state seen.
+    cluster_ca: Option<(cluster_ca::ClusterCa, Option<settings::CaState>)>,
 }
 
 impl Haproxy {
@@ -243,6 +259,7 @@ impl Haproxy {
         let checked = settings.check()?;
         let template = Template::from_settings(&settings)?;
         let (admin, master) = clis(&settings);
+        let cluster_ca = cluster_ca_of(&checked);
         Ok(Haproxy {
             settings,
             checked,
@@ -253,6 +270,7 @@ impl Haproxy {
             drains: BTreeMap::new(),
             desired: BTreeSet::new(),
             last_reload: None,
+            cluster_ca,
         })
     }
 
@@ -262,6 +280,9 @@ impl Haproxy {
         let checked = settings.check()?;
         let template = Template::from_settings(&settings)?;
         (self.admin, self.master) = clis(&settings);
+        if self.checked.cluster_ca_file != checked.cluster_ca_file {
+            self.cluster_ca = cluster_ca_of(&checked);
+        }
         self.settings = settings;
         self.checked = checked;
         self.template = template;
@@ -274,7 +295,42 @@ impl Haproxy {
 
     /// Renders the file, without touching anything.
     pub fn render(&self, input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
-        self.template.render(&self.settings, &self.checked, input.bind, input.servers)
+        let checked = match &self.checked.cluster_ca_file {
+            Some(path) => self.checked.with_cluster_ca(&cluster_ca::read_once(std::path::Path::new(path.as_str()))),
+            None => self.checked.clone(),
+        };
+        self.template.render(&self.settings, &checked, input.bind, input.servers)
+    }
+
+    /// Reads the cluster CA's state (a `stat` when it did not change) and logs a change; the
+    /// settings to render with follow from it.
+    fn read_cluster_ca(&mut self) -> Checked {
+        let Some((ca, last)) = &mut self.cluster_ca else { return self.checked.clone() };
+        let now = ca.read();
+        if last.as_ref() != Some(&now) {
+            let path = ca.path().display();
+            let was_usable = matches!(last, Some(settings::CaState::Usable { .. }));
+            match (&now, last.is_some()) {
+                (settings::CaState::Usable { .. }, _) if was_usable => {
+                    tracing::info!(%path, "the cluster CA changed: HAProxy is reloaded to load it")
+                }
+                (settings::CaState::Usable { .. }, _) => {
+                    tracing::info!(%path, "cluster CA found: HAProxy's checks verify the apiservers against it")
+                }
+                (settings::CaState::Absent, false) => {
+                    tracing::info!(%path, "no cluster CA yet: HAProxy's checks do not verify the apiservers until it exists")
+                }
+                (settings::CaState::Absent, true) => {
+                    tracing::warn!(%path, "the cluster CA is gone: HAProxy's checks no longer verify the apiservers")
+                }
+                (settings::CaState::Invalid(why), _) => tracing::warn!(
+                    %path,
+                    "the cluster CA is not usable ({why}): HAProxy's checks do not verify the apiservers until it is"
+                ),
+            }
+            *last = Some(now.clone());
+        }
+        self.checked.with_cluster_ca(&now)
     }
 
     /// Brings the file and the running HAProxy to `input`; see the module documentation.
@@ -305,6 +361,8 @@ impl Haproxy {
         input: &RenderInput<'_>,
         method: &mut ApplyMethod,
     ) -> Result<ApplyReport, ApplyError> {
+        // NOTE: the keywords used from here on, in the file and in `add server` alike.
+        self.checked = self.read_cluster_ca();
         let rendered = self.template.render(&self.settings, &self.checked, input.bind, input.servers)?;
         let servers = input.servers.to_vec();
         let mut report = ApplyReport::default();
@@ -581,7 +639,8 @@ impl Haproxy {
     /// completes the drains that are due (see the module documentation), and updates
     /// `cpha_backend_servers_up`.
     pub async fn health(&mut self) -> Health {
-        let health = match self.snapshot().await {
+        let stale = self.read_cluster_ca() != self.checked;
+        let mut health = match self.snapshot().await {
             Ok(snapshot) => {
                 if !self.drains.is_empty() {
                     if let Err(e) = self.finish_drains_with(&snapshot).await {
@@ -609,6 +668,7 @@ impl Haproxy {
                 Health::default()
             }
         };
+        health.stale = stale;
         health
     }
 
@@ -705,6 +765,10 @@ fn clis(settings: &HaproxySettings) -> (Cli, Cli) {
     )
 }
 
+fn cluster_ca_of(checked: &Checked) -> Option<(cluster_ca::ClusterCa, Option<settings::CaState>)> {
+    checked.cluster_ca_file.as_ref().map(|p| (cluster_ca::ClusterCa::new(p.as_str()), None))
+}
+
 /// Every desired server is in the backend at its address and not held in drain or maintenance,
 /// except in an operator's maintenance (forced, and not a drain of cpha's).
 fn verify(desired: &[Server], snapshot: &BackendSnapshot, ours: &BTreeMap<String, Instant>) -> Result<(), ApplyError> {
@@ -766,8 +830,8 @@ mod tests {
             ("c", "10.0.0.3:1", ServerStatus::Drain),
             ("d", "10.0.0.4:1", ServerStatus::Up),
         ]);
-        assert_eq!(Health::of(&s), Health { answers: true, up: 2, total: 3, draining: 1, maint: 0 });
-        assert_eq!(Health::default(), Health { answers: false, up: 0, total: 0, draining: 0, maint: 0 });
+        assert_eq!(Health::of(&s), Health { answers: true, up: 2, total: 3, draining: 1, stale: false, maint: 0 });
+        assert_eq!(Health::default(), Health { answers: false, up: 0, total: 0, draining: 0, stale: false, maint: 0 });
     }
 
     #[test]

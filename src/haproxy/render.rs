@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tera::Tera;
 
+use crate::template::chain;
+
 use super::settings::{time, Checked, HaproxySettings, SettingsError};
 use crate::members::ServerName;
 
@@ -117,7 +119,13 @@ impl Template {
         let full = self.render_text(settings, checked, bind, servers)?;
         let skeleton = self.render_text(settings, checked, bind, &[])?;
         self.check_server_lines(&skeleton, &full, checked, servers)?;
-        let digest = digest(&skeleton, &checked.server_params);
+        // The cluster CA's content is read by HAProxy only when it loads the file: a new
+        // content must reload it, as a change of the file would.
+        let keywords = match &checked.ca_fingerprint {
+            Some(f) => format!("{} # ca {f}", checked.server_params),
+            None => checked.server_params.clone(),
+        };
+        let digest = digest(&skeleton, &keywords);
         let mut text = String::with_capacity(full.len() + 256);
         text.push_str(HEADER);
         text.push_str(&full);
@@ -205,18 +213,6 @@ fn digest(skeleton: &str, server_params: &str) -> String {
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{hash:016x}")
-}
-
-/// The error and its sources on one line (tera's parse errors span several).
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[derive(Serialize)]

@@ -229,6 +229,9 @@ impl<'de> Deserialize<'de> for ReloadMethod {
     }
 }
 
+/// Where kubeadm writes the cluster CA (`healthCheck.clusterCaFile`'s default).
+pub const DEFAULT_CLUSTER_CA: &str = "/etc/kubernetes/pki/ca.crt";
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct HealthCheckSettings {
@@ -243,9 +246,13 @@ pub struct HealthCheckSettings {
     /// Read timeout of one check (`timeout check`).
     #[serde(deserialize_with = "crate::units::duration")]
     pub timeout: Duration,
-    /// Verify the apiservers' certificates against this CA (the cluster CA,
-    /// `/etc/kubernetes/pki/ca.crt`). Without it the check's TLS is not verified.
+    /// Always verify the apiservers' certificates against this CA: `haproxy -c` refuses the
+    /// file while it is missing. Set, it replaces `cluster_ca_file`.
     pub ca_file: Option<PathBuf>,
+    /// The cluster CA kubeadm writes at init and join: the checks verify the apiservers'
+    /// certificates against it once it exists and holds valid certificates, and do not verify
+    /// before (`verify none`). `null` never verifies (unless `ca_file` is set).
+    pub cluster_ca_file: Option<PathBuf>,
     /// How long a server that still answers (`/livez` passes) but fails `/readyz` keeps the
     /// sessions it has: it is DOWN for new connections at once, and its open connections
     /// (watches among them) are shut down when this has passed and another server is UP to
@@ -279,6 +286,7 @@ impl Default for HealthCheckSettings {
             rise: 2,
             timeout: Duration::from_secs(2),
             ca_file: None,
+            cluster_ca_file: Some(PathBuf::from(DEFAULT_CLUSTER_CA)),
             unready_grace: Duration::from_secs(30),
             shutdown_sessions_on_down: false,
             slow_start: Duration::ZERO,
@@ -450,12 +458,55 @@ pub struct Checked {
     pub admin_socket: SafePath,
     pub master_socket: SafePath,
     pub ca_file: Option<SafePath>,
+    /// The cluster CA used once it exists; `None` when `healthCheck.caFile` is set or this is
+    /// off.
+    pub cluster_ca_file: Option<SafePath>,
     pub user: Option<SystemName>,
     pub group: Option<SystemName>,
-    /// The keywords every server line carries, in the file and in `add server` alike.
+    /// The keywords every server line carries, in the file and in `add server` alike: the
+    /// ones in use. [`Checked::with_cluster_ca`] makes the variant for a cluster CA's state.
     pub server_params: String,
+    /// The cluster CA's content in use, when `server_params` names it: part of the digest, so
+    /// a CA whose content changes (a rotation) reloads HAProxy, which reads it only then.
+    pub ca_fingerprint: Option<String>,
+    /// `server_params` without the cluster CA (`verify none`, or `caFile`'s).
+    params_without_ca: String,
+    /// `server_params` with the cluster CA (`verify required ca-file ...`).
+    params_with_ca: Option<String>,
     pub stats_listen: Option<SocketAddr>,
     pub stats_auth: Option<StatsAuth>,
+}
+
+impl Checked {
+    /// These settings with the server keywords for the cluster CA's state: `verify required
+    /// ca-file <clusterCaFile>` when it is usable, what `caFile` (or `verify none`) says
+    /// otherwise. `haproxy -c` refuses a `ca-file` it cannot load, and kubeadm writes the CA
+    /// only at init or join (with a plain write, so it can be seen half written): a CA that
+    /// is missing or not valid is not named, and the checks work as on the first boot.
+    pub fn with_cluster_ca(&self, ca: &CaState) -> Checked {
+        let (params, fingerprint) = match (ca, &self.params_with_ca) {
+            (CaState::Usable { fingerprint }, Some(with)) => (with, Some(fingerprint.clone())),
+            _ => (&self.params_without_ca, None),
+        };
+        Checked { server_params: params.clone(), ca_fingerprint: fingerprint, ..self.clone() }
+    }
+
+    /// Whether the cluster CA's state decides anything.
+    pub fn uses_cluster_ca(&self) -> bool {
+        self.params_with_ca.is_some()
+    }
+}
+
+/// The cluster CA file as read (`haproxy::cluster_ca`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaState {
+    /// No such file (the first boot before kubeadm, a DaemonSet pod, an external LB host).
+    Absent,
+    /// Readable, and every certificate in it parses as a trust anchor; `fingerprint` tells
+    /// two contents apart.
+    Usable { fingerprint: String },
+    /// There but not usable (unreadable, empty, half written, not a certificate): why.
+    Invalid(String),
 }
 
 /// The longest duration rendered; HAProxy's timers hold about 24 days.
@@ -479,6 +530,13 @@ impl HaproxySettings {
         }
         let ca_file =
             self.health_check.ca_file.as_deref().map(|p| SafePath::parse("healthCheck.caFile", p)).transpose()?;
+        let cluster_ca_file = self
+            .health_check
+            .cluster_ca_file
+            .as_deref()
+            .map(|p| SafePath::parse("healthCheck.clusterCaFile", p))
+            .transpose()?
+            .filter(|_| ca_file.is_none());
         let user = self.user.as_deref().map(|u| SystemName::parse("user", u)).transpose()?;
         let group = self.group.as_deref().map(|g| SystemName::parse("group", g)).transpose()?;
         if self.binary.as_os_str().is_empty() {
@@ -545,12 +603,12 @@ impl HaproxySettings {
         if self.maxconn.is_some_and(|m| !(1..=1_000_000).contains(&m)) {
             return Err(invalid("maxconn", "must be between 1 and 1000000"));
         }
-        let verify = match &ca_file {
+        let verify = |ca: Option<&SafePath>| match ca {
             Some(ca) => format!("verify required ca-file {ca}"),
             None => "verify none".to_string(),
         };
-        let mut server_params = format!(
-            "check check-ssl {verify} inter {} fastinter {} downinter {} fall {} rise {}",
+        let mut tuning = format!(
+            "inter {} fastinter {} downinter {} fall {} rise {}",
             time(hc.inter),
             time(hc.fast_inter),
             time(hc.down_inter),
@@ -558,14 +616,17 @@ impl HaproxySettings {
             hc.rise
         );
         if hc.error_limit > 0 {
-            server_params.push_str(&format!(" observe layer4 error-limit {} on-error fail-check", hc.error_limit));
+            tuning.push_str(&format!(" observe layer4 error-limit {} on-error fail-check", hc.error_limit));
         }
         if !hc.slow_start.is_zero() {
-            server_params.push_str(&format!(" slowstart {}", time(hc.slow_start)));
+            tuning.push_str(&format!(" slowstart {}", time(hc.slow_start)));
         }
         if hc.shutdown_sessions_on_down {
-            server_params.push_str(" on-marked-down shutdown-sessions");
+            tuning.push_str(" on-marked-down shutdown-sessions");
         }
+        let params = |ca: Option<&SafePath>| format!("check check-ssl {} {tuning}", verify(ca));
+        let params_without_ca = params(ca_file.as_ref());
+        let params_with_ca = cluster_ca_file.as_ref().map(|ca| params(Some(ca)));
         let stats_auth = match &self.stats.credentials_file {
             None => None,
             Some(path) => {
@@ -589,9 +650,13 @@ impl HaproxySettings {
             admin_socket,
             master_socket,
             ca_file,
+            cluster_ca_file,
             user,
             group,
-            server_params,
+            server_params: params_without_ca.clone(),
+            ca_fingerprint: None,
+            params_without_ca,
+            params_with_ca,
             stats_listen: self.stats.listen,
             stats_auth,
         })
@@ -651,6 +716,56 @@ mod tests {
         );
         assert!(s.timeouts.tunnel >= Duration::from_secs(3600));
         assert_eq!(c.backend.as_str(), "kube-apiservers");
+    }
+
+    #[test]
+    fn checks_verify_against_the_cluster_ca_once_it_is_usable() {
+        let c = HaproxySettings::default().check().unwrap();
+        assert_eq!(c.cluster_ca_file.as_ref().map(SafePath::as_str), Some(DEFAULT_CLUSTER_CA));
+        let none = "check check-ssl verify none inter 1s";
+        let required = "check check-ssl verify required ca-file /etc/kubernetes/pki/ca.crt inter 1s";
+        assert!(c.server_params.starts_with(none), "before any read: {}", c.server_params);
+        assert!(c.with_cluster_ca(&CaState::Absent).server_params.starts_with(none));
+        assert!(c.with_cluster_ca(&CaState::Invalid("half written".into())).server_params.starts_with(none));
+        let verified = c.with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() });
+        assert!(verified.server_params.starts_with(required), "{}", verified.server_params);
+        assert_eq!(
+            verified.server_params.strip_prefix(required),
+            c.server_params.strip_prefix(none),
+            "only the verification differs"
+        );
+        // Idempotent: the variant is made from the settings, not from the params in use.
+        assert_eq!(verified.with_cluster_ca(&CaState::Absent).server_params, c.server_params);
+        assert_eq!(verified.with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() }), verified);
+        assert_eq!(verified.ca_fingerprint.as_deref(), Some("f1"));
+        let rotated = c.with_cluster_ca(&CaState::Usable { fingerprint: "f2".into() });
+        assert_eq!(rotated.server_params, verified.server_params);
+        assert_ne!(rotated, verified, "a new CA content is a different rendering");
+
+        // `null`: never verified.
+        let s: HaproxySettings = yaml::from_str("healthCheck:\n  clusterCaFile: null\n").unwrap();
+        let c = s.check().unwrap();
+        assert!(!c.uses_cluster_ca());
+        assert!(c.with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() }).server_params.starts_with(none));
+
+        // Another path.
+        let s: HaproxySettings =
+            yaml::from_str("healthCheck:\n  clusterCaFile: /etc/cpha/kubernetes-ca.crt\n").unwrap();
+        let c = s.check().unwrap().with_cluster_ca(&CaState::Usable { fingerprint: "f1".into() });
+        assert!(c.server_params.contains("verify required ca-file /etc/cpha/kubernetes-ca.crt inter"));
+        let mut s = HaproxySettings::default();
+        s.health_check.cluster_ca_file = Some("/etc/ca.crt\nserver x".into());
+        assert_eq!(s.check().unwrap_err().field, "healthCheck.clusterCaFile");
+
+        // An explicit `caFile` is always required, whatever the cluster CA's state.
+        let s: HaproxySettings = yaml::from_str("healthCheck:\n  caFile: /etc/ssl/apiserver-ca.pem\n").unwrap();
+        let c = s.check().unwrap();
+        assert!(!c.uses_cluster_ca(), "caFile replaces clusterCaFile");
+        let explicit = "check check-ssl verify required ca-file /etc/ssl/apiserver-ca.pem inter 1s";
+        for state in [CaState::Absent, CaState::Usable { fingerprint: "f1".into() }, CaState::Invalid("x".into())] {
+            assert!(c.with_cluster_ca(&state).server_params.starts_with(explicit), "{state:?}");
+        }
+        assert!(c.server_params.starts_with(explicit));
     }
 
     #[test]

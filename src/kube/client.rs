@@ -15,11 +15,36 @@ use http::{HeaderValue, Request, Response};
 use tokio::sync::watch;
 
 use super::credentials::{Loaded, TokenFile};
-use crate::members::MemberSet;
 
-/// Builds a client from loaded credentials. With `direct_to_members`, the members in `known`
+/// The apiservers the agent knows (its member list), for talking to them directly, read again
+/// whenever they change. The client needs only their `host:port`; the member list implements
+/// this (`members`), so this room does not depend on the member types.
+pub trait KnownServers: Send + Sync {
+    /// Whether the list changed since [`KnownServers::addresses`] last read it.
+    fn changed(&self) -> bool;
+    /// Each server as `host:port`; marks the list as read.
+    fn addresses(&mut self) -> Vec<String>;
+    fn boxed(&self) -> Box<dyn KnownServers>;
+}
+
+/// A plain list, for callers that know addresses rather than members.
+impl KnownServers for watch::Receiver<Vec<String>> {
+    fn changed(&self) -> bool {
+        self.has_changed().unwrap_or(false)
+    }
+
+    fn addresses(&mut self) -> Vec<String> {
+        self.borrow_and_update().clone()
+    }
+
+    fn boxed(&self) -> Box<dyn KnownServers> {
+        Box::new(self.clone())
+    }
+}
+
+/// Builds a client from loaded credentials. With `direct_to_members`, the servers in `known`
 /// (read again whenever it changes) are tried before the configured server.
-pub fn build(loaded: Loaded, direct_to_members: bool, known: watch::Receiver<MemberSet>) -> Client {
+pub fn build(loaded: Loaded, direct_to_members: bool, known: Box<dyn KnownServers>) -> Client {
     let default_namespace = loaded.config.default_namespace.clone();
     let service = Endpoints {
         shared: Arc::new(Shared {
@@ -48,7 +73,7 @@ struct Shared {
 }
 
 struct State {
-    known: watch::Receiver<MemberSet>,
+    known: Box<dyn KnownServers>,
     targets: Vec<Target>,
     current: usize,
     initialised: bool,
@@ -65,9 +90,9 @@ impl Shared {
     /// there are.
     fn pick(&self) -> Result<(usize, http::Uri, Client, usize), ::kube::Error> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = state.known.has_changed().unwrap_or(false);
+        let changed = state.known.changed();
         if changed || !state.initialised {
-            let members = state.known.borrow_and_update().clone();
+            let members = state.known.addresses();
             let urls = target_urls(&members, &self.configured, self.direct_to_members);
             let current_url = state.targets.get(state.current).map(|t| t.url.clone());
             let mut old: Vec<Target> = std::mem::take(&mut state.targets);
@@ -110,13 +135,13 @@ impl Shared {
     }
 }
 
-/// The servers to try, in order: each member (when talking to members directly), then the
-/// configured server, each once.
-pub fn target_urls(members: &MemberSet, configured: &http::Uri, direct_to_members: bool) -> Vec<http::Uri> {
+/// The servers to try, in order: each member (`host:port`, when talking to members
+/// directly), then the configured server, each once.
+pub fn target_urls(members: &[String], configured: &http::Uri, direct_to_members: bool) -> Vec<http::Uri> {
     let mut urls: Vec<http::Uri> = Vec::new();
     if direct_to_members {
         for member in members {
-            match format!("https://{}/", member.address()).parse::<http::Uri>() {
+            match format!("https://{member}/").parse::<http::Uri>() {
                 Ok(url) if !urls.contains(&url) => urls.push(url),
                 Ok(_) => {}
                 Err(e) => tracing::debug!(%member, "not a URL: {e}"),
@@ -219,7 +244,8 @@ mod tests {
 
     #[test]
     fn members_first_then_the_configured_server_once() {
-        let members: MemberSet = "10.0.0.12, [fd00::11]:7443, cp1=api.example:6443, 10.0.0.10".parse().unwrap();
+        let members: Vec<String> =
+            ["10.0.0.10:6443", "10.0.0.12:6443", "[fd00::11]:7443", "api.example:6443"].map(String::from).to_vec();
         let configured: http::Uri = "https://10.0.0.10:6443".parse().unwrap();
         let urls: Vec<String> = target_urls(&members, &configured, true).iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -233,7 +259,7 @@ mod tests {
         );
         let urls: Vec<String> = target_urls(&members, &configured, false).iter().map(ToString::to_string).collect();
         assert_eq!(urls, ["https://10.0.0.10:6443/"]);
-        let urls = target_urls(&MemberSet::new(), &"https://lb.example:6443/".parse().unwrap(), true);
+        let urls = target_urls(&[], &"https://lb.example:6443/".parse().unwrap(), true);
         assert_eq!(urls.len(), 1);
     }
 

@@ -1,8 +1,10 @@
 //! The agent's own least-privilege identity: a ServiceAccount whose Role may only read the one
 //! member ConfigMap (by `resourceNames`, which the watch's `metadata.name` field selector
-//! satisfies), read the `default/kubernetes` EndpointSlice the same way (for the drift report),
-//! and record Events; and a bound token for it from the TokenRequest API, written to a file the
-//! agent reads again whenever it changes.
+//! satisfies), read the `default/kubernetes` EndpointSlice the same way (the drift report's
+//! comparison, or the member list itself with the `endpointSlice` source),
+//! record Events, and request tokens for itself only (`serviceaccounts/token` by the name
+//! `cpha`, which `crate::kube::renew` uses to renew its token); and a token for it from the
+//! TokenRequest API, written to a file the agent reads again whenever it changes.
 //!
 //! NOTE: a ServiceAccount token rather than a client certificate for a `system:cpha` user,
 //! because it is the sounder one to rotate: issuing one is an audited API call with admin
@@ -13,7 +15,8 @@
 //!
 //! [`desired`] builds the objects (pure); [`ensure`] creates or updates them and [`issue`]
 //! requests a token. Both need credentials that may manage RBAC (kubeadm's admin.conf): they are
-//! one-time steps of provisioning, never of the running agent.
+//! one-time steps of provisioning, never of the running agent, which renews its token with the
+//! token itself.
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -27,14 +30,16 @@ pub const NAME: &str = "cpha";
 /// What the identity may read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grants {
-    /// The member ConfigMap (namespace, name): get, list, watch by name. The ServiceAccount
-    /// lives in its namespace.
-    pub config_map: (String, String),
-    /// The EndpointSlice the apiservers register in (namespace, name), compared with the
-    /// ConfigMap for the drift report.
+    /// Where the ServiceAccount lives; its rule to request its own tokens is there too.
+    pub namespace: String,
+    /// The member ConfigMap, in `namespace` (the `configMap` source): get, list, watch by name.
+    pub config_map: Option<String>,
+    /// The EndpointSlice the apiservers register in (namespace, name): the member list of the
+    /// `endpointSlice` source, or what the drift report compares the ConfigMap with.
     pub endpoint_slice: Option<(String, String)>,
-    /// create and patch on events.k8s.io Events in the ConfigMap's namespace (`agent.events`).
-    pub events: bool,
+    /// The namespace in which to create and patch events.k8s.io Events (`agent.events`): the
+    /// member source object's.
+    pub events: Option<String>,
 }
 
 /// The objects of the identity: the ServiceAccount, and per namespace a Role and its binding.
@@ -65,7 +70,7 @@ fn read_by_name(group: &str, resource: &str, name: &str) -> PolicyRule {
 
 /// The objects for `grants` (pure).
 pub fn desired(grants: &Grants) -> Objects {
-    let (sa_ns, cm_name) = &grants.config_map;
+    let sa_ns = &grants.namespace;
     let subject =
         Subject { kind: "ServiceAccount".into(), name: NAME.into(), namespace: Some(sa_ns.clone()), api_group: None };
     let binding = |namespace: &str| RoleBinding {
@@ -77,22 +82,40 @@ pub fn desired(grants: &Grants) -> Objects {
         },
         subjects: Some(vec![subject.clone()]),
     };
-    let mut rules: Vec<(String, Vec<PolicyRule>)> =
-        vec![(sa_ns.clone(), vec![read_by_name("", "configmaps", cm_name)])];
-    if grants.events {
-        rules[0].1.push(PolicyRule {
-            api_groups: Some(vec!["events.k8s.io".into()]),
-            resources: Some(vec!["events".into()]),
-            verbs: vec!["create".into(), "patch".into()],
-            ..PolicyRule::default()
-        });
+    let mut rules: Vec<(String, Vec<PolicyRule>)> = vec![(sa_ns.clone(), Vec::new())];
+    let mut add = |namespace: &str, rule: PolicyRule| match rules.iter_mut().find(|(ns, _)| ns == namespace) {
+        Some((_, r)) => r.push(rule),
+        None => rules.push((namespace.to_string(), vec![rule])),
+    };
+    if let Some(cm_name) = &grants.config_map {
+        add(sa_ns, read_by_name("", "configmaps", cm_name));
     }
+    // NOTE: `create` on its own `serviceaccounts/token` lets a token outlive any one lifetime,
+    // but only as this ServiceAccount with these rules; deleting the ServiceAccount or the
+    // RoleBinding still ends it, and it cannot mint a token for any other account.
+    add(
+        sa_ns,
+        PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["serviceaccounts/token".into()]),
+            resource_names: Some(vec![NAME.into()]),
+            verbs: vec!["create".into()],
+            ..PolicyRule::default()
+        },
+    );
     if let Some((es_ns, es_name)) = &grants.endpoint_slice {
-        let rule = read_by_name("discovery.k8s.io", "endpointslices", es_name);
-        match rules.iter_mut().find(|(ns, _)| ns == es_ns) {
-            Some((_, r)) => r.push(rule),
-            None => rules.push((es_ns.clone(), vec![rule])),
-        }
+        add(es_ns, read_by_name("discovery.k8s.io", "endpointslices", es_name));
+    }
+    if let Some(events_ns) = &grants.events {
+        add(
+            events_ns,
+            PolicyRule {
+                api_groups: Some(vec!["events.k8s.io".into()]),
+                resources: Some(vec!["events".into()]),
+                verbs: vec!["create".into(), "patch".into()],
+                ..PolicyRule::default()
+            },
+        );
     }
     Objects {
         service_account: ServiceAccount { metadata: meta(sa_ns), ..ServiceAccount::default() },
@@ -193,9 +216,10 @@ mod tests {
     #[test]
     fn the_role_reads_one_configmap_and_one_endpointslice_by_name() {
         let grants = Grants {
-            config_map: ("kube-system".into(), "cpha-members".into()),
+            namespace: "kube-system".into(),
+            config_map: Some("cpha-members".into()),
             endpoint_slice: Some(("default".into(), "kubernetes".into())),
-            events: true,
+            events: Some("kube-system".into()),
         };
         let objects = desired(&grants);
         assert_eq!(objects.service_account.metadata.namespace.as_deref(), Some("kube-system"));
@@ -207,6 +231,7 @@ mod tests {
                  "metadata": {"name": "cpha", "namespace": "kube-system", "labels": {"app.kubernetes.io/name": "cpha"}},
                  "rules": [
                     {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["cpha-members"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["cpha"], "verbs": ["create"]},
                     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}]},
                 {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                  "metadata": {"name": "cpha", "namespace": "default", "labels": {"app.kubernetes.io/name": "cpha"}},
@@ -217,13 +242,45 @@ mod tests {
         let (_, binding) = &objects.roles[1];
         let subject = &binding.subjects.as_ref().unwrap()[0];
         assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), ("cpha", Some("kube-system")));
-        // Without events and in one namespace: one Role with one rule.
+        // Without events and in one namespace: one Role with three rules.
         let one = desired(&Grants {
-            config_map: ("team".into(), "m".into()),
+            namespace: "team".into(),
+            config_map: Some("m".into()),
             endpoint_slice: Some(("team".into(), "apis".into())),
-            events: false,
+            events: None,
         });
         assert_eq!(one.roles.len(), 1);
-        assert_eq!(one.roles[0].0.rules.as_ref().unwrap().len(), 2);
+        assert_eq!(one.roles[0].0.rules.as_ref().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_endpointslice_source_reads_the_slice_and_records_events_beside_it() {
+        let objects = desired(&Grants {
+            namespace: "kube-system".into(),
+            config_map: None,
+            endpoint_slice: Some(("default".into(), "kubernetes".into())),
+            events: Some("default".into()),
+        });
+        let rules: Vec<(String, serde_json::Value)> = objects
+            .roles
+            .iter()
+            .map(|(r, _)| (r.metadata.namespace.clone().unwrap(), serde_json::to_value(&r.rules).unwrap()))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                (
+                    "kube-system".to_string(),
+                    serde_json::json!([
+                    {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["cpha"], "verbs": ["create"]}])
+                ),
+                (
+                    "default".to_string(),
+                    serde_json::json!([
+                    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "resourceNames": ["kubernetes"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}])
+                ),
+            ]
+        );
     }
 }

@@ -10,6 +10,7 @@
 //!   never needs the load balancer it manages to reach the API.
 //! - `identity`: the agent's least-privilege ServiceAccount, its Roles and a token for it
 //!   (`cpha identity`).
+//! - `renew`: the running agent renewing that token itself before it expires.
 //!
 //! cpha starts before the cluster exists: [`connect`] waits for the credentials to appear
 //! (polling, with a log line that names what it waits for) instead of failing.
@@ -17,17 +18,17 @@
 pub mod client;
 pub mod credentials;
 pub mod identity;
+pub mod renew;
 pub mod settings;
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use self::client::KnownServers;
 pub use self::credentials::{CredentialSource, Loaded, Missing, TokenFile};
 pub use self::settings::{Credentials, KubeConfigError, KubeSettings, KubernetesConfig};
 use crate::exit::{self, Coded};
-use crate::members::MemberSet;
 
 /// How often a wait that goes on is logged again.
 const WAIT_REMINDER: Duration = Duration::from_secs(60);
@@ -46,7 +47,7 @@ pub struct Connected {
 /// with EX_UNAVAILABLE.
 pub async fn connect(
     source: &mut CredentialSource,
-    known: &watch::Receiver<MemberSet>,
+    known: &dyn KnownServers,
     shutdown: &CancellationToken,
     mut on_wait: impl FnMut(&Missing),
 ) -> anyhow::Result<Option<Connected>> {
@@ -65,7 +66,7 @@ pub async fn connect(
                     "connecting to the API"
                 );
                 let credentials = loaded.description.clone();
-                let client = client::build(loaded, settings.direct_to_members, known.clone());
+                let client = client::build(loaded, settings.direct_to_members, known.boxed());
                 return Ok(Some(Connected { client, credentials }));
             }
             Err(missing) => {
@@ -113,7 +114,7 @@ mod tests {
             wait_for_credentials: false,
             ..KubeSettings::default()
         };
-        let (_tx, known) = watch::channel(MemberSet::new());
+        let (_tx, known) = tokio::sync::watch::channel(Vec::<String>::new());
         let mut waits = 0;
         let result =
             connect(&mut CredentialSource::new(&settings), &known, &CancellationToken::new(), |_| waits += 1).await;
@@ -131,7 +132,7 @@ mod tests {
             poll_interval: Duration::from_millis(50),
             ..KubeSettings::default()
         };
-        let (_tx, known) = watch::channel(MemberSet::new());
+        let (_tx, known) = tokio::sync::watch::channel(Vec::<String>::new());
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {

@@ -129,6 +129,22 @@ pub struct MemberDiff {
     pub changed_address: Vec<AddressChange>,
 }
 
+/// What the Kubernetes client needs of the member list: each member's `host:port`, to talk to
+/// the apiservers directly.
+impl crate::kube::KnownServers for tokio::sync::watch::Receiver<MemberSet> {
+    fn changed(&self) -> bool {
+        self.has_changed().unwrap_or(false)
+    }
+
+    fn addresses(&mut self) -> Vec<String> {
+        self.borrow_and_update().iter().map(|m| m.address().to_string()).collect()
+    }
+
+    fn boxed(&self) -> Box<dyn crate::kube::KnownServers> {
+        Box::new(self.clone())
+    }
+}
+
 impl MemberDiff {
     /// Whether the two sets were equal.
     pub fn is_empty(&self) -> bool {
@@ -309,5 +325,17 @@ mod tests {
         assert!(e.to_string().contains("invalid type: integer"), "{e}");
         let e = serde_json::from_str::<MemberSet>(r#""10.0.0.1""#).unwrap_err();
         assert!(e.to_string().contains("invalid type: string"), "{e}");
+    }
+
+    #[test]
+    fn the_kubernetes_client_reads_each_members_address() {
+        use crate::kube::KnownServers as _;
+        let set: MemberSet = "10.0.0.12, [fd00::11]:7443, cp1=api.example:6443".parse().unwrap();
+        let (tx, mut rx) = tokio::sync::watch::channel(set);
+        assert_eq!(rx.addresses(), ["10.0.0.12:6443", "[fd00::11]:7443", "api.example:6443"]);
+        assert!(!rx.changed());
+        tx.send_replace("10.0.0.13".parse().unwrap());
+        assert!(rx.changed());
+        assert_eq!(rx.boxed().addresses(), ["10.0.0.13:6443"]);
     }
 }

@@ -104,6 +104,19 @@ impl Keepalived {
         self.peers.send_replace(Some(members));
     }
 
+    /// Whether this host holds the address now (the kernel's address list).
+    pub fn holds(&self) -> bool {
+        place::held(self.settings.address).is_ok_and(|held| held.is_some())
+    }
+
+    /// VRRP's master-down interval at this host's priority: after this host gave the address
+    /// up, a backup holds it within this long, even if the priority-0 advertisement was lost.
+    pub fn takeover(&self) -> Duration {
+        let advert = self.settings.advert_interval;
+        let skew = advert * (256 - self.settings.priority.min(255)) / 256;
+        advert * 3 + skew
+    }
+
     /// Removes the address from this host (keepalived is gone and left it behind).
     pub fn release(&self) -> anyhow::Result<String> {
         let vip = self.settings.address;

@@ -10,7 +10,7 @@ use tera::Tera;
 
 use super::place::Placement;
 use super::settings::VipSettings;
-use crate::haproxy::render::chain;
+use crate::template::chain;
 
 pub const DEFAULT_TEMPLATE: &str = include_str!("keepalived.conf.tera");
 

@@ -18,6 +18,8 @@ pub struct ServeConfig {
     pub min_request_timeout: Duration,
     /// Whether `sendInitialEvents` watches are served (the WatchList feature gate).
     pub watch_list: bool,
+    /// The shortest TokenRequest lifetime, in seconds (600, as kube-apiserver's, unless set).
+    pub min_token_seconds: i64,
     /// `v1.31.4` and the like.
     pub git_version: String,
     /// What `/api` reports in `serverAddressByClientCIDRs`.

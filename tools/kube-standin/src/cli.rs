@@ -120,6 +120,11 @@ pub struct Cli {
     #[arg(long, env = "KUBE_STANDIN_MIN_REQUEST_TIMEOUT", default_value = "1800s")]
     pub min_request_timeout: Dur,
 
+    /// The shortest `spec.expirationSeconds` a TokenRequest may ask for. kube-apiserver's is
+    /// fixed at 10 minutes; tests of token renewal set seconds.
+    #[arg(long, env = "KUBE_STANDIN_MIN_TOKEN_DURATION", default_value = "600s")]
+    pub min_token_duration: Dur,
+
     /// gitVersion reported by /version.
     #[arg(long, env = "KUBE_STANDIN_SERVER_VERSION", default_value = "v1.31.4")]
     pub server_version: String,

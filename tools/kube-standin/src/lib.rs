@@ -138,6 +138,7 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
             bookmark_interval: cli.bookmark_interval.0.max(Duration::from_millis(50)),
             min_request_timeout: cli.min_request_timeout.0,
             watch_list: !cli.disable_watch_list,
+            min_token_seconds: i64::try_from(cli.min_token_duration.0.as_secs()).unwrap_or(i64::MAX).max(1),
             git_version: cli.server_version.clone(),
             advertise: addr.to_string(),
             namespaces: cli.namespaces.clone(),

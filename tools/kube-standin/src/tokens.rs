@@ -28,7 +28,6 @@ use crate::timefmt;
 /// The audience kube-apiserver accepts by default (`--api-audiences` = the issuer).
 pub const AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 const DEFAULT_SECONDS: i64 = 3600;
-const MIN_SECONDS: i64 = 600;
 const MAX_SECONDS: i64 = 1 << 32;
 
 /// The signing key, derived from the CA key in `cert_dir` (read after the CA exists).
@@ -79,12 +78,14 @@ pub fn request(app: &App, namespace: &str, name: &str, body: &[u8]) -> Result<Va
         v => v.as_i64().ok_or_else(|| ApiError::bad_request("spec.expirationSeconds is not an integer"))?,
     };
     let mut causes = Vec::new();
-    if seconds < MIN_SECONDS {
-        causes.push(Cause::invalid(
-            "spec.expirationSeconds",
-            &spec["expirationSeconds"],
-            "may not specify a duration less than 10 minutes",
-        ));
+    let min = app.cfg.min_token_seconds;
+    if seconds < min {
+        let message = if min == 600 {
+            "may not specify a duration less than 10 minutes".to_string()
+        } else {
+            format!("may not specify a duration less than {min} seconds (--min-token-duration)")
+        };
+        causes.push(Cause::invalid("spec.expirationSeconds", &spec["expirationSeconds"], &message));
     } else if seconds > MAX_SECONDS {
         causes.push(Cause::invalid(
             "spec.expirationSeconds",

@@ -84,6 +84,8 @@ pub struct VipLab {
     /// Every change of who holds the VIP, from `ip monitor` in each host.
     pub changes: Arc<Mutex<Vec<Change>>>,
     monitors: Vec<Child>,
+    /// Environment of every `cpha run` started from now on.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl VipLab {
@@ -109,6 +111,7 @@ impl VipLab {
             api_standin: None,
             changes: Arc::new(Mutex::new(Vec::new())),
             monitors: Vec::new(),
+            agent_env: Vec::new(),
         };
         lab.api_standin = Some(lab.standin(&lab.api, API, true)?);
         for n in 1..=lab.opts.hosts {
@@ -168,6 +171,23 @@ impl VipLab {
         let mut child = Child::spawn(cmd, format!("kube-standin {ip}"))?;
         child.stdout_line(Duration::from_secs(20)).context("the stand-in did not start")?;
         Ok(child)
+    }
+
+    /// Stops host `i`'s apiserver (its stand-in) with `signal` and waits for it to exit.
+    pub fn stop_apiserver(&mut self, i: usize, signal: i32) -> Result<()> {
+        if let Some(mut child) = self.hosts[i].standin.take() {
+            child.signal(signal)?;
+            child.wait_timeout(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// Starts host `i`'s apiserver again; returns once it listens.
+    pub fn start_apiserver(&mut self, i: usize) -> Result<()> {
+        let ip = self.hosts[i].ip.clone();
+        let child = self.standin(&self.hosts[i].ns, &ip, false)?;
+        self.hosts[i].standin = Some(child);
+        Ok(())
     }
 
     /// Watches host `i`'s addresses; every change of whether it holds the VIP is recorded.
@@ -269,6 +289,7 @@ vip:
         let h = &mut self.hosts[i];
         let mut cmd = h.ns.command(&self.programs.cpha);
         cmd.args(["run", "--config"]).arg(&path).stderr(log(&h.dir, "cpha.log")?);
+        cmd.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         h.agent = Some(Child::spawn(cmd, format!("cpha run h{}", h.n))?);
         wait_for(&format!("cpha on h{} to carry the endpoint", i + 1), Duration::from_secs(30), || {
             Ok(self
@@ -349,17 +370,52 @@ vip:
     }
 
     /// Makes host `i`'s endpoint stop working with VRRP untouched: HAProxy killed, and every
-    /// connection from this host to an apiserver port refused (its own and the forwarded ones),
-    /// as a broken path to the members would.
+    /// connection the forward translates to an apiserver port refused (the host's own through
+    /// the endpoint and the forwarded ones), while the host still reaches the members directly:
+    /// the endpoint is broken here and the apiservers are up, the case cpha withdraws for.
     pub fn break_endpoint(&mut self, i: usize) -> Result<()> {
         let rules = "table inet cphatest {
-\tchain output { type filter hook output priority 0; policy accept; tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
-\tchain forward { type filter hook forward priority 0; policy accept; tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
+\tchain output { type filter hook output priority 0; policy accept; ct status dnat tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
+\tchain forward { type filter hook forward priority 0; policy accept; ct status dnat tcp dport 6443 ip daddr 10.80.0.0/24 reject with tcp reset; }
 }
 ";
         run_stdin(self.hosts[i].ns.command("nft").args(["-f", "-"]), rules)?;
         self.kill_haproxy(i)?;
         Ok(())
+    }
+
+    /// Refuses every connection from host `i` to the apiserver port of `addresses` (its own
+    /// connections and the ones it forwards), as a path broken to those members only would.
+    /// [`VipLab::repair_endpoint`] undoes it.
+    pub fn cut_from(&self, i: usize, addresses: &[&str]) -> Result<()> {
+        let set = addresses.join(", ");
+        let rules = format!(
+            "table inet cphatest {{
+\tchain output {{ type filter hook output priority 0; policy accept; tcp dport 6443 ip daddr {{ {set} }} reject with tcp reset; }}
+\tchain forward {{ type filter hook forward priority 0; policy accept; tcp dport 6443 ip daddr {{ {set} }} reject with tcp reset; }}
+}}
+"
+        );
+        run_stdin(self.hosts[i].ns.command("nft").args(["-f", "-"]), &rules)?;
+        Ok(())
+    }
+
+    /// A fault on host `i`'s apiserver (JSON as the stand-in's `/_standin/faults` takes it,
+    /// e.g. `{"readyzFail": true}`).
+    pub fn fault(&self, i: usize, json: &str) -> Result<()> {
+        let out = self.hosts[i]
+            .ns
+            .command(&self.programs.lab)
+            .args(["http", "--method", "POST", "--url", "http://127.0.0.1:7000/_standin/faults", "--data", json])
+            .output()?;
+        ensure!(out.status.success(), "fault {json} on h{}: {}", i + 1, String::from_utf8_lossy(&out.stdout));
+        Ok(())
+    }
+
+    /// Whether host `i`'s kernel forward still translates new connections (its nftables table
+    /// has a DNAT rule: a withdrawn forward keeps only the rule that lets flows drain).
+    pub fn forwarding(&self, i: usize) -> bool {
+        self.hosts[i].ns.run("nft", &["list", "table", "inet", "cpha"]).is_ok_and(|t| t.contains("dnat"))
     }
 
     /// Undoes [`VipLab::break_endpoint`]'s rules (HAProxy is not restarted).

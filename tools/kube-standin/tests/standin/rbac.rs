@@ -141,3 +141,26 @@ async fn roles_and_bindings_grant_a_service_account_token_exactly_their_rules() 
         r.text
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_token_lifetime_is_allowed_by_flag_and_enforced() {
+    let dir = Scratch::new("short-tokens");
+    let s = Standin::start(dir.path(), &["--min-token-duration", "2s"]);
+    s.create_cm("kube-system", "cpha-members", json!({"members": "10.0.0.11:6443"})).await;
+    assert_eq!(
+        s.post(&format!("{NS}/serviceaccounts"), ADMIN, &json!({"metadata": {"name": "cpha"}})).await.status,
+        201
+    );
+    let r =
+        s.post(&format!("{NS}/serviceaccounts/cpha/token"), ADMIN, &json!({"spec": {"expirationSeconds": 1}})).await;
+    r.assert_status(422, "Invalid");
+    assert!(r.json["message"].as_str().unwrap().contains("less than 2 seconds"), "{}", r.text);
+    let r =
+        s.post(&format!("{NS}/serviceaccounts/cpha/token"), ADMIN, &json!({"spec": {"expirationSeconds": 2}})).await;
+    assert_eq!(r.json["spec"]["expirationSeconds"], 2);
+    let token = token_of(&r);
+    // Authenticated (403: no binding) until it expires, then Unauthorized.
+    s.get(&format!("{NS}/configmaps/cpha-members"), &token).await.assert_status(403, "Forbidden");
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    s.get(&format!("{NS}/configmaps/cpha-members"), &token).await.assert_status(401, "Unauthorized");
+}
