@@ -29,7 +29,6 @@ pub mod members;
 pub mod metrics;
 pub mod model;
 pub mod notify;
-pub mod owned;
 pub mod secret;
 pub mod signals;
 pub mod sysinfo;

@@ -60,7 +60,7 @@ pub trait HaproxyActuator: Send + 'static {
     }
 }
 
-/// The files cpha owns (real: [`OwnedFiles`], `crate::owned`).
+/// The files cpha owns (real: [`OwnedFiles`], `crate::fsutil::owned`).
 pub trait FileKeeper {
     /// Puts `object` back as cpha last wrote it if it still differs; what differed.
     fn repair(&mut self, object: &'static str) -> Result<Option<String>, String>;
@@ -71,7 +71,7 @@ pub struct OwnedFiles;
 
 impl FileKeeper for OwnedFiles {
     fn repair(&mut self, object: &'static str) -> Result<Option<String>, String> {
-        crate::owned::repair(object)
+        crate::fsutil::owned::repair(object)
     }
 }
 

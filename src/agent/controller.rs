@@ -271,7 +271,7 @@ pub enum Input {
     /// longer does. cpha cannot out-rank it, and does not fight it: it reports it.
     ForwardOutranked(Option<String>),
     /// The files watcher (`owned::watch`) saw a file cpha owns differ from what it last wrote.
-    FileDrift(crate::owned::FileDrift),
+    FileDrift(crate::fsutil::owned::FileDrift),
     /// The last `Effect::RepairFile` finished: what it found and put back (`None`: in step).
     FileRepaired { object: &'static str, result: Result<Option<String>, String> },
     /// HAProxy's process is not the one cpha last talked to (its sockets were created anew:
@@ -1265,7 +1265,7 @@ impl Controller {
     }
 
     /// An owned file differs from what cpha last wrote: put it back (the actuator compares again).
-    fn file_drift(&mut self, now: Instant, drift: crate::owned::FileDrift, out: &mut Vec<Effect>) {
+    fn file_drift(&mut self, now: Instant, drift: crate::fsutil::owned::FileDrift, out: &mut Vec<Effect>) {
         self.files_repairing.entry(drift.object).or_insert(Repairing {
             why: drift.why,
             seen: now,

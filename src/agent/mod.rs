@@ -143,13 +143,13 @@ async fn agent(options: Options, config: Config) -> anyhow::Result<()> {
     }
     // The files cpha owns are watched from their first write (keepalived.conf is written in
     // `Keepalived::start`, haproxy.cfg by the first apply).
-    crate::owned::own(&config.haproxy.config_path, "haproxy.cfg");
+    crate::fsutil::owned::own(&config.haproxy.config_path, "haproxy.cfg");
     if let Some(v) = &config.vip {
-        crate::owned::own(&v.keepalived.config_file, "keepalived.conf");
-        crate::owned::own(&v.keepalived.track_file, "vip-health");
+        crate::fsutil::owned::own(&v.keepalived.config_file, "keepalived.conf");
+        crate::fsutil::owned::own(&v.keepalived.track_file, "vip-health");
     }
     let (files_tx, files_rx) = mpsc::channel(16);
-    crate::owned::watch(files_tx, root.child_token()).context("watching the files cpha owns")?;
+    crate::fsutil::owned::watch(files_tx, root.child_token()).context("watching the files cpha owns")?;
     tokio::spawn(files_bridge(files_rx, inputs_tx.clone()));
     let (haproxy_handle, worker) =
         HaproxyHandle::spawn(HaproxyBackend { haproxy, bind: config.haproxy_bind(), sockets: None }, inputs_tx.clone());
@@ -477,7 +477,7 @@ async fn drift_bridge(mut reports: mpsc::Receiver<crate::forward::watch::Report>
 }
 
 /// The files watcher's reports to controller inputs.
-async fn files_bridge(mut reports: mpsc::Receiver<crate::owned::FileDrift>, inputs: mpsc::Sender<Input>) {
+async fn files_bridge(mut reports: mpsc::Receiver<crate::fsutil::owned::FileDrift>, inputs: mpsc::Sender<Input>) {
     while let Some(drift) = reports.recv().await {
         if inputs.send(Input::FileDrift(drift)).await.is_err() {
             return;

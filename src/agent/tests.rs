@@ -1165,7 +1165,7 @@ fn a_rule_that_outranks_the_forward_is_reported_once_and_never_fought() {
 }
 
 fn file_drift(object: &'static str, why: &str) -> Input {
-    Input::FileDrift(crate::owned::FileDrift { object, why: why.into() })
+    Input::FileDrift(crate::fsutil::owned::FileDrift { object, why: why.into() })
 }
 
 fn repaired_of(effects: &[Effect]) -> Vec<Repair> {

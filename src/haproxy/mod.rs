@@ -395,7 +395,7 @@ impl Haproxy {
         }
         self.desired = servers.iter().map(|s| s.name.to_string()).collect();
         // The live file says this now (written, or already in step): what is expected there.
-        crate::owned::in_step(&self.settings.config_path, rendered.text.as_bytes(), check::CONFIG_MODE);
+        crate::fsutil::owned::in_step(&self.settings.config_path, rendered.text.as_bytes(), check::CONFIG_MODE);
         Ok(report)
     }
 

@@ -208,7 +208,7 @@ fn apply(s: &VipSettings, place: &Placement, template: &Template, peers: &[IpAdd
     let text = template.render(s, place, peers).map_err(|e| e.to_string())?;
     let path = &s.keepalived.config_file;
     if std::fs::read_to_string(path).is_ok_and(|current| current == text) {
-        crate::owned::in_step(path, text.as_bytes(), CONFIG_MODE);
+        crate::fsutil::owned::in_step(path, text.as_bytes(), CONFIG_MODE);
         return Ok(None);
     }
     let candidate =

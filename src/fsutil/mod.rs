@@ -14,6 +14,8 @@
 //! - A candidate left behind by a killed cpha (its pid is in the name) is removed the next time
 //!   the same file is written.
 
+pub mod owned;
+
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::Write;
@@ -130,18 +132,18 @@ pub struct Candidate {
     dest: PathBuf,
     path: PathBuf,
     committed: bool,
-    /// The content and mode, kept for [`crate::owned`] when `dest` is a file cpha watches.
+    /// The content and mode, kept for [`crate::fsutil::owned`] when `dest` is a file cpha watches.
     record: Option<(Vec<u8>, u32)>,
 }
 
 impl Candidate {
     /// Writes `contents` to a new temporary file beside `dest` with exactly `mode`, and fsyncs it.
     pub fn write(dest: &Path, contents: &[u8], mode: u32) -> anyhow::Result<Candidate> {
-        let record = crate::owned::is_owned(dest).then(|| (contents.to_vec(), mode));
+        let record = crate::fsutil::owned::is_owned(dest).then(|| (contents.to_vec(), mode));
         Candidate::write_recording(dest, contents, mode, record)
     }
 
-    /// [`Candidate::write`] of a candidate whose commit records nothing ([`crate::owned`] puts
+    /// [`Candidate::write`] of a candidate whose commit records nothing ([`crate::fsutil::owned`] puts
     /// back the content it recorded, holding its lock).
     pub(crate) fn write_unrecorded(dest: &Path, contents: &[u8], mode: u32) -> anyhow::Result<Candidate> {
         Candidate::write_recording(dest, contents, mode, None)
@@ -175,12 +177,12 @@ impl Candidate {
     }
 
     /// Renames the candidate over the destination and syncs the directory. For a file cpha
-    /// watches, its content becomes what is expected there ([`crate::owned`]).
+    /// watches, its content becomes what is expected there ([`crate::fsutil::owned`]).
     pub fn commit(mut self) -> anyhow::Result<()> {
         match self.record.take() {
             Some((contents, mode)) => {
                 let dest = self.dest.clone();
-                crate::owned::committed(&dest, &contents, mode, || self.commit_unrecorded())
+                crate::fsutil::owned::committed(&dest, &contents, mode, || self.commit_unrecorded())
             }
             None => self.commit_unrecorded(),
         }
