@@ -331,13 +331,21 @@ vip:
         Ok(())
     }
 
+    /// SIGKILLs every process named `comm` in host `i`'s namespace as one event: all are
+    /// stopped first, so none sees another die (keepalived's VRRP child gets a signal when its
+    /// parent dies, and would remove the address itself) before it is killed too.
     fn kill_named(&self, i: usize, comm: &str) -> Result<()> {
-        for pid in self.hosts[i].ns.pids()? {
-            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if name.trim() == comm {
+        let pids: Vec<u32> = self.hosts[i]
+            .ns
+            .pids()?
+            .into_iter()
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() == comm)
+            .collect();
+        for signal in [libc::SIGSTOP, libc::SIGKILL] {
+            for pid in &pids {
                 // SAFETY: kill(2) with a pid read just now; a reused pid in this namespace
                 // would be another test process of this lab.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                unsafe { libc::kill(*pid as libc::pid_t, signal) };
             }
         }
         Ok(())
