@@ -94,7 +94,21 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
 
 pub async fn serve_with(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, limits: Limits) {
     let open = Arc::new(Mutex::new(Open::default()));
+    // NOTE: the cap bounds descriptors, not only entries: a connection's permit is released
+    // when its task has dropped the socket, and a new one is accepted only with a permit. At
+    // the cap the oldest connection is closed first, and its permit awaited.
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                evict_oldest(&open, limits.max_connections);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                }
+            }
+        };
         let (stream, _) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -107,10 +121,11 @@ pub async fn serve_with(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
             },
         };
         let token = shutdown.child_token();
-        let slot = admit(&open, &token, limits.max_connections);
+        let slot = admit(&open, &token);
         let shared = shared.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&shared, &req)) }
@@ -133,17 +148,21 @@ pub async fn serve_with(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
     }
 }
 
-/// Registers a new connection; at the cap, closes the oldest one first.
-fn admit(open: &Arc<Mutex<Open>>, token: &CancellationToken, max: usize) -> Slot {
+/// Closes the oldest open connection, to make room for a new one.
+fn evict_oldest(open: &Arc<Mutex<Open>>, max: usize) {
     let mut o = open.lock().expect("open connections lock");
-    while o.conns.len() >= max.max(1) {
-        let Some((_, oldest)) = o.conns.pop_front() else { break };
+    if let Some((_, oldest)) = o.conns.pop_front() {
         oldest.cancel();
         if o.warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
             o.warned = Some(Instant::now());
             tracing::warn!("status port: {max} connections open, closing the oldest for each new one");
         }
     }
+}
+
+/// Registers a new connection, newest last.
+fn admit(open: &Arc<Mutex<Open>>, token: &CancellationToken) -> Slot {
+    let mut o = open.lock().expect("open connections lock");
     let id = o.next;
     o.next += 1;
     o.conns.push_back((id, token.clone()));
