@@ -308,6 +308,18 @@ struct Repairing {
     failure_reported: bool,
 }
 
+impl Repairing {
+    /// An episode first known from a failed repair (no drift report came before it).
+    fn unknown(now: Instant) -> Self {
+        Repairing { why: "unknown".into(), seen: now, failure_reported: false }
+    }
+
+    /// Whether this failure is the episode's first, to be reported (once per episode).
+    fn first_failure(&mut self) -> bool {
+        !std::mem::replace(&mut self.failure_reported, true)
+    }
+}
+
 /// Something to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -1241,15 +1253,10 @@ impl Controller {
             Ok(None) => self.repairing = None,
             Err(err) => {
                 self.last_error = Some(format!("repairing the forward: {err}"));
-                let episode = self.repairing.get_or_insert(Repairing {
-                    why: "unknown".into(),
-                    seen: now,
-                    failure_reported: false,
-                });
+                let episode = self.repairing.get_or_insert_with(|| Repairing::unknown(now));
                 // Once per episode: the watcher reports the drift again at its next look, and
                 // each report is another attempt.
-                if !episode.failure_reported {
-                    episode.failure_reported = true;
+                if episode.first_failure() {
                     out.push(Effect::Event(Note {
                         warning: true,
                         reason: "ForwardRepairFailed",
@@ -1314,13 +1321,8 @@ impl Controller {
             }
             Err(err) => {
                 self.last_error = Some(format!("repairing {object}: {err}"));
-                let episode = self.files_repairing.entry(object).or_insert(Repairing {
-                    why: "unknown".into(),
-                    seen: now,
-                    failure_reported: false,
-                });
-                if !episode.failure_reported {
-                    episode.failure_reported = true;
+                let episode = self.files_repairing.entry(object).or_insert_with(|| Repairing::unknown(now));
+                if episode.first_failure() {
                     out.push(Effect::Event(Note {
                         warning: true,
                         reason: "FileRepairFailed",

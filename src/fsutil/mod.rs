@@ -424,7 +424,8 @@ mod tests {
         // With the sticky bit (as /tmp), others cannot move what is inside: allowed above.
         fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
         check_dir(&inner).unwrap();
-        assert!(check_dir(&shared).is_err(), "never as the directory written in");
+        let text = format!("{:#}", check_dir(&shared).unwrap_err());
+        assert!(text.contains("world-writable"), "never as the directory written in: {text}");
     }
 
     #[test]
@@ -439,7 +440,8 @@ mod tests {
         let written = write_atomic(&shared.join("keepalived.conf"), b"x", 0o644);
         trust_shared_dirs(&[]);
         written.unwrap();
-        assert!(check_dir(&shared).is_err(), "no longer trusted");
+        let text = format!("{:#}", check_dir(&shared).unwrap_err());
+        assert!(text.contains("world-writable"), "no longer trusted: {text}");
     }
 
     #[test]
